@@ -1,0 +1,64 @@
+"""Build the Celery app that producers and workers share."""
+
+from __future__ import annotations
+
+from weakref import WeakKeyDictionary
+
+from celery import Celery
+
+from producer.names import TASK_CHUNKS, TASK_DOCUMENTS
+from producer.settings import Settings
+
+_settings_by_app: WeakKeyDictionary[Celery, Settings] = WeakKeyDictionary()
+
+
+def create_app(settings: Settings) -> Celery:
+    """Return a Celery app configured for safe, observable re-ranking."""
+    backend = settings.result_backend or settings.broker_url
+    app = Celery("rerank", broker=settings.broker_url or "memory://", backend=backend or "cache+memory://")
+    transport_options = {"visibility_timeout": settings.visibility_timeout}
+    app.conf.update(
+        # JSON only: a pickled message can run code on the worker.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        # Ack after the task returns, so a crash mid-task leaves the message to be redelivered.
+        task_acks_late=True,
+        # A pool child killed mid-task (OOM, SIGKILL) requeues its message instead of acking it.
+        task_reject_on_worker_lost=True,
+        # Reserve one message per process: nothing waits behind a long task, nothing sits unacked.
+        worker_prefetch_multiplier=1,
+        # Flower and `celery events` need task events, including "sent" for queued work.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_track_started=True,
+        # Results are small but unbounded in number; the Redis backend expires them itself.
+        result_expires=settings.result_expires,
+        # Redis redelivers unacked messages after this long; it must outlast a reserved task.
+        broker_transport_options=transport_options,
+        result_backend_transport_options=transport_options,
+        # Loading a 568M-parameter model takes far longer than the default 4 s start-up window.
+        worker_proc_alive_timeout=settings.worker_start_timeout,
+        # A stuck forward pass is killed rather than holding the GPU forever.
+        task_time_limit=settings.task_time_limit,
+        task_soft_time_limit=max(1, settings.task_time_limit - 5),
+        task_default_queue=settings.queue,
+        task_routes={TASK_DOCUMENTS: {"queue": settings.queue}, TASK_CHUNKS: {"queue": settings.queue}},
+        # Keep retrying the broker at start-up instead of exiting while Redis comes up.
+        broker_connection_retry_on_startup=True,
+        # Without a broker the same tasks and chains run in the calling process.
+        task_always_eager=settings.embedded,
+        task_eager_propagates=True,
+        task_store_eager_result=False,
+    )
+    _settings_by_app[app] = settings
+    return app
+
+
+def settings_of(app: Celery) -> Settings:
+    """Return the settings `app` was created with."""
+    try:
+        return _settings_by_app[app]
+    except KeyError as e:
+        raise LookupError(f"{app!r} was not created by producer.app.create_app") from e

@@ -1,0 +1,129 @@
+"""Request and result models: the contract between producers and workers."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+Query = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+Identifier = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=512)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PaperChunk(_Model):
+    """A chunk of a paper supplied by the caller; `id` defaults to `<paper id>#<n>`."""
+
+    id: Identifier | None = None
+    section: str | None = None
+    text: str = Field(min_length=1)
+
+
+class Candidate(_Model):
+    """A candidate paper: stage 1 scores its title and abstract, stage 2 its chunks."""
+
+    id: Identifier
+    title: str = ""
+    text: str = ""
+    chunks: list[PaperChunk] | None = None
+    metadata: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _has_content(self) -> Candidate:
+        if not (self.title.strip() or self.text.strip()):
+            raise ValueError(f"candidate {self.id!r} has neither a title nor a text to score")
+        return self
+
+
+class Chunk(_Model):
+    """A passage scored in stage 2, with the paper it came from."""
+
+    id: Identifier
+    doc_id: Identifier
+    title: str = ""
+    section: str | None = None
+    text: str = Field(min_length=1)
+
+
+class DocumentsRequest(_Model):
+    """Stage 1: score candidates by `Title + abstract` and keep the best `top_k`."""
+
+    query: Query
+    candidates: list[Candidate] = Field(min_length=1)
+    top_k: int = Field(20, ge=1)
+    return_logits: bool = False
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> DocumentsRequest:
+        _reject_duplicates(c.id for c in self.candidates)
+        return self
+
+
+class ChunksRequest(_Model):
+    """Stage 2: score chunks; with a stage-1 result only the kept papers' chunks are scored."""
+
+    query: Query
+    chunks: list[Chunk] = Field(min_length=1)
+    top_k: int | None = Field(None, ge=1)
+    return_logits: bool = False
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> ChunksRequest:
+        _reject_duplicates(c.id for c in self.chunks)
+        return self
+
+
+class RankedItem(_Model):
+    """One scored input; `index` points into the list the caller sent."""
+
+    index: int
+    id: str
+    score: float = Field(ge=0.0, le=1.0, description="Sigmoid of the fp32 logit.")
+    logit: float | None = None
+    doc_id: str | None = None
+
+
+class ScoringInfo(_Model):
+    """How and where a result was computed."""
+
+    model: str
+    device: str
+    dtype: str
+    max_length: int
+    pairs: int
+    tokens: int
+    padded_tokens: int
+    batches: int
+    tokenize_ms: float
+    forward_ms: float
+    worker: str | None = None
+    pid: int
+    model_loads: int = Field(description="Times this worker process has loaded the model; 1 in a healthy worker.")
+
+
+class RerankResult(_Model):
+    """A ranking: items sorted by score (descending), ties in input order."""
+
+    stage: Literal["documents", "chunks"]
+    query: str
+    items: list[RankedItem]
+    scored: int = Field(description="How many inputs were scored before top_k was applied.")
+    info: ScoringInfo
+
+
+class TwoStageResult(_Model):
+    """Both rankings of a two-stage job."""
+
+    documents: RerankResult
+    chunks: RerankResult
+
+
+def _reject_duplicates(ids: Any) -> None:
+    seen: set[str] = set()
+    for item_id in ids:
+        if item_id in seen:
+            raise ValueError(f"id {item_id!r} appears more than once; ids must be unique")
+        seen.add(item_id)

@@ -1,0 +1,75 @@
+"""One settings object, read from ``RERANK_*`` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from producer.names import DEFAULT_QUEUE
+
+
+class Settings(BaseSettings):
+    """Configuration for producers and workers; every field maps to ``RERANK_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="RERANK_", extra="ignore", frozen=True)
+
+    # Transport
+    broker_url: str | None = Field(
+        None, description="Celery broker URL; unset runs every task inside the calling process."
+    )
+    result_backend: str | None = Field(None, description="Result backend URL; defaults to the broker URL.")
+    queue: str = Field(DEFAULT_QUEUE, min_length=1, description="Queue producers send to and workers consume.")
+
+    # Model
+    model: str = Field("BAAI/bge-reranker-v2-m3", min_length=1, description="Hub id or local directory.")
+    model_revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="`cpu` or `cuda:N`.")
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="`auto` is fp16 on CUDA and fp32 on CPU."
+    )
+    max_length: int = Field(512, ge=16, le=8192, description="Tokens per query+passage pair.")
+    max_batch_tokens: int = Field(
+        16384, ge=256, le=4_194_304, description="Padded tokens per forward pass (batch x longest)."
+    )
+    torch_threads: int | None = Field(None, ge=1, le=512, description="Intra-op threads per worker process.")
+
+    # Reliability
+    task_time_limit: int = Field(300, ge=5, le=86_400, description="Seconds before a task is killed.")
+    visibility_timeout: int = Field(
+        900, ge=10, le=86_400, description="Seconds before Redis redelivers an unacknowledged task."
+    )
+    result_expires: int = Field(3600, ge=60, le=30 * 86_400, description="Seconds results stay in the backend.")
+    worker_start_timeout: int = Field(
+        600, ge=4, le=3600, description="Seconds a worker process may take to load the model."
+    )
+
+    # Request limits, enforced by the producer before queueing and again by the worker.
+    max_candidates: int = Field(1000, ge=1, le=100_000, description="Candidates per stage-1 request.")
+    max_chunks: int = Field(5000, ge=1, le=500_000, description="Chunks per stage-2 request.")
+    max_text_chars: int = Field(100_000, ge=100, le=10_000_000, description="Characters per title, text or chunk.")
+    max_query_chars: int = Field(2000, ge=10, le=100_000, description="Characters per query.")
+
+    @model_validator(mode="after")
+    def _visibility_outlasts_tasks(self) -> Settings:
+        # With prefetch 1 a reserved message waits at most one running task before its own run,
+        # so anything shorter than two time limits gets delivered twice.
+        if self.visibility_timeout < 2 * self.task_time_limit:
+            raise ValueError(
+                f"RERANK_VISIBILITY_TIMEOUT ({self.visibility_timeout}s) must be at least twice "
+                f"RERANK_TASK_TIME_LIMIT ({self.task_time_limit}s), or running tasks get delivered twice"
+            )
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """True when no broker is configured and tasks run in the calling process."""
+        return not self.broker_url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Return the process-wide settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,1 @@
+"""Celery workers that score query-passage pairs with a BGE cross-encoder."""

@@ -1,0 +1,56 @@
+"""The worker's Celery app: `celery -A worker.app worker` or `rerank-worker` start it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from typing import Any
+
+from billiard.process import current_process
+from celery import bootsteps
+from celery.signals import worker_process_init
+
+from producer.app import create_app
+from producer.errors import ModelLoadError
+from producer.settings import get_settings
+from worker import tasks  # noqa: F401  (registers the tasks on this app)
+from worker.engine import load_config_and_tokenizer
+from worker.runtime import load_engine
+
+log = logging.getLogger(__name__)
+
+settings = get_settings()
+app = create_app(settings)
+
+
+class ModelCheck(bootsteps.StartStopStep):
+    """Fails worker start-up, before any pool process forks, when the model cannot be resolved."""
+
+    requires = {"celery.worker.components:Hub"}
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        """Resolve config and tokenizer in the parent: no weights, no CUDA."""
+        super().__init__(parent, **kwargs)
+        try:
+            load_config_and_tokenizer(settings.model, settings.model_revision)
+        except ModelLoadError as e:
+            log.critical("%s", e)
+            raise SystemExit(f"rerank-worker: {e}") from e
+
+
+app.steps["worker"].add(ModelCheck)
+
+
+@worker_process_init.connect
+def _load_model_in_process(**_: Any) -> None:
+    """Load the model in each pool process (after fork, so the parent never touches CUDA)."""
+    try:
+        load_engine(settings)
+    except Exception:
+        # Celery logs and ignores exceptions from signal handlers, which would leave a worker
+        # consuming tasks it cannot score; stop the whole worker instead.
+        log.critical("model failed to load in pid %d; stopping the worker", os.getpid(), exc_info=True)
+        if current_process().name != "MainProcess":
+            os.kill(os.getppid(), signal.SIGTERM)
+        os._exit(1)

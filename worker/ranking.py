@@ -1,0 +1,80 @@
+"""Turn engine scores into the contract's rankings for stage 1 and stage 2."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Sequence
+
+from producer.schemas import ChunksRequest, DocumentsRequest, RankedItem, RerankResult, ScoringInfo
+from worker.engine import CrossEncoderEngine, Scores
+from worker.formats import chunk_passage, document_passage
+from worker.runtime import model_loads
+
+
+def rank_documents(engine: CrossEncoderEngine, request: DocumentsRequest, worker: str | None = None) -> RerankResult:
+    """Stage 1: score each paper's title and abstract and keep the best `top_k`."""
+    passages = [document_passage(c) for c in request.candidates]
+    scores = engine.score(request.query, passages)
+    ids = [c.id for c in request.candidates]
+    items = _ranked(scores, ids, range(len(ids)), request.top_k, request.return_logits)
+    return RerankResult(
+        stage="documents", query=request.query, items=items, scored=len(ids), info=_info(engine, scores, len(ids), worker)
+    )
+
+
+def rank_chunks(
+    engine: CrossEncoderEngine,
+    request: ChunksRequest,
+    kept_doc_ids: set[str] | None = None,
+    worker: str | None = None,
+) -> RerankResult:
+    """Stage 2: score chunks, only those of `kept_doc_ids` when given; `index` points into `request.chunks`."""
+    positions = [i for i, c in enumerate(request.chunks) if kept_doc_ids is None or c.doc_id in kept_doc_ids]
+    chunks = [request.chunks[i] for i in positions]
+    scores = engine.score(request.query, [chunk_passage(c) for c in chunks])
+    items = _ranked(scores, [c.id for c in chunks], positions, request.top_k, request.return_logits, [c.doc_id for c in chunks])
+    return RerankResult(
+        stage="chunks", query=request.query, items=items, scored=len(chunks), info=_info(engine, scores, len(chunks), worker)
+    )
+
+
+def _ranked(
+    scores: Scores,
+    ids: Sequence[str],
+    positions: Sequence[int],
+    top_k: int | None,
+    with_logits: bool,
+    doc_ids: Sequence[str] | None = None,
+) -> list[RankedItem]:
+    probabilities = scores.probabilities
+    # Sort on the logit, not the sigmoid: fp32 sigmoid rounds large logits to the same 1.0.
+    order = sorted(range(len(ids)), key=lambda i: (-scores.logits[i], i))[:top_k]
+    return [
+        RankedItem(
+            index=positions[i],
+            id=ids[i],
+            score=probabilities[i],
+            logit=scores.logits[i] if with_logits else None,
+            doc_id=doc_ids[i] if doc_ids else None,
+        )
+        for i in order
+    ]
+
+
+def _info(engine: CrossEncoderEngine, scores: Scores, pairs: int, worker: str | None) -> ScoringInfo:
+    return ScoringInfo(
+        model=engine.name,
+        device=str(engine.device),
+        dtype=str(engine.dtype).removeprefix("torch."),
+        max_length=engine.max_length,
+        pairs=pairs,
+        tokens=scores.tokens,
+        padded_tokens=scores.padded_tokens,
+        batches=scores.batches,
+        tokenize_ms=round(scores.tokenize_seconds * 1000, 3),
+        forward_ms=round(scores.forward_seconds * 1000, 3),
+        worker=worker or socket.gethostname(),
+        pid=os.getpid(),
+        model_loads=model_loads(),
+    )

@@ -1,0 +1,49 @@
+"""The engine each worker process loads once and every task then shares."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import torch
+from transformers.utils import logging as hf_logging
+
+from producer.settings import Settings
+from worker.engine import CrossEncoderEngine
+
+log = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_engine: CrossEncoderEngine | None = None
+_loads = 0
+
+
+def load_engine(settings: Settings) -> CrossEncoderEngine:
+    """Load the model described by `settings` into this process, once."""
+    global _engine, _loads
+    with _lock:
+        if _engine is None:
+            hf_logging.disable_progress_bar()
+            if settings.torch_threads:
+                torch.set_num_threads(settings.torch_threads)
+            _engine = CrossEncoderEngine.load(
+                settings.model,
+                revision=settings.model_revision,
+                device=settings.device,
+                dtype=settings.dtype,
+                max_length=settings.max_length,
+                max_batch_tokens=settings.max_batch_tokens,
+            )
+            _loads += 1
+            log.warning(
+                "model loaded: pid=%d model=%s device=%s dtype=%s max_length=%d loads=%d",
+                os.getpid(), settings.model, settings.device, str(_engine.dtype).removeprefix("torch."),
+                settings.max_length, _loads,
+            )
+        return _engine
+
+
+def model_loads() -> int:
+    """How many times this process has loaded the model (1 in a healthy worker)."""
+    return _loads

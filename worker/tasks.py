@@ -1,0 +1,44 @@
+"""Celery tasks: validate the message, call the engine, dump the result. Nothing else."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Task, shared_task
+
+from producer.app import settings_of
+from producer.errors import InvalidRequest
+from producer.names import TASK_CHUNKS, TASK_DOCUMENTS
+from producer.schemas import ChunksRequest, DocumentsRequest, RerankResult
+from producer.validation import parse_request
+from worker import ranking
+from worker.runtime import load_engine
+
+
+@shared_task(name=TASK_DOCUMENTS, bind=True)
+def rerank_documents(self: Task, request: dict[str, Any]) -> dict[str, Any]:
+    """Stage 1: rank candidate papers by title and abstract."""
+    settings = settings_of(self.app)
+    parsed = parse_request(DocumentsRequest, request, settings)
+    result = ranking.rank_documents(load_engine(settings), parsed, worker=self.request.hostname)
+    return result.model_dump(mode="json")
+
+
+@shared_task(name=TASK_CHUNKS, bind=True)
+def rerank_chunks(self: Task, stage1: dict[str, Any] | None = None, *, request: dict[str, Any]) -> dict[str, Any]:
+    """Stage 2: rank chunks; in a chain, only those of the papers stage 1 kept, returning both stages."""
+    settings = settings_of(self.app)
+    parsed = parse_request(ChunksRequest, request, settings)
+    if stage1 is None:
+        return ranking.rank_chunks(load_engine(settings), parsed, worker=self.request.hostname).model_dump(mode="json")
+    documents = _stage1_result(stage1)
+    kept = {item.id for item in documents.items}
+    chunks = ranking.rank_chunks(load_engine(settings), parsed, kept, worker=self.request.hostname)
+    return {"documents": documents.model_dump(mode="json"), "chunks": chunks.model_dump(mode="json")}
+
+
+def _stage1_result(data: Any) -> RerankResult:
+    try:
+        return RerankResult.model_validate(data)
+    except ValueError as e:
+        raise InvalidRequest(f"stage 2 received something other than a stage-1 result: {e}") from e
