@@ -145,10 +145,15 @@ class CrossEncoderEngine:
     def forward(self, pairs: Sequence[EncodedPair]) -> tuple[list[float], int, int]:
         """Return fp32 logits in input order, padded tokens used, and batches run.
 
-        Pairs are sorted by length and packed into batches of at most `max_batch_tokens`
-        padded tokens, so short passages are not padded to the longest one in the request.
+        Identical pairs are scored once, so they get identical scores (a GEMM may round a row
+        differently depending on its place in the batch). Pairs are sorted by length and packed
+        into batches of at most `max_batch_tokens` padded tokens, so short passages are not
+        padded to the longest one in the request.
         """
-        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].input_ids), reverse=True)
+        first_of: dict[tuple[int, ...], int] = {}
+        owner = [first_of.setdefault(tuple(p.input_ids), i) for i, p in enumerate(pairs)]
+        unique = list(first_of.values())
+        order = sorted(unique, key=lambda i: len(pairs[i].input_ids), reverse=True)
         logits = [0.0] * len(pairs)
         padded = 0
         batches = 0
@@ -158,7 +163,7 @@ class CrossEncoderEngine:
                 logits[i] = value
             padded += batch_padded
             batches += batch_runs
-        return logits, padded, batches
+        return [logits[owner[i]] for i in range(len(pairs))], padded, batches
 
     def score(self, query: str, passages: Sequence[str]) -> Scores:
         """Tokenize and score `passages` against `query`; logits come back in input order."""

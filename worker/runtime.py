@@ -36,7 +36,7 @@ def load_engine(settings: Settings) -> CrossEncoderEngine:
                 max_batch_tokens=settings.max_batch_tokens,
             )
             _loads += 1
-            log.warning(
+            log.info(
                 "model loaded: pid=%d model=%s device=%s dtype=%s max_length=%d loads=%d",
                 os.getpid(), settings.model, settings.device, str(_engine.dtype).removeprefix("torch."),
                 settings.max_length, _loads,

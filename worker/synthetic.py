@@ -81,3 +81,22 @@ def _spread_scores(model: XLMRobertaForSequenceClassification, tokenizer: XLMRob
     scale = 3.0 / max(logits.std().item(), 1e-6)
     head.weight.mul_(scale)
     head.bias.copy_((head.bias - logits.mean()) * scale)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m worker.synthetic DIR [--shape S] [--text FILE]`: save a stand-in model for offline use."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m worker.synthetic", description=main.__doc__)
+    parser.add_argument("directory", type=Path)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--text", type=Path, required=True, help="Text to train the tokenizer on, one passage per line.")
+    parser.add_argument("--vocab-size", type=int, default=1000)
+    args = parser.parse_args(argv)
+    lines = [line for line in args.text.read_text().splitlines() if line.strip()]
+    path = build_cross_encoder(args.directory, lines, args.shape, args.vocab_size)
+    print(f"saved a random-weight {args.shape} cross-encoder to {path}")
+
+
+if __name__ == "__main__":
+    main()

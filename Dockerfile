@@ -1,0 +1,11 @@
+# One image for workers, producers and Flower. PyPI's torch wheel for Linux carries CUDA.
+FROM python:3.11-slim
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 HF_HOME=/models
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY producer ./producer
+COPY worker ./worker
+RUN pip install ".[worker,flower]"
+RUN useradd --create-home rerank && mkdir -p /models && chown rerank /models
+USER rerank
+CMD ["rerank-worker"]

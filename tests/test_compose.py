@@ -1,0 +1,53 @@
+"""docker-compose.yml names our real entry points and settings (Docker cannot run here)."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from producer.settings import Settings
+from worker.cli import build_parser
+
+ROOT = Path(__file__).parents[1]
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+WORKERS = {name: s for name, s in COMPOSE["services"].items() if name.startswith("worker-")}
+
+
+def test_the_fleet_has_redis_gpu_workers_a_cpu_worker_and_flower():
+    assert {"redis", "flower", "worker-cpu"} <= set(COMPOSE["services"])
+    assert len([n for n in WORKERS if n.startswith("worker-gpu")]) >= 2
+
+
+@pytest.mark.parametrize("name", sorted(WORKERS))
+def test_worker_commands_use_our_entry_point_and_real_options(name):
+    service = WORKERS[name]
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    command = service["command"]
+    assert command[0] == "rerank-worker" and scripts["rerank-worker"] == "worker.cli:main"
+    args, unknown = build_parser().parse_known_args(command[1:])
+    assert unknown == []
+    assert args.concurrency == 1, "one process per device"
+    assert args.hostname == f"{service['environment']['WORKER_NAME']}@%h"
+    env = service["environment"]
+    fields = {f"RERANK_{name.upper()}" for name in Settings.model_fields}
+    assert {k for k in env if k.startswith("RERANK_")} <= fields
+    assert env["RERANK_BROKER_URL"].startswith("redis://:${REDIS_PASSWORD")
+    assert "/models" in " ".join(service["volumes"]) and env["HF_HOME"] == "/models"
+    assert "healthcheck" in service
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(WORKERS) if "gpu" in n])
+def test_each_gpu_worker_reserves_the_gpu_it_sees(name):
+    service = WORKERS[name]
+    devices = service["deploy"]["resources"]["reservations"]["devices"][0]
+    assert devices["device_ids"] == [service["environment"]["CUDA_VISIBLE_DEVICES"]]
+    assert service["command"][service["command"].index("--device") + 1] == "cuda:0"
+
+
+def test_redis_persists_and_requires_a_password_and_flower_requires_auth():
+    redis_command = " ".join(COMPOSE["services"]["redis"]["command"])
+    assert "--appendonly yes" in redis_command and "--requirepass" in redis_command
+    assert "FLOWER_BASIC_AUTH" in COMPOSE["services"]["flower"]["environment"]

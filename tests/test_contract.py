@@ -1,0 +1,95 @@
+"""The contract: torch-free import, schemas, limits and stable names."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from producer import (
+    TASK_CHUNKS,
+    TASK_DOCUMENTS,
+    ChunksRequest,
+    DocumentsRequest,
+    InvalidRequest,
+    RerankClient,
+    RerankError,
+    Settings,
+)
+from producer.validation import parse_request
+
+
+def test_importing_producer_loads_no_torch_transformers_or_worker():
+    code = (
+        "import sys, producer, producer.cli; "
+        "bad = [m for m in ('torch', 'transformers', 'worker', 'tokenizers') if m in sys.modules]; "
+        "print(','.join(bad)); sys.exit(1 if bad else 0)"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert completed.returncode == 0, f"producer imported {completed.stdout.strip()}"
+
+
+def test_task_names_are_stable():
+    assert (TASK_DOCUMENTS, TASK_CHUNKS) == ("rerank.documents", "rerank.chunks")
+
+
+def paper(i: int, **extra) -> dict:
+    return {"id": f"p{i}", "title": f"Paper {i}", "text": "Apixaban in kidney disease.", **extra}
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"query": "  ", "candidates": [paper(1)]}, "query"),
+        ({"query": "q", "candidates": []}, "candidates"),
+        ({"query": "q", "candidates": [paper(1), paper(1)]}, "appears more than once"),
+        ({"query": "q", "candidates": [paper(1)], "top_k": 0}, "top_k"),
+        ({"query": "q", "candidates": [{"id": "x", "title": " ", "text": ""}]}, "neither a title nor a text"),
+        ({"query": "q", "candidates": [paper(1, colour="red")]}, "Extra inputs are not permitted"),
+        ({"query": "q", "candidates": [paper(1)], "top_k": "many"}, "top_k"),
+    ],
+)
+def test_malformed_requests_are_rejected_with_the_reason(data, message):
+    with pytest.raises(InvalidRequest, match=message):
+        parse_request(DocumentsRequest, data, Settings())
+
+
+def test_limits_come_from_settings_and_name_the_variable():
+    settings = Settings(max_candidates=2, max_text_chars=100, max_query_chars=10)
+    with pytest.raises(InvalidRequest, match="3 candidates, over the limit of 2 .RERANK_MAX_CANDIDATES."):
+        parse_request(DocumentsRequest, {"query": "q", "candidates": [paper(1), paper(2), paper(3)]}, settings)
+    with pytest.raises(InvalidRequest, match="RERANK_MAX_TEXT_CHARS"):
+        parse_request(DocumentsRequest, {"query": "q", "candidates": [paper(1, text="x" * 101)]}, settings)
+    with pytest.raises(InvalidRequest, match="RERANK_MAX_QUERY_CHARS"):
+        parse_request(ChunksRequest, {"query": "q" * 11, "chunks": [{"id": "c", "doc_id": "d", "text": "t"}]}, settings)
+
+
+def test_invalid_request_is_a_rerank_error_and_a_value_error():
+    assert issubclass(InvalidRequest, RerankError) and issubclass(InvalidRequest, ValueError)
+
+
+def test_settings_read_the_environment_with_one_prefix(monkeypatch):
+    monkeypatch.setenv("RERANK_MAX_LENGTH", "1024")
+    monkeypatch.setenv("RERANK_DEVICE", "cuda:3")
+    settings = Settings()
+    assert (settings.max_length, settings.device) == (1024, "cuda:3")
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("RERANK_DEVICE", "gpu"), ("RERANK_MAX_LENGTH", "8"), ("RERANK_DTYPE", "int8"), ("RERANK_VISIBILITY_TIMEOUT", "30")],
+)
+def test_out_of_range_settings_are_refused(monkeypatch, variable, value):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=variable.removeprefix("RERANK_").lower() + "|VISIBILITY"):
+        Settings()
+
+
+def test_the_producer_validates_before_queueing(redis_server):
+    # Given a client pointed at a broker nobody consumes
+    client = RerankClient(Settings(broker_url=redis_server.url, queue="never-consumed"))
+    # When the request is invalid, Then it is refused at once and nothing reaches the queue
+    with pytest.raises(InvalidRequest):
+        client.two_stage("", [paper(1)])
+    assert client.app.connection_for_write().default_channel.client.llen("never-consumed") == 0
