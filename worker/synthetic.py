@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import SentencePieceUnigramTokenizer
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification, XLMRobertaTokenizer
 
 
@@ -37,8 +37,15 @@ SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 
 def train_tokenizer(lines: Iterable[str], vocab_size: int = 1000) -> XLMRobertaTokenizer:
     """Train an XLM-RoBERTa-style SentencePiece (unigram) tokenizer on `lines`."""
-    trained = SentencePieceUnigramTokenizer()
-    trained.train_from_iterator(list(lines), vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, unk_token="<unk>")
+    trained = Tokenizer(models.Unigram())
+    trained.normalizer = normalizers.Sequence([normalizers.Nmt(), normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
+    trained.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    trained.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    # Slower shrinking than the default keeps whole words on small corpora instead of single letters.
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, unk_token="<unk>", shrinking_factor=0.95, n_sub_iterations=4
+    )
+    trained.train_from_iterator(list(lines), trainer=trainer)
     return XLMRobertaTokenizer(tokenizer_object=trained)
 
 
