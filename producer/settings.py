@@ -31,8 +31,8 @@ class Settings(BaseSettings):
         "auto", description="`auto` is fp16 on CUDA and fp32 on CPU."
     )
     max_length: int = Field(512, ge=16, le=8192, description="Tokens per query+passage pair.")
-    max_batch_tokens: int = Field(
-        16384, ge=256, le=4_194_304, description="Padded tokens per forward pass (batch x longest)."
+    max_batch_tokens: int | None = Field(
+        None, ge=256, le=4_194_304, description="Padded tokens per forward pass (batch x longest); unset: 4096 on CPU, 32768 on CUDA."
     )
     torch_threads: int | None = Field(None, ge=1, le=512, description="Intra-op threads per worker process.")
 

@@ -81,7 +81,7 @@ def test_empty_input_returns_empty_scores(engine):
 
 def test_out_of_memory_splits_the_batch_and_still_scores_everything(tiny_model, monkeypatch):
     # Given an engine whose forward pass runs out of memory on any batch over 4 pairs
-    engine = CrossEncoderEngine.load(str(tiny_model))
+    engine = CrossEncoderEngine.load(str(tiny_model), max_batch_tokens=65536)
     real_forward = engine._forward_batch
     calls: list[int] = []
 

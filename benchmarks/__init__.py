@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks of our engine against the seed and sentence-transformers."""

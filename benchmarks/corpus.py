@@ -1,0 +1,34 @@
+"""The benchmark's inputs: synthetic evidence and random-weight models with real BGE shapes."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from worker.synthetic import SHAPES, build_cross_encoder
+
+ROOT = Path(__file__).parents[1]
+CACHE = ROOT / ".bench-cache"
+sys.path.insert(0, str(ROOT / "examples"))
+
+from evidence import QUERY, make_candidates, make_chunks  # noqa: E402
+
+__all__ = ["QUERY", "make_candidates", "make_chunks", "model_dir", "tokenizer_text"]
+
+
+def tokenizer_text() -> list[str]:
+    """Sentences to train the stand-in tokenizer on: synthetic evidence plus the tests' corpus."""
+    papers = make_candidates(400, seed=1)
+    text = " ".join(f"{p['title']}. {p['text']}" for p in papers)
+    shipped = (ROOT / "tests" / "data" / "medical_corpus.txt").read_text().splitlines()
+    return re.split(r"(?<=[.:])\s+", text) + shipped
+
+
+def model_dir(shape: str) -> Path:
+    """Build (once) and return a random-weight cross-encoder with the named shape."""
+    path = CACHE / shape
+    if not (path / "config.json").exists():
+        print(f"building a random-weight {shape} model {SHAPES[shape]} in {path}", flush=True)
+        build_cross_encoder(path, tokenizer_text(), shape, vocab_size=4000)
+    return path

@@ -1,0 +1,301 @@
+"""Benchmark: ours vs the seed vs sentence-transformers, side by side in one run.
+
+    python -m benchmarks.run --shape bge-reranker-base --docs 100 --repeats 3
+
+Writes benchmarks/results/<device>-<shape>.json and .md, and docs/benchmark-<device>-<shape>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from benchmarks.baselines import SeedReranker, SentenceTransformersReranker
+from benchmarks.corpus import QUERY, make_candidates, model_dir
+from benchmarks.through_redis import running_system
+from producer import Candidate, DocumentsRequest
+from worker.engine import CrossEncoderEngine
+from worker.formats import document_passage
+from worker.ranking import rank_documents
+from worker.synthetic import SHAPES
+
+ROOT = Path(__file__).parents[1]
+
+
+def median_seconds(run: Callable[[], object], repeats: int) -> tuple[float, list[float]]:
+    """Run once to warm up, then `repeats` timed runs; return the median and all timings."""
+    run()
+    timings = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        timings.append(time.perf_counter() - started)
+    return statistics.median(timings), timings
+
+
+def gemm_peak_flops(dtype: torch.dtype, hidden: int, intermediate: int) -> float:
+    """Best FLOP/s of the model's largest linear layer shape on 4096 tokens."""
+    a = torch.randn(4096, hidden, dtype=dtype)
+    b = torch.randn(hidden, intermediate, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - started)
+    return 2 * 4096 * hidden * intermediate / best
+
+
+def linear_flops_per_token(shape: str) -> float:
+    """Multiply-add FLOPs of the encoder's linear layers for one token (attention scores excluded)."""
+    s = SHAPES[shape]
+    return 2 * s.layers * (4 * s.hidden * s.hidden + 2 * s.hidden * s.intermediate)
+
+
+def kendall_tau(a: list[float], b: list[float]) -> float:
+    """Kendall's tau-a between two score lists (n is small: O(n^2) is fine)."""
+    n = len(a)
+    concordant = sum(
+        1 if (a[i] - a[j]) * (b[i] - b[j]) > 0 else -1 if (a[i] - a[j]) * (b[i] - b[j]) < 0 else 0
+        for i in range(n) for j in range(i + 1, n)
+    )
+    return concordant / (n * (n - 1) / 2)
+
+
+def top_overlap(a: list[float], b: list[float], k: int = 20) -> float:
+    """Share of the top-k by `a` that is also in the top-k by `b`."""
+    top = lambda s: set(sorted(range(len(s)), key=lambda i: -s[i])[:k])  # noqa: E731
+    return len(top(a) & top(b)) / min(k, len(a))
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags the kernel reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def main() -> None:
+    """Run every implementation on the same model and corpus and write the results."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="bge-reranker-base")
+    parser.add_argument("--docs", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-batch-tokens", type=int, default=None, help="Default: the engine's default for the device.")
+    parser.add_argument("--bf16-docs", type=int, default=100, help="Docs for the bf16 run (slow on CPUs without bf16 units).")
+    parser.add_argument("--skip-e2e", action="store_true", help="Skip the runs through Redis and a worker process.")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+
+    path = model_dir(args.shape)
+    papers = [Candidate.model_validate(p) for p in make_candidates(args.docs, seed=5)]
+    documents = [document_passage(p) for p in papers]
+    request = DocumentsRequest(query=QUERY, candidates=papers, top_k=20)
+    flags = cpu_flags()
+    device = {
+        "device": "cpu",
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "isa": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": bool(flags & {"avx512_bf16", "amx_bf16"}),
+    }
+    print(f"device: {device}", flush=True)
+
+    ours = CrossEncoderEngine.load(str(path), dtype="fp32", max_batch_tokens=args.max_batch_tokens)
+    pairs = ours.tokenize(QUERY, documents)
+    tokens = sum(len(p.input_ids) for p in pairs)
+    flops = linear_flops_per_token(args.shape) * tokens
+    peak = gemm_peak_flops(torch.float32, SHAPES[args.shape].hidden, SHAPES[args.shape].intermediate)
+    print(f"{args.docs} docs, {tokens} tokens; fp32 GEMM peak {peak / 1e9:.1f} GFLOP/s", flush=True)
+
+    rows: dict[str, dict] = {}
+
+    def record(name: str, seconds: float, timings: list[float], scores: list[float] | None, padded: int | None, **extra) -> None:
+        rows[name] = {
+            "seconds": seconds,
+            "timings": timings,
+            "docs_per_s": args.docs / seconds,
+            "tokens_per_s": tokens / seconds,
+            "padded_tokens": padded,
+            "padding_waste": None if padded is None else 1 - tokens / padded,
+            "gemm_peak_share": flops / seconds / peak,
+            "scores": scores,
+            **extra,
+        }
+        print(f"{name:<28} {seconds:8.2f} s  {args.docs / seconds:7.2f} docs/s", flush=True)
+
+    seed = SeedReranker(path)
+    seconds, timings = median_seconds(lambda: seed.scores(QUERY, documents), args.repeats)
+    record("seed (fp32)", seconds, timings, seed.scores(QUERY, documents), seed.padded_tokens)
+    del seed
+
+    st = SentenceTransformersReranker(path)
+    seconds, timings = median_seconds(lambda: st.scores(QUERY, documents), args.repeats)
+    record("sentence-transformers (fp32)", seconds, timings, st.scores(QUERY, documents), None)
+    del st
+
+    result = rank_documents(ours, request)
+    seconds, timings = median_seconds(lambda: rank_documents(ours, request), args.repeats)
+    record("ours in-process (fp32)", seconds, timings, ours.score(QUERY, documents).probabilities, result.info.padded_tokens)
+
+    bf16_docs = documents[: args.bf16_docs]
+    bf16 = CrossEncoderEngine.load(str(path), dtype="bf16", max_batch_tokens=args.max_batch_tokens)
+    started = time.perf_counter()
+    bf16_scores = bf16.score(QUERY, bf16_docs)
+    bf16_seconds = time.perf_counter() - started
+    bf16_row = {
+        "docs": len(bf16_docs),
+        "seconds": bf16_seconds,
+        "docs_per_s": len(bf16_docs) / bf16_seconds,
+        "timings": [bf16_seconds],
+        "scores": bf16_scores.probabilities,
+        "note": "one timed run" + ("" if device["native_bf16"] else "; this CPU has no native bf16 (AVX512-BF16/AMX)"),
+    }
+    rows["ours in-process (bf16)"] = bf16_row
+    print(f"{'ours in-process (bf16)':<28} {bf16_seconds:8.2f} s  {bf16_row['docs_per_s']:7.2f} docs/s ({len(bf16_docs)} docs)", flush=True)
+    del bf16
+
+    queue: dict = {}
+    if not args.skip_e2e:
+        queue = measure_end_to_end(path, papers, args, rows, tokens, flops, peak)
+
+    write_results(args, device, tokens, peak, rows, queue)
+
+
+def measure_end_to_end(path: Path, papers: list[Candidate], args: argparse.Namespace, rows: dict, tokens: int, flops: float, peak: float) -> dict:
+    """Time stage 1 and the two-stage chain through Redis and a worker; measure the queue's overhead."""
+    with running_system(path, "fp32", args.max_batch_tokens) as client:
+        last = {}
+
+        def stage1() -> None:
+            last["result"] = client.rerank_documents(QUERY, papers, top_k=20, timeout=1800)
+
+        seconds, timings = median_seconds(stage1, args.repeats)
+        info = last["result"].info
+        rows["ours via Redis + worker (fp32)"] = {
+            "seconds": seconds, "timings": timings, "docs_per_s": args.docs / seconds, "tokens_per_s": tokens / seconds,
+            "padded_tokens": info.padded_tokens, "padding_waste": 1 - tokens / info.padded_tokens,
+            "gemm_peak_share": flops / seconds / peak, "scores": None,
+        }
+        print(f"{'ours via Redis + worker':<28} {seconds:8.2f} s  {args.docs / seconds:7.2f} docs/s", flush=True)
+
+        added = []
+        for _ in range(30):
+            started = time.perf_counter()
+            small = client.rerank_documents(QUERY, papers[:1], top_k=1, timeout=60)
+            added.append(time.perf_counter() - started - (small.info.tokenize_ms + small.info.forward_ms) / 1000)
+        added.sort()
+
+        chain_papers = papers
+        chain_runs = []
+        for _ in range(max(1, args.repeats - 1)):
+            started = time.perf_counter()
+            both = client.two_stage(QUERY, chain_papers, top_k_docs=20, timeout=3600)
+            wall = time.perf_counter() - started
+            compute = sum((r.info.tokenize_ms + r.info.forward_ms) / 1000 for r in (both.documents, both.chunks))
+            chain_runs.append({"wall_s": wall, "compute_s": compute, "ratio": wall / compute, "chunks": both.chunks.scored})
+            print(f"two-stage chain: {wall:.2f} s wall, {compute:.2f} s compute, ratio {wall / compute:.3f}", flush=True)
+    return {
+        "added_latency_ms": {"p50": 1000 * added[len(added) // 2], "p90": 1000 * added[int(len(added) * 0.9)], "samples": len(added)},
+        "chain": chain_runs,
+    }
+
+
+def write_results(args: argparse.Namespace, device: dict, tokens: int, peak: float, rows: dict, queue: dict) -> None:
+    """Write JSON and a Markdown table, and plot docs/s per implementation."""
+    seed = rows["seed (fp32)"]
+    st = rows["sentence-transformers (fp32)"]
+    for name, row in rows.items():
+        row["vs_seed"] = row["docs_per_s"] / seed["docs_per_s"]
+        row["vs_sentence_transformers"] = row["docs_per_s"] / st["docs_per_s"]
+        if row.get("scores") is not None:
+            reference = seed["scores"][: len(row["scores"])]
+            row["max_abs_delta_vs_seed"] = max(abs(a - b) for a, b in zip(row["scores"], reference))
+            row["kendall_tau_vs_seed"] = kendall_tau(row["scores"], reference)
+            row["top20_overlap_vs_seed"] = top_overlap(row["scores"], reference)
+    in_process = rows["ours in-process (fp32)"]
+    if "ours via Redis + worker (fp32)" in rows:
+        queue["throughput_share_vs_in_process"] = rows["ours via Redis + worker (fp32)"]["docs_per_s"] / in_process["docs_per_s"]
+
+    stem = f"{device['device']}-{args.shape}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "command": f"python -m benchmarks.run --shape {args.shape} --docs {args.docs} --repeats {args.repeats} "
+                   (f"--max-batch-tokens {args.max_batch_tokens} " if args.max_batch_tokens else "") + f"--bf16-docs {args.bf16_docs}" + (" --skip-e2e" if args.skip_e2e else ""),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "device": device, "shape": args.shape, "docs": args.docs, "tokens": tokens,
+        "gemm_peak_gflops_fp32": peak / 1e9, "implementations": rows, "queue": queue,
+    }
+    (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
+
+    lines = [
+        f"Device: {device['cpu']}, {device['cores']} cores, torch {device['torch']} ({device['isa']}, "
+        f"native bf16: {'yes' if device['native_bf16'] else 'no'}). Model: random weights, {args.shape} shape. "
+        f"{args.docs} stage-1 docs, {tokens} tokens. Median of {args.repeats} warm runs. "
+        f"fp32 GEMM peak {peak / 1e9:.1f} GFLOP/s.",
+        "",
+        "| implementation | docs/s | tokens/s | vs seed | vs sentence-transformers | padding waste | GEMM peak share | max abs Δ score vs seed | Kendall τ | top-20 overlap |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in rows.items():
+        cell = lambda key, fmt: "–" if row.get(key) is None else format(row[key], fmt)  # noqa: E731
+        lines.append(
+            f"| {name} | {row['docs_per_s']:.2f} | {cell('tokens_per_s', ',.0f')} | {row['vs_seed']:.2f}× | "
+            f"{row['vs_sentence_transformers']:.2f}× | {cell('padding_waste', '.1%')} | {cell('gemm_peak_share', '.0%')} | "
+            f"{cell('max_abs_delta_vs_seed', '.1e')} | {cell('kendall_tau_vs_seed', '.3f')} | {cell('top20_overlap_vs_seed', '.0%')} |"
+        )
+    bf16 = rows["ours in-process (bf16)"]
+    lines.append("")
+    lines.append(f"bf16: {bf16['docs']} docs, {bf16['note']}.")
+    if queue:
+        added = queue["added_latency_ms"]
+        lines.append(
+            f"Queue: added latency p50 {added['p50']:.1f} ms, p90 {added['p90']:.1f} ms (1-doc tasks, {added['samples']} samples); "
+            f"100-doc throughput through Redis = {queue['throughput_share_vs_in_process']:.1%} of in-process."
+        )
+        for run in queue["chain"]:
+            lines.append(
+                f"Two-stage chain: {run['wall_s']:.2f} s wall for {run['compute_s']:.2f} s of stage-1 + stage-2 compute "
+                f"({run['chunks']} chunks): {run['ratio']:.3f}×."
+            )
+    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(rows, ROOT / "docs" / f"benchmark-{stem}.png", f"{args.shape}, {args.docs} docs, {device['cores']}-core CPU")
+
+
+def plot(rows: dict, target: Path, title: str) -> None:
+    """Bar chart of docs/s per implementation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    values = [rows[n]["docs_per_s"] for n in names]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.barh(names[::-1], values[::-1], color="#4472c4")
+    for y, value in enumerate(values[::-1]):
+        ax.text(value, y, f" {value:.2f}", va="center")
+    ax.set_xlabel("documents per second (higher is better)")
+    ax.set_title(title)
+    fig.tight_layout()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(target, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

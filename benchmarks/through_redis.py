@@ -1,0 +1,56 @@
+"""Run our system end to end: a private redis-server and a real `rerank-worker` process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from producer import RerankClient, Settings
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_system(model: Path, dtype: str, max_batch_tokens: int | None) -> Iterator[RerankClient]:
+    """Start Redis and one worker (prefork, one process) and yield a client bound to them."""
+    redis_binary = shutil.which("redis-server")
+    if redis_binary is None:
+        raise SystemExit("the end-to-end benchmark needs redis-server on PATH")
+    port = _free_port()
+    workdir = Path(tempfile.mkdtemp(prefix="rerank-bench-"))
+    redis = subprocess.Popen(
+        [redis_binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    log = (workdir / "worker.log").open("wb")
+    env = {**os.environ, "RERANK_BROKER_URL": url, "RERANK_MODEL": str(model), "RERANK_DTYPE": dtype}
+    if max_batch_tokens:
+        env["RERANK_MAX_BATCH_TOKENS"] = str(max_batch_tokens)
+    worker = subprocess.Popen([sys.executable, "-m", "worker.cli", "-c", "1", "-n", "bench@%h"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 600
+        while "model loaded:" not in (workdir / "worker.log").read_text(errors="replace"):
+            if worker.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((workdir / "worker.log").read_text(errors="replace"))
+            time.sleep(0.2)
+        yield RerankClient(Settings(broker_url=url, model=str(model)))
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
+        redis.terminate()
+        redis.wait(timeout=10)
+        log.close()
+        shutil.rmtree(workdir, ignore_errors=True)
