@@ -30,9 +30,9 @@ from worker.synthetic import SHAPES
 ROOT = Path(__file__).parents[1]
 
 
-def median_seconds(run: Callable[[], object], repeats: int) -> tuple[float, list[float]]:
-    """Run once to warm up, then `repeats` timed runs; return the median and all timings."""
-    run()
+def median_seconds(run: Callable[[], object], repeats: int, warmup: Callable[[], object] | None = None) -> tuple[float, list[float]]:
+    """Warm up (with `warmup`, else one untimed run), then `repeats` timed runs; return the median and all timings."""
+    (warmup or run)()
     timings = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -139,17 +139,18 @@ def main() -> None:
         print(f"{name:<28} {seconds:8.2f} s  {args.docs / seconds:7.2f} docs/s", flush=True)
 
     seed = SeedReranker(path)
-    seconds, timings = median_seconds(lambda: seed.scores(QUERY, documents), args.repeats)
+    seconds, timings = median_seconds(lambda: seed.scores(QUERY, documents), args.repeats, lambda: seed.scores(QUERY, documents[:8]))
     record("seed (fp32)", seconds, timings, seed.scores(QUERY, documents), seed.padded_tokens)
     del seed
 
     st = SentenceTransformersReranker(path)
-    seconds, timings = median_seconds(lambda: st.scores(QUERY, documents), args.repeats)
+    seconds, timings = median_seconds(lambda: st.scores(QUERY, documents), args.repeats, lambda: st.scores(QUERY, documents[:8]))
     record("sentence-transformers (fp32)", seconds, timings, st.scores(QUERY, documents), None)
     del st
 
+    warm = DocumentsRequest(query=QUERY, candidates=papers[:8], top_k=8)
+    seconds, timings = median_seconds(lambda: rank_documents(ours, request), args.repeats, lambda: rank_documents(ours, warm))
     result = rank_documents(ours, request)
-    seconds, timings = median_seconds(lambda: rank_documents(ours, request), args.repeats)
     record("ours in-process (fp32)", seconds, timings, ours.score(QUERY, documents).probabilities, result.info.padded_tokens)
 
     bf16_docs = documents[: args.bf16_docs]
@@ -184,7 +185,7 @@ def measure_end_to_end(path: Path, papers: list[Candidate], args: argparse.Names
         def stage1() -> None:
             last["result"] = client.rerank_documents(QUERY, papers, top_k=20, timeout=1800)
 
-        seconds, timings = median_seconds(stage1, args.repeats)
+        seconds, timings = median_seconds(stage1, args.repeats, lambda: client.rerank_documents(QUERY, papers[:8], top_k=8, timeout=600))
         info = last["result"].info
         rows["ours via Redis + worker (fp32)"] = {
             "seconds": seconds, "timings": timings, "docs_per_s": args.docs / seconds, "tokens_per_s": tokens / seconds,
@@ -199,6 +200,12 @@ def measure_end_to_end(path: Path, papers: list[Candidate], args: argparse.Names
             small = client.rerank_documents(QUERY, papers[:1], top_k=1, timeout=60)
             added.append(time.perf_counter() - started - (small.info.tokenize_ms + small.info.forward_ms) / 1000)
         added.sort()
+        floor = []
+        for _ in range(30):
+            started = time.perf_counter()
+            client.app.send_task("bench.noop", args=(1,), queue=client.settings.queue).get(timeout=60)
+            floor.append(time.perf_counter() - started)
+        floor.sort()
 
         chain_papers = papers
         chain_runs = []
@@ -211,8 +218,20 @@ def measure_end_to_end(path: Path, papers: list[Candidate], args: argparse.Names
             print(f"two-stage chain: {wall:.2f} s wall, {compute:.2f} s compute, ratio {wall / compute:.3f}", flush=True)
     return {
         "added_latency_ms": {"p50": 1000 * added[len(added) // 2], "p90": 1000 * added[int(len(added) * 0.9)], "samples": len(added)},
+        "celery_noop_round_trip_ms": {"p50": 1000 * floor[len(floor) // 2], "p90": 1000 * floor[int(len(floor) * 0.9)], "samples": len(floor)},
         "chain": chain_runs,
     }
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this run."""
+    parts = ["python -m benchmarks.run", f"--shape {args.shape}", f"--docs {args.docs}", f"--repeats {args.repeats}",
+             f"--bf16-docs {args.bf16_docs}"]
+    if args.max_batch_tokens:
+        parts.append(f"--max-batch-tokens {args.max_batch_tokens}")
+    if args.skip_e2e:
+        parts.append("--skip-e2e")
+    return " ".join(parts)
 
 
 def write_results(args: argparse.Namespace, device: dict, tokens: int, peak: float, rows: dict, queue: dict) -> None:
@@ -234,8 +253,7 @@ def write_results(args: argparse.Namespace, device: dict, tokens: int, peak: flo
     stem = f"{device['device']}-{args.shape}"
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {
-        "command": f"python -m benchmarks.run --shape {args.shape} --docs {args.docs} --repeats {args.repeats} "
-                   (f"--max-batch-tokens {args.max_batch_tokens} " if args.max_batch_tokens else "") + f"--bf16-docs {args.bf16_docs}" + (" --skip-e2e" if args.skip_e2e else ""),
+        "command": command_line(args),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "device": device, "shape": args.shape, "docs": args.docs, "tokens": tokens,
         "gemm_peak_gflops_fp32": peak / 1e9, "implementations": rows, "queue": queue,
@@ -264,7 +282,9 @@ def write_results(args: argparse.Namespace, device: dict, tokens: int, peak: flo
     if queue:
         added = queue["added_latency_ms"]
         lines.append(
-            f"Queue: added latency p50 {added['p50']:.1f} ms, p90 {added['p90']:.1f} ms (1-doc tasks, {added['samples']} samples); "
+            f"Queue: added latency p50 {added['p50']:.1f} ms, p90 {added['p90']:.1f} ms (1-doc tasks, {added['samples']} samples; "
+            f"a no-op Celery task's round trip on the same worker: p50 {queue['celery_noop_round_trip_ms']['p50']:.1f} ms, "
+            f"p90 {queue['celery_noop_round_trip_ms']['p90']:.1f} ms); "
             f"100-doc throughput through Redis = {queue['throughput_share_vs_in_process']:.1%} of in-process."
         )
         for run in queue["chain"]:

@@ -39,7 +39,10 @@ def running_system(model: Path, dtype: str, max_batch_tokens: int | None) -> Ite
     env = {**os.environ, "RERANK_BROKER_URL": url, "RERANK_MODEL": str(model), "RERANK_DTYPE": dtype}
     if max_batch_tokens:
         env["RERANK_MAX_BATCH_TOKENS"] = str(max_batch_tokens)
-    worker = subprocess.Popen([sys.executable, "-m", "worker.cli", "-c", "1", "-n", "bench@%h"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    # The same options `rerank-worker` passes, on an app that also has a no-op task (benchmarks.noop_worker).
+    command = [sys.executable, "-m", "celery", "-A", "benchmarks.noop_worker", "worker", "--pool=prefork",
+               "--concurrency=1", "--hostname=bench@%h", "--queues=rerank", "--task-events", "--loglevel=INFO"]
+    worker = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 600
         while "model loaded:" not in (workdir / "worker.log").read_text(errors="replace"):
