@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import time
 
 import pytest
@@ -119,3 +122,27 @@ def test_a_bad_model_path_stops_the_worker_at_start_up(start_worker, tmp_path):
     assert worker.process.wait(timeout=60) != 0
     assert time.monotonic() - started < 60
     assert "Set RERANK_MODEL to a hub id" in worker.output()
+
+
+@pytest.mark.integration
+def test_plain_celery_command_starts_a_working_worker(redis_server, tiny_model, tmp_path):
+    # Given a worker started with Celery's own command instead of rerank-worker
+    env = {**os.environ, "RERANK_BROKER_URL": redis_server.url, "RERANK_MODEL": str(tiny_model), "RERANK_TORCH_THREADS": "1"}
+    log = tmp_path / "plain.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-c", "1", "-Q", "plain", "-n", "plain@%h", "-l", "INFO"],
+            env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while "model loaded:" not in log.read_text(errors="replace"):
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")
+            time.sleep(0.2)
+        # When a job goes to its queue, Then it is served by that worker with the configured model
+        client = RerankClient(Settings(broker_url=redis_server.url, queue="plain", model=str(tiny_model)))
+        result = client.two_stage(QUERY, candidates(6), top_k_docs=2, timeout=60)
+        assert result.documents.info.worker.startswith("plain@") and len(result.documents.items) == 2
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
