@@ -60,7 +60,7 @@ class RerankClient:
             BrokerUnavailable: the broker or result backend cannot be reached.
         """
         request = self._documents_request(query, candidates, top_k, return_logits)
-        signature = self.app.signature(TASK_DOCUMENTS, args=(request.model_dump(mode="json"),))
+        signature = self.app.signature(TASK_DOCUMENTS, args=(request.model_dump(mode="json"),), queue=self.settings.queue)
         return RerankResult.model_validate(self._collect(self._send(signature.apply_async), timeout))
 
     def rerank_chunks(
@@ -81,7 +81,7 @@ class RerankClient:
             {"query": query, "chunks": list(chunks), "top_k": top_k, "return_logits": return_logits},
             self.settings,
         )
-        signature = self.app.signature(TASK_CHUNKS, kwargs={"request": request.model_dump(mode="json")})
+        signature = self.app.signature(TASK_CHUNKS, kwargs={"request": request.model_dump(mode="json")}, queue=self.settings.queue)
         return RerankResult.model_validate(self._collect(self._send(signature.apply_async), timeout))
 
     def two_stage(
@@ -125,9 +125,11 @@ class RerankClient:
             },
             self.settings,
         )
+        # The queue travels with each signature: stage 2 is sent by the worker, whose own
+        # routing would otherwise pick the worker's default queue rather than the producer's.
         job = chain(
-            self.app.signature(TASK_DOCUMENTS, args=(_slim(documents),), immutable=True),
-            self.app.signature(TASK_CHUNKS, kwargs={"request": chunks.model_dump(mode="json")}),
+            self.app.signature(TASK_DOCUMENTS, args=(_slim(documents),), immutable=True, queue=self.settings.queue),
+            self.app.signature(TASK_CHUNKS, kwargs={"request": chunks.model_dump(mode="json")}, queue=self.settings.queue),
         )
         return self._send(job.apply_async)
 
