@@ -41,15 +41,18 @@ def median_seconds(run: Callable[[], object], repeats: int, warmup: Callable[[],
     return statistics.median(timings), timings
 
 
-def gemm_peak_flops(dtype: torch.dtype, hidden: int, intermediate: int) -> float:
+def gemm_peak_flops(dtype: torch.dtype, hidden: int, intermediate: int, device: str = "cpu") -> float:
     """Best FLOP/s of the model's largest linear layer shape on 4096 tokens."""
-    a = torch.randn(4096, hidden, dtype=dtype)
-    b = torch.randn(hidden, intermediate, dtype=dtype)
+    a = torch.randn(4096, hidden, dtype=dtype, device=device)
+    b = torch.randn(hidden, intermediate, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     a @ b
+    sync()
     best = float("inf")
     for _ in range(5):
         started = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - started)
     return 2 * 4096 * hidden * intermediate / best
 
@@ -96,6 +99,7 @@ def main() -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=None, help="Default: the engine's default for the device.")
     parser.add_argument("--bf16-docs", type=int, default=100, help="Docs for the bf16 run (slow on CPUs without bf16 units).")
     parser.add_argument("--skip-e2e", action="store_true", help="Skip the runs through Redis and a worker process.")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda:N; GPU figures go to their own results file.")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
 
@@ -104,8 +108,10 @@ def main() -> None:
     documents = [document_passage(p) for p in papers]
     request = DocumentsRequest(query=QUERY, candidates=papers, top_k=20)
     flags = cpu_flags()
+    cuda = args.device.startswith("cuda")
     device = {
-        "device": "cpu",
+        "device": args.device.split(":")[0],
+        "name": torch.cuda.get_device_name(args.device) if cuda else "cpu",
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
@@ -115,17 +121,21 @@ def main() -> None:
     }
     print(f"device: {device}", flush=True)
 
-    ours = CrossEncoderEngine.load(str(path), dtype="fp32", max_batch_tokens=args.max_batch_tokens)
+    # CPU: fp32 is the default and bf16 the option; CUDA: fp16 is the default and bf16 the option.
+    main_dtype, alt_dtype = ("fp16", "bf16") if cuda else ("fp32", "bf16")
+    ours = CrossEncoderEngine.load(str(path), device=args.device, dtype=main_dtype, max_batch_tokens=args.max_batch_tokens)
     pairs = ours.tokenize(QUERY, documents)
     tokens = sum(len(p.input_ids) for p in pairs)
     flops = linear_flops_per_token(args.shape) * tokens
-    peak = gemm_peak_flops(torch.float32, SHAPES[args.shape].hidden, SHAPES[args.shape].intermediate)
-    print(f"{args.docs} docs, {tokens} tokens; fp32 GEMM peak {peak / 1e9:.1f} GFLOP/s", flush=True)
+    peak = gemm_peak_flops(ours.dtype, SHAPES[args.shape].hidden, SHAPES[args.shape].intermediate, args.device)
+    device["gemm_dtype"] = main_dtype
+    print(f"{args.docs} docs, {tokens} tokens; {main_dtype} GEMM peak {peak / 1e9:.1f} GFLOP/s", flush=True)
 
     rows: dict[str, dict] = {}
 
-    def record(name: str, seconds: float, timings: list[float], scores: list[float] | None, padded: int | None, **extra) -> None:
+    def record(name: str, role: str, seconds: float, timings: list[float], scores: list[float] | None, padded: int | None) -> None:
         rows[name] = {
+            "role": role,
             "seconds": seconds,
             "timings": timings,
             "docs_per_s": args.docs / seconds,
@@ -134,52 +144,54 @@ def main() -> None:
             "padding_waste": None if padded is None else 1 - tokens / padded,
             "gemm_peak_share": flops / seconds / peak,
             "scores": scores,
-            **extra,
         }
         print(f"{name:<28} {seconds:8.2f} s  {args.docs / seconds:7.2f} docs/s", flush=True)
 
-    seed = SeedReranker(path)
+    seed = SeedReranker(path, args.device)
     seconds, timings = median_seconds(lambda: seed.scores(QUERY, documents), args.repeats, lambda: seed.scores(QUERY, documents[:8]))
-    record("seed (fp32)", seconds, timings, seed.scores(QUERY, documents), seed.padded_tokens)
+    record(f"seed ({seed.dtype_name})", "seed", seconds, timings, seed.scores(QUERY, documents), seed.padded_tokens)
     del seed
 
-    st = SentenceTransformersReranker(path)
+    st = SentenceTransformersReranker(path, args.device)
     seconds, timings = median_seconds(lambda: st.scores(QUERY, documents), args.repeats, lambda: st.scores(QUERY, documents[:8]))
-    record("sentence-transformers (fp32)", seconds, timings, st.scores(QUERY, documents), None)
+    record("sentence-transformers (fp32)", "st", seconds, timings, st.scores(QUERY, documents), None)
     del st
 
     warm = DocumentsRequest(query=QUERY, candidates=papers[:8], top_k=8)
     seconds, timings = median_seconds(lambda: rank_documents(ours, request), args.repeats, lambda: rank_documents(ours, warm))
     result = rank_documents(ours, request)
-    record("ours in-process (fp32)", seconds, timings, ours.score(QUERY, documents).probabilities, result.info.padded_tokens)
+    record(f"ours in-process ({main_dtype})", "ours", seconds, timings, ours.score(QUERY, documents).probabilities, result.info.padded_tokens)
 
     bf16_docs = documents[: args.bf16_docs]
-    bf16 = CrossEncoderEngine.load(str(path), dtype="bf16", max_batch_tokens=args.max_batch_tokens)
+    bf16 = CrossEncoderEngine.load(str(path), device=args.device, dtype=alt_dtype, max_batch_tokens=args.max_batch_tokens)
     started = time.perf_counter()
     bf16_scores = bf16.score(QUERY, bf16_docs)
     bf16_seconds = time.perf_counter() - started
     bf16_row = {
+        "role": "alt",
         "docs": len(bf16_docs),
         "seconds": bf16_seconds,
         "docs_per_s": len(bf16_docs) / bf16_seconds,
         "timings": [bf16_seconds],
         "scores": bf16_scores.probabilities,
-        "note": "one timed run" + ("" if device["native_bf16"] else "; this CPU has no native bf16 (AVX512-BF16/AMX)"),
+        "note": "one timed run" + ("" if cuda or device["native_bf16"] else "; this CPU has no native bf16 (AVX512-BF16/AMX)"),
     }
-    rows["ours in-process (bf16)"] = bf16_row
-    print(f"{'ours in-process (bf16)':<28} {bf16_seconds:8.2f} s  {bf16_row['docs_per_s']:7.2f} docs/s ({len(bf16_docs)} docs)", flush=True)
+    rows[f"ours in-process ({alt_dtype})"] = bf16_row
+    print(f"{'ours in-process (' + alt_dtype + ')':<28} {bf16_seconds:8.2f} s  {bf16_row['docs_per_s']:7.2f} docs/s ({len(bf16_docs)} docs)", flush=True)
     del bf16
 
     queue: dict = {}
     if not args.skip_e2e:
-        queue = measure_end_to_end(path, papers, args, rows, tokens, flops, peak)
+        queue = measure_end_to_end(path, papers, args, rows, tokens, flops, peak, main_dtype)
 
     write_results(args, device, tokens, peak, rows, queue)
 
 
-def measure_end_to_end(path: Path, papers: list[Candidate], args: argparse.Namespace, rows: dict, tokens: int, flops: float, peak: float) -> dict:
+def measure_end_to_end(
+    path: Path, papers: list[Candidate], args: argparse.Namespace, rows: dict, tokens: int, flops: float, peak: float, dtype: str
+) -> dict:
     """Time stage 1 and the two-stage chain through Redis and a worker; measure the queue's overhead."""
-    with running_system(path, "fp32", args.max_batch_tokens) as client:
+    with running_system(path, args.device, dtype, args.max_batch_tokens) as client:
         last = {}
 
         def stage1() -> None:
@@ -187,8 +199,8 @@ def measure_end_to_end(path: Path, papers: list[Candidate], args: argparse.Names
 
         seconds, timings = median_seconds(stage1, args.repeats, lambda: client.rerank_documents(QUERY, papers[:8], top_k=8, timeout=600))
         info = last["result"].info
-        rows["ours via Redis + worker (fp32)"] = {
-            "seconds": seconds, "timings": timings, "docs_per_s": args.docs / seconds, "tokens_per_s": tokens / seconds,
+        rows[f"ours via Redis + worker ({dtype})"] = {
+            "role": "e2e", "seconds": seconds, "timings": timings, "docs_per_s": args.docs / seconds, "tokens_per_s": tokens / seconds,
             "padded_tokens": info.padded_tokens, "padding_waste": 1 - tokens / info.padded_tokens,
             "gemm_peak_share": flops / seconds / peak, "scores": None,
         }
@@ -231,13 +243,15 @@ def command_line(args: argparse.Namespace) -> str:
         parts.append(f"--max-batch-tokens {args.max_batch_tokens}")
     if args.skip_e2e:
         parts.append("--skip-e2e")
+    if args.device != "cpu":
+        parts.append(f"--device {args.device}")
     return " ".join(parts)
 
 
 def write_results(args: argparse.Namespace, device: dict, tokens: int, peak: float, rows: dict, queue: dict) -> None:
     """Write JSON and a Markdown table, and plot docs/s per implementation."""
-    seed = rows["seed (fp32)"]
-    st = rows["sentence-transformers (fp32)"]
+    by_role = {row["role"]: row for row in rows.values()}
+    seed, st = by_role["seed"], by_role["st"]
     for name, row in rows.items():
         row["vs_seed"] = row["docs_per_s"] / seed["docs_per_s"]
         row["vs_sentence_transformers"] = row["docs_per_s"] / st["docs_per_s"]
@@ -246,9 +260,8 @@ def write_results(args: argparse.Namespace, device: dict, tokens: int, peak: flo
             row["max_abs_delta_vs_seed"] = max(abs(a - b) for a, b in zip(row["scores"], reference))
             row["kendall_tau_vs_seed"] = kendall_tau(row["scores"], reference)
             row["top20_overlap_vs_seed"] = top_overlap(row["scores"], reference)
-    in_process = rows["ours in-process (fp32)"]
-    if "ours via Redis + worker (fp32)" in rows:
-        queue["throughput_share_vs_in_process"] = rows["ours via Redis + worker (fp32)"]["docs_per_s"] / in_process["docs_per_s"]
+    if "e2e" in by_role:
+        queue["throughput_share_vs_in_process"] = by_role["e2e"]["docs_per_s"] / by_role["ours"]["docs_per_s"]
 
     stem = f"{device['device']}-{args.shape}"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -261,10 +274,10 @@ def write_results(args: argparse.Namespace, device: dict, tokens: int, peak: flo
     (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
 
     lines = [
-        f"Device: {device['cpu']}, {device['cores']} cores, torch {device['torch']} ({device['isa']}, "
+        f"Device: {device['name']} ({device['cpu']}, {device['cores']} cores), torch {device['torch']} ({device['isa']}, "
         f"native bf16: {'yes' if device['native_bf16'] else 'no'}). Model: random weights, {args.shape} shape. "
         f"{args.docs} stage-1 docs, {tokens} tokens. Median of {args.repeats} warm runs. "
-        f"fp32 GEMM peak {peak / 1e9:.1f} GFLOP/s.",
+        f"{device['gemm_dtype']} GEMM peak {peak / 1e9:.1f} GFLOP/s.",
         "",
         "| implementation | docs/s | tokens/s | vs seed | vs sentence-transformers | padding waste | GEMM peak share | max abs Δ score vs seed | Kendall τ | top-20 overlap |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -276,9 +289,9 @@ def write_results(args: argparse.Namespace, device: dict, tokens: int, peak: flo
             f"{row['vs_sentence_transformers']:.2f}× | {cell('padding_waste', '.1%')} | {cell('gemm_peak_share', '.0%')} | "
             f"{cell('max_abs_delta_vs_seed', '.1e')} | {cell('kendall_tau_vs_seed', '.3f')} | {cell('top20_overlap_vs_seed', '.0%')} |"
         )
-    bf16 = rows["ours in-process (bf16)"]
+    alt = by_role["alt"]
     lines.append("")
-    lines.append(f"bf16: {bf16['docs']} docs, {bf16['note']}.")
+    lines.append(f"bf16: {alt['docs']} docs, {alt['note']}.")
     if queue:
         added = queue["added_latency_ms"]
         lines.append(

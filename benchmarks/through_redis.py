@@ -23,7 +23,7 @@ def _free_port() -> int:
 
 
 @contextmanager
-def running_system(model: Path, dtype: str, max_batch_tokens: int | None) -> Iterator[RerankClient]:
+def running_system(model: Path, device: str, dtype: str, max_batch_tokens: int | None) -> Iterator[RerankClient]:
     """Start Redis and one worker (prefork, one process) and yield a client bound to them."""
     redis_binary = shutil.which("redis-server")
     if redis_binary is None:
@@ -36,7 +36,7 @@ def running_system(model: Path, dtype: str, max_batch_tokens: int | None) -> Ite
     )
     url = f"redis://127.0.0.1:{port}/0"
     log = (workdir / "worker.log").open("wb")
-    env = {**os.environ, "RERANK_BROKER_URL": url, "RERANK_MODEL": str(model), "RERANK_DTYPE": dtype}
+    env = {**os.environ, "RERANK_BROKER_URL": url, "RERANK_MODEL": str(model), "RERANK_DEVICE": device, "RERANK_DTYPE": dtype}
     if max_batch_tokens:
         env["RERANK_MAX_BATCH_TOKENS"] = str(max_batch_tokens)
     # The same options `rerank-worker` passes, on an app that also has a no-op task (benchmarks.noop_worker).
