@@ -119,6 +119,7 @@ def main() -> None:
         "isa": torch.backends.cpu.get_cpu_capability(),
         "native_bf16": bool(flags & {"avx512_bf16", "amx_bf16"}),
     }
+    device["load_average_at_start"] = os.getloadavg()
     print(f"device: {device}", flush=True)
 
     # CPU: fp32 is the default and bf16 the option; CUDA: fp16 is the default and bf16 the option.
@@ -268,6 +269,7 @@ def write_results(args: argparse.Namespace, device: dict, tokens: int, peak: flo
     payload = {
         "command": command_line(args),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "load_average_at_end": os.getloadavg(),
         "device": device, "shape": args.shape, "docs": args.docs, "tokens": tokens,
         "gemm_peak_gflops_fp32": peak / 1e9, "implementations": rows, "queue": queue,
     }
