@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, StringConstraints, model_serializer, model_validator
 
 Query = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 Identifier = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=512)]
+MAX_WINDOWS = 32
 
 
 class _Model(BaseModel):
@@ -55,6 +56,12 @@ class DocumentsRequest(_Model):
     candidates: list[Candidate] = Field(min_length=1)
     top_k: int = Field(20, ge=1)
     return_logits: bool = False
+    windows: int = Field(
+        1,
+        ge=1,
+        le=MAX_WINDOWS,
+        description="Score up to this many windows of each text (the first is the seed's abstract) and keep the best.",
+    )
 
     @model_validator(mode="after")
     def _unique_ids(self) -> DocumentsRequest:
@@ -84,6 +91,17 @@ class RankedItem(_Model):
     score: float = Field(ge=0.0, le=1.0, description="Sigmoid of the fp32 logit.")
     logit: float | None = None
     doc_id: str | None = None
+    document: Candidate | Chunk | None = Field(
+        None, description="What the caller sent for this item, joined back by the client when asked; never sent over the broker."
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_document(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Workers never fill `document`; leaving the key out keeps their messages as they were.
+        data = handler(self)
+        if self.document is None:
+            data.pop("document", None)
+        return data
 
 
 class ScoringInfo(_Model):
@@ -119,6 +137,17 @@ class TwoStageResult(_Model):
 
     documents: RerankResult
     chunks: RerankResult
+
+
+class TwoStageRequest(_Model):
+    """One two-stage job as a caller describes it, e.g. one line of a batch file."""
+
+    query: Query
+    candidates: list[Candidate] = Field(min_length=1)
+    top_k_docs: int = Field(20, ge=1)
+    top_k_chunks: int | None = Field(None, ge=1)
+    min_score: float | None = Field(None, ge=0.0, le=1.0)
+    windows: int | None = Field(None, ge=1, le=MAX_WINDOWS)
 
 
 def _reject_duplicates(ids: Any) -> None:

@@ -52,6 +52,14 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(100_000, ge=100, le=10_000_000, description="Characters per title, text or chunk.")
     max_query_chars: int = Field(2000, ge=10, le=100_000, description="Characters per query.")
 
+    # Producer
+    stage1_windows: int = Field(
+        1,
+        ge=1,
+        le=32,
+        description="Stage 1 scores up to this many 1,500-character windows of each paper's text and keeps the best; 1 is the seed's abstract-only score.",
+    )
+
     @model_validator(mode="after")
     def _visibility_outlasts_tasks(self) -> Settings:
         # With prefetch 1 a reserved message waits at most one running task before its own run,

@@ -8,18 +8,35 @@ from collections.abc import Sequence
 
 from producer.schemas import ChunksRequest, DocumentsRequest, RankedItem, RerankResult, ScoringInfo
 from worker.engine import CrossEncoderEngine, Scores
-from worker.formats import chunk_passage, document_passage
+from worker.formats import ABSTRACT_CHARS, chunk_passage, document_passage
 from worker.runtime import model_loads
 
 
 def rank_documents(engine: CrossEncoderEngine, request: DocumentsRequest, worker: str | None = None) -> RerankResult:
-    """Stage 1: score each paper's title and abstract and keep the best `top_k`."""
-    passages = [document_passage(c) for c in request.candidates]
-    scores = engine.score(request.query, passages)
+    """Stage 1: score each paper's title and abstract and keep the best `top_k`.
+
+    With `request.windows` > 1 a long text is scored window by window (the first window is the
+    seed's abstract) and each paper keeps its best window's logit.
+    """
+    from dataclasses import replace
+
+    from producer.chunking import text_windows
+
+    owners: list[int] = []
+    passages: list[str] = []
+    for n, paper in enumerate(request.candidates):
+        for window in text_windows(paper.text, request.windows, ABSTRACT_CHARS):
+            owners.append(n)
+            passages.append(document_passage(paper.model_copy(update={"text": window})))
+    scored = engine.score(request.query, passages)
+    best = [float("-inf")] * len(request.candidates)
+    for owner, logit in zip(owners, scored.logits):
+        best[owner] = max(best[owner], logit)
+    scores = replace(scored, logits=best)
     ids = [c.id for c in request.candidates]
     items = _ranked(scores, ids, range(len(ids)), request.top_k, request.return_logits)
     return RerankResult(
-        stage="documents", query=request.query, items=items, scored=len(ids), info=_info(engine, scores, len(ids), worker)
+        stage="documents", query=request.query, items=items, scored=len(ids), info=_info(engine, scores, len(passages), worker)
     )
 
 
