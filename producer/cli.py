@@ -1,68 +1,331 @@
-"""`rerank`: run a two-stage job from a JSON file and print the rankings."""
+"""`rerank`: run two-stage jobs from JSON or JSONL files, follow them by id, list the workers."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from pydantic import ValidationError
 
 from producer.client import RerankClient
-from producer.errors import InvalidRequest, RerankError
-from producer.schemas import Candidate, TwoStageResult
+from producer.errors import BrokerUnavailable, InvalidRequest, RerankError, RerankTimeout
+from producer.fleet import inspect_workers
+from producer.jobs import JobCancelled, JobProgress, RerankJob
+from producer.schemas import Candidate, TwoStageRequest, TwoStageResult
 from producer.settings import Settings
 
-EXIT_INVALID = 2
+EXIT_OK = 0
 EXIT_FAILED = 1
+EXIT_INVALID = 2
+EXIT_BROKER = 3
+EXIT_TIMEOUT = 4
+EXIT_CANCELLED = 5
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_FAILED: "a job failed in a worker (for batch: at least one line failed), or no worker answered",
+    EXIT_INVALID: "invalid input, settings or usage; nothing was queued",
+    EXIT_BROKER: "the broker or result backend cannot be reached",
+    EXIT_TIMEOUT: "no result within --timeout; the job may still finish (its id is printed)",
+    EXIT_CANCELLED: "the job was cancelled",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the `rerank` argument parser."""
-    parser = argparse.ArgumentParser(prog="rerank", description="Two-stage BGE re-ranking on Celery.")
+    codes = "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items())
+    parser = argparse.ArgumentParser(
+        prog="rerank", description="Two-stage BGE re-ranking on Celery.", epilog=f"exit codes: {codes}"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
+
     run = commands.add_parser("run", help="Run a two-stage job from a JSON file (query + candidates).")
     run.add_argument("job", type=Path, help='JSON: {"query": ..., "candidates": [...], "top_k_docs"?, "top_k_chunks"?}')
     run.add_argument("--top-k-docs", type=int, help="Papers kept by stage 1 (default: the file's, else 20).")
     run.add_argument("--top-k-chunks", type=int, help="Chunks returned by stage 2 (default: the file's, else all).")
+    _job_options(run)
     run.add_argument("--timeout", type=float, default=600.0, help="Seconds to wait for the result.")
-    run.add_argument("--json", action="store_true", help="Print the result as JSON.")
+    run.add_argument("--no-wait", action="store_true", help="Print the job id and exit; follow it with `rerank status`.")
+    _json(run)
+
+    batch = commands.add_parser("batch", help="Run many two-stage jobs from JSONL (one job per line), in parallel.")
+    batch.add_argument("jobs", type=Path, help="JSONL: one job per line, each like the JSON file of `run`.")
+    batch.add_argument("-o", "--output", default="-", help="Where to write one result per line, in input order (default: stdout).")
+    _job_options(batch)
+    batch.add_argument("--timeout", type=float, default=3600.0, help="Seconds to wait for the whole batch.")
+    batch.add_argument("--no-progress", action="store_true", help="No progress bar on stderr.")
+    _json(batch, "Print the summary as JSON.")
+
+    status = commands.add_parser("status", help="Show a job's state by id, and its result once done.")
+    status.add_argument("job_id")
+    status.add_argument("--wait", action="store_true", help="Wait for the result (up to --timeout).")
+    status.add_argument("--timeout", type=float, default=600.0)
+    _json(status)
+
+    cancel = commands.add_parser("cancel", help="Cancel (revoke) a job by id.")
+    cancel.add_argument("job_id")
+    _json(cancel)
+
+    workers = commands.add_parser("workers", help="List the workers that answer, their queues and what they serve.")
+    workers.add_argument("--timeout", type=float, default=2.0, help="Seconds to wait for replies.")
+    _json(workers)
     return parser
 
 
+def _job_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--min-score", type=float, help="Drop chunks scoring below this (0-1).")
+    parser.add_argument("--windows", type=int, help="Stage-1 windows per paper (default RERANK_STAGE1_WINDOWS).")
+
+
+def _json(parser: argparse.ArgumentParser, text: str = "Print JSON instead of a table.") -> None:
+    parser.add_argument("--json", action="store_true", help=text)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `rerank`; returns 0, 1 (job failed) or 2 (invalid input or settings)."""
+    """Entry point of `rerank`; returns one of EXIT_CODES."""
     args = build_parser().parse_args(argv)
     try:
-        job = json.loads(args.job.read_text())
-        client = RerankClient(Settings())
-        candidates = [Candidate.model_validate(c) for c in job["candidates"]]
-        result = client.two_stage(
-            job["query"],
-            candidates,
-            top_k_docs=args.top_k_docs or job.get("top_k_docs", 20),
-            top_k_chunks=args.top_k_chunks or job.get("top_k_chunks"),
-            timeout=args.timeout,
-        )
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValidationError, InvalidRequest) as e:
-        print(f"rerank: invalid job {args.job}: {type(e).__name__}: {e}", file=sys.stderr)
+        settings = Settings()
+    except ValidationError as e:
+        print(f"rerank: invalid settings: {e}", file=sys.stderr)
         return EXIT_INVALID
+    command = {"run": _run, "batch": _batch, "status": _status, "cancel": _cancel, "workers": _workers}[args.command]
+    try:
+        return command(args, settings)
+    except InvalidRequest as e:
+        print(f"rerank: invalid request: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    except BrokerUnavailable as e:
+        print(f"rerank: {e}", file=sys.stderr)
+        return EXIT_BROKER
+    except RerankTimeout as e:
+        print(f"rerank: {e}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    except JobCancelled as e:
+        print(f"rerank: {e}", file=sys.stderr)
+        return EXIT_CANCELLED
     except RerankError as e:
         print(f"rerank: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        job = json.loads(args.job.read_text())
+        candidates = [Candidate.model_validate(c) for c in job["candidates"]]
+        request = TwoStageRequest(
+            query=job["query"],
+            candidates=candidates,
+            top_k_docs=args.top_k_docs or job.get("top_k_docs", 20),
+            top_k_chunks=args.top_k_chunks or job.get("top_k_chunks"),
+            min_score=args.min_score if args.min_score is not None else job.get("min_score"),
+            windows=args.windows or job.get("windows"),
+        )
+        client = RerankClient(settings)
+        handle = client.submit(**request.model_dump(exclude={"candidates"}), candidates=request.candidates)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValidationError, InvalidRequest) as e:
+        print(f"rerank: invalid job {args.job}: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    if args.no_wait:
+        if settings.embedded:
+            print("rerank: --no-wait needs RERANK_BROKER_URL: in-process jobs run in this command", file=sys.stderr)
+            return EXIT_INVALID
+        print(json.dumps({"job_id": handle.id}) if args.json else handle.id)
+        return EXIT_OK
+    try:
+        result = handle.result(args.timeout)
+    except RerankTimeout as e:
+        print(f"rerank: {e}", file=sys.stderr)
+        print(json.dumps({"job_id": handle.id, "state": "TIMEOUT"}) if args.json else f"job id: {handle.id}")
+        return EXIT_TIMEOUT
     if args.json:
         print(result.model_dump_json(indent=2))
     else:
         print(render(result, candidates, client))
-    return 0
+    return EXIT_OK
 
 
-def render(result: TwoStageResult, candidates: list[Candidate], client: RerankClient) -> str:
-    """Format both rankings as plain-text tables, joining titles and texts back from the input."""
-    by_id = {c.id: c for c in candidates}
-    pool = client.chunk_pool(candidates)
+def _batch(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        lines = [(n, line) for n, line in enumerate(args.jobs.read_text().splitlines(), 1) if line.strip()]
+    except OSError as e:
+        print(f"rerank: cannot read {args.jobs}: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    client = RerankClient(settings)
+    outcomes: dict[int, dict[str, Any]] = {}
+    valid: list[tuple[int, TwoStageRequest]] = []
+    for n, line in lines:
+        try:
+            request = TwoStageRequest.model_validate_json(line)
+            overrides = {"min_score": args.min_score, "windows": args.windows}
+            request = request.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+            client.validate(request)
+        except (ValidationError, InvalidRequest) as e:
+            outcomes[n] = {"line": n, "state": "INVALID", "error": {"type": "InvalidRequest", "message": str(e)}}
+        else:
+            valid.append((n, request))
+    if not valid:
+        print(f"rerank: no valid job in {args.jobs}", file=sys.stderr)
+    batch = client.submit_many([r for _, r in valid]) if valid else None
+    out: IO[str] = sys.stdout if args.output == "-" else open(args.output, "w")  # noqa: SIM115
+    bar = Progress(len(lines), enabled=not args.no_progress)
+    written = 0
+    ordered = [n for n, _ in lines]
+    started = time.monotonic()
+
+    def flush() -> None:
+        nonlocal written
+        while written < len(ordered) and ordered[written] in outcomes:
+            out.write(json.dumps(outcomes[ordered[written]]) + "\n")
+            out.flush()
+            written += 1
+
+    try:
+        flush()
+        bar.update(len(outcomes), sum(1 for o in outcomes.values() if "error" in o))
+        if batch is not None:
+            try:
+                for job in batch.as_completed(args.timeout):
+                    n = valid[job.index][0]
+                    outcomes[n] = _outcome(job, n)
+                    bar.update(len(outcomes), sum(1 for o in outcomes.values() if "error" in o))
+                    flush()
+            except RerankTimeout as e:
+                for (n, _), job in zip(valid, batch.jobs):
+                    outcomes.setdefault(n, {"line": n, "job_id": job.id, "state": "TIMEOUT", "error": {"type": "RerankTimeout", "message": str(e)}})
+                flush()
+    finally:
+        bar.close()
+        if out is not sys.stdout:
+            out.close()
+    counts: dict[str, int] = {}
+    for outcome in outcomes.values():
+        counts[outcome["state"]] = counts.get(outcome["state"], 0) + 1
+    summary = {
+        "batch_id": batch.id if batch else None, "lines": len(lines), "states": counts,
+        "seconds": round(time.monotonic() - started, 3), "output": args.output,
+    }
+    summary_out = sys.stderr if args.output == "-" else sys.stdout
+    if args.json:
+        print(json.dumps(summary), file=summary_out)
+    else:
+        states = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+        print(f"batch {summary['batch_id']}: {len(lines)} jobs in {summary['seconds']:.1f} s: {states}", file=summary_out)
+    return EXIT_OK if counts.get("SUCCESS", 0) == len(lines) else EXIT_FAILED
+
+
+def _outcome(job: RerankJob, line: int) -> dict[str, Any]:
+    try:
+        result = job.result(timeout=30)
+    except RerankError as e:
+        state = "REVOKED" if isinstance(e, JobCancelled) else "FAILURE"
+        return {"line": line, "job_id": job.id, "state": state, "error": {"type": type(e).__name__, "message": str(e)}}
+    return {"line": line, "job_id": job.id, "state": "SUCCESS", "result": result.model_dump(mode="json")}
+
+
+class Progress:
+    """A one-line progress bar on stderr; a line per tenth when stderr is not a terminal."""
+
+    def __init__(self, total: int, *, enabled: bool = True, stream: IO[str] | None = None) -> None:
+        self.total = total
+        self.stream = stream or sys.stderr
+        self.enabled = enabled and total > 0
+        self.tty = self.stream.isatty()
+        self.started = time.monotonic()
+        self._last_tenth = -1
+
+    def update(self, done: int, failed: int = 0) -> None:
+        """Show `done` of `total` finished, `failed` of them failed."""
+        if not self.enabled:
+            return
+        elapsed = time.monotonic() - self.started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = f"{(self.total - done) / rate:.0f}s" if rate > 0 and done < self.total else "-"
+        filled = int(30 * done / self.total)
+        text = f"[{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total} done, {failed} failed, {rate:.1f} jobs/s, eta {eta}"
+        if self.tty:
+            self.stream.write("\r" + text)
+        elif done * 10 // self.total > self._last_tenth:
+            self._last_tenth = done * 10 // self.total
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        """End the bar's line."""
+        if self.enabled and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _status(args: argparse.Namespace, settings: Settings) -> int:
+    job = RerankClient(settings).job(args.job_id)
+    if args.wait:
+        try:
+            job.result(args.timeout)
+        except (RerankTimeout, BrokerUnavailable):
+            raise
+        except RerankError:
+            pass  # a failed or cancelled job: its state and error are shown below
+    progress = job.progress()
+    result = job.result(timeout=30) if progress.state == "SUCCESS" else None
+    code = {"FAILURE": EXIT_FAILED, "REVOKED": EXIT_CANCELLED}.get(progress.state, EXIT_OK)
+    if args.json:
+        print(json.dumps({**progress.model_dump(mode="json"), "result": result.model_dump(mode="json") if result else None}, indent=2))
+    else:
+        print(render_progress(progress))
+        if result is not None:
+            print()
+            print(render(result, None, None))
+    return code
+
+
+def render_progress(progress: JobProgress) -> str:
+    """Format a job's state and each stage's as a small table."""
+    lines = [f"job {progress.job_id}: {progress.state} ({progress.fraction:.0%})", f"{'stage':<10}  {'state':<8}  detail"]
+    for stage in progress.stages:
+        detail = stage.error or (", ".join(f"{k}={v}" for k, v in stage.info.items()) if stage.info else "")
+        lines.append(f"{stage.stage:<10}  {stage.state:<8}  {detail}")
+    return "\n".join(lines)
+
+
+def _cancel(args: argparse.Namespace, settings: Settings) -> int:
+    cancelled = RerankClient(settings).job(args.job_id).cancel()
+    if args.json:
+        print(json.dumps({"job_id": args.job_id, "cancelled": cancelled}))
+    else:
+        print(f"job {args.job_id}: {'cancelled' if cancelled else 'already finished, nothing to cancel'}")
+    return EXIT_OK
+
+
+def _workers(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.embedded:
+        print("rerank: no RERANK_BROKER_URL: tasks run inside each producer; there are no workers to list", file=sys.stderr)
+        return EXIT_INVALID
+    workers = inspect_workers(RerankClient(settings).app, timeout=args.timeout)
+    if args.json:
+        print(json.dumps([w.model_dump(mode="json") for w in workers], indent=2))
+    elif workers:
+        print(f"{'worker':<28}  {'queues':<16}  {'procs':>5}  {'tasks':>6}  serves")
+        for w in workers:
+            serves = ", ".join(t for t in w.registered if t.startswith("rerank.")) or "-"
+            print(f"{w.name:<28.28}  {','.join(w.queues):<16.16}  {w.processes if w.processes is not None else '?':>5}  "
+                  f"{w.tasks_done if w.tasks_done is not None else '?':>6}  {serves}")
+            if w.report:
+                for key, value in w.report.items():
+                    print(f"{'':<30}{key}: {value}")
+    if not workers:
+        print(f"rerank: no worker answered within {args.timeout}s on {settings.queue!r}'s broker", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def render(result: TwoStageResult, candidates: list[Candidate] | None, client: RerankClient | None) -> str:
+    """Format both rankings as plain-text tables, joining titles and texts back from the input when given."""
+    by_id = {c.id: c for c in candidates or []}
+    pool = client.chunk_pool(candidates) if candidates and client else []
     info = result.documents.info
     lines = [
         f"query: {result.documents.query}",
@@ -72,7 +335,7 @@ def render(result: TwoStageResult, candidates: list[Candidate], client: RerankCl
         f"({info.tokenize_ms:.0f} ms tokenize, {info.forward_ms:.0f} ms forward)",
         _row("rank", "score", "id", "title"),
     ]
-    lines += [_row(n, f"{item.score:.4f}", item.id, by_id[item.id].title) for n, item in enumerate(result.documents.items, 1)]
+    lines += [_row(n, f"{item.score:.4f}", item.id, by_id[item.id].title if item.id in by_id else "") for n, item in enumerate(result.documents.items, 1)]
     chunk_info = result.chunks.info
     lines += [
         "",
@@ -81,8 +344,8 @@ def render(result: TwoStageResult, candidates: list[Candidate], client: RerankCl
         _row("rank", "score", "chunk", "section: text"),
     ]
     for n, item in enumerate(result.chunks.items, 1):
-        chunk = pool[item.index]
-        lines.append(_row(n, f"{item.score:.4f}", item.id, f"{chunk.section or 'N/A'}: {chunk.text}"))
+        text = f"{pool[item.index].section or 'N/A'}: {pool[item.index].text}" if pool else f"paper {item.doc_id}"
+        lines.append(_row(n, f"{item.score:.4f}", item.id, text))
     return "\n".join(lines)
 
 

@@ -293,6 +293,11 @@ class RerankClient:
                 )
         return pool
 
+    def validate(self, request: RequestLike) -> TwoStageRequest:
+        """Check a two-stage request as `submit` would (schema and limits) without sending it."""
+        parsed = self._job(request, None, False, False, send=False)
+        return parsed.request
+
     # Internals
 
     def _job(self, data: RequestLike, index: int | None, return_logits: bool, return_documents: bool, *, send: bool) -> RerankJob:
@@ -325,6 +330,7 @@ class RerankClient:
         else:
             job = RerankJob(self.app, job_id, finish, index=index, broker_url=self.settings.broker_url)
         job._signature = signature
+        job.request = request
         return job
 
     def _handle(self, kind: type[Handle], task_id: str, apply_async: Any, finish: Finish) -> Handle:

@@ -245,6 +245,7 @@ class RerankJob(Handle[TwoStageResult]):
         super().__init__(*args, **kwargs)
         self.index = index
         self._signature: Any = None  # the chain, until submit_many sends it in a group
+        self.request: Any = None  # the TwoStageRequest, when this process submitted the job
 
     def __repr__(self) -> str:
         return f"RerankJob(id={self.id!r}, index={self.index})"

@@ -1,0 +1,72 @@
+"""Which workers answer, which queues they consume and which tasks they serve (Celery's inspect)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu.exceptions import OperationalError
+from kombu.utils.url import maybe_sanitize_url
+from pydantic import BaseModel, ConfigDict, Field
+
+from producer.errors import BrokerUnavailable
+
+REPORT_COMMAND = "rerank_report"
+
+
+class WorkerInfo(BaseModel):
+    """One worker as it answered the broadcast."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    queues: list[str]
+    registered: list[str]
+    processes: int | None = Field(None, description="Pool processes (concurrency).")
+    pid: int | None = None
+    uptime_s: int | None = None
+    tasks_done: int | None = Field(None, description="Tasks this worker has run, by its own count.")
+    report: dict[str, Any] | None = Field(None, description=f"The worker's `{REPORT_COMMAND}` answer, when it has that command.")
+
+
+def inspect_workers(app: Celery, timeout: float = 2.0) -> list[WorkerInfo]:
+    """Broadcast Celery's standard inspect commands (and `rerank_report`) and merge the replies by worker.
+
+    Raises:
+        BrokerUnavailable: the broker cannot be reached.
+    """
+    inspector = app.control.inspect(timeout=timeout)
+    try:
+        queues = inspector.active_queues() or {}
+        stats = inspector.stats() or {}
+        registered = inspector.registered() or {}
+        reports = _reports(inspector)
+    except (OperationalError, ConnectionError, OSError) as e:
+        where = maybe_sanitize_url(app.conf.broker_url or "") or "the broker"
+        raise BrokerUnavailable(f"cannot reach {where} to ask the workers: {e}; check RERANK_BROKER_URL") from e
+    workers = []
+    for name in sorted(set(queues) | set(stats) | set(registered)):
+        stat = stats.get(name) or {}
+        pool = stat.get("pool") or {}
+        totals = stat.get("total") or {}
+        workers.append(
+            WorkerInfo(
+                name=name,
+                queues=sorted(q["name"] for q in queues.get(name) or []),
+                registered=sorted(registered.get(name) or []),
+                processes=pool.get("max-concurrency"),
+                pid=stat.get("pid"),
+                uptime_s=stat.get("uptime"),
+                tasks_done=sum(totals.values()) if totals else (0 if stat else None),
+                report=reports.get(name),
+            )
+        )
+    return workers
+
+
+def _reports(inspector: Any) -> dict[str, dict[str, Any]]:
+    # Workers without the command answer {"error": ...}; keep only real reports.
+    replies = inspector._request(REPORT_COMMAND) or {}
+    return {
+        name: reply for name, reply in replies.items() if isinstance(reply, dict) and reply and "error" not in reply
+    }
