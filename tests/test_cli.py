@@ -45,3 +45,73 @@ def test_an_invalid_job_exits_2_with_the_reason(tmp_path, tiny_model, content):
     completed = run_cli("run", str(job), model=tiny_model)
     assert completed.returncode == 2
     assert "invalid job" in completed.stderr
+
+
+def write_jsonl(path: Path, jobs: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(job) + "\n" for job in jobs))
+    return path
+
+
+def test_batch_writes_one_result_per_line_in_input_order_with_progress(tmp_path, tiny_model):
+    # Given a JSONL file of three jobs, the second one invalid
+    job = json.loads(EXAMPLE.read_text())
+    lines = [
+        {"query": job["query"], "candidates": job["candidates"][:6], "top_k_docs": 2, "top_k_chunks": 3},
+        {"query": "", "candidates": job["candidates"][:2]},
+        {"query": job["query"], "candidates": job["candidates"][6:10], "top_k_docs": 1},
+    ]
+    jobs = write_jsonl(tmp_path / "jobs.jsonl", lines)
+    # When run as a batch to a file
+    completed = run_cli("batch", str(jobs), "-o", str(tmp_path / "out.jsonl"), "--json", model=tiny_model)
+    # Then one line per input, in order, the invalid one with its reason, and exit code 1
+    assert completed.returncode == 1, completed.stderr
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [o["line"] for o in out] == [1, 2, 3]
+    assert [o["state"] for o in out] == ["SUCCESS", "INVALID", "SUCCESS"]
+    assert "query" in out[1]["error"]["message"]
+    assert len(out[0]["result"]["documents"]["items"]) == 2 and len(out[0]["result"]["chunks"]["items"]) == 3
+    assert out[2]["result"]["documents"]["scored"] == 4
+    # And the summary is JSON with the counts, and the progress reached 3/3 on stderr
+    assert json.loads(completed.stdout)["states"] == {"SUCCESS": 2, "INVALID": 1}
+    assert "3/3 done, 1 failed" in completed.stderr
+
+
+def test_workers_and_no_wait_need_a_broker(tiny_model):
+    for args in (["workers"], ["run", str(EXAMPLE), "--no-wait"]):
+        completed = run_cli(*args, model=tiny_model)
+        assert completed.returncode == 2 and "RERANK_BROKER_URL" in completed.stderr
+
+
+def run_cli_redis(*args: str, model: Path, broker: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RERANK_MODEL": str(model), "RERANK_BROKER_URL": broker}
+    return subprocess.run([sys.executable, "-m", "producer.cli", *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.integration
+def test_submit_then_check_by_id_and_list_workers(shared_worker, redis_server, tiny_model):
+    # Given a job sent without waiting
+    sent = run_cli_redis("run", str(EXAMPLE), "--no-wait", "--json", model=tiny_model, broker=redis_server.url)
+    assert sent.returncode == 0, sent.stderr
+    job_id = json.loads(sent.stdout)["job_id"]
+    # When its status is asked for by id, waiting for it
+    status = run_cli_redis("status", job_id, "--wait", "--timeout", "120", "--json", model=tiny_model, broker=redis_server.url)
+    # Then both stages succeeded and the result is there
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert report["state"] == "SUCCESS" and [s["state"] for s in report["stages"]] == ["SUCCESS", "SUCCESS"]
+    assert len(report["result"]["chunks"]["items"]) == json.loads(EXAMPLE.read_text())["top_k_chunks"]
+    # And the table form names the stages
+    table = run_cli_redis("status", job_id, model=tiny_model, broker=redis_server.url)
+    assert f"job {job_id}: SUCCESS (100%)" in table.stdout and "Stage 2:" in table.stdout
+    # And the shared worker is listed with its queue and both tasks
+    workers = run_cli_redis("workers", "--json", model=tiny_model, broker=redis_server.url)
+    assert workers.returncode == 0, workers.stderr
+    shared = [w for w in json.loads(workers.stdout) if w["name"].startswith("shared0@")]
+    assert len(shared) == 1 and "rerank" in shared[0]["queues"] and shared[0]["processes"] == 2
+    assert {"rerank.documents", "rerank.chunks"} <= set(shared[0]["registered"])
+
+
+@pytest.mark.integration
+def test_status_of_a_job_that_never_ran_times_out_with_code_4(redis_server, tiny_model):
+    completed = run_cli_redis("status", "no-such-job", "--wait", "--timeout", "1", model=tiny_model, broker=redis_server.url)
+    assert completed.returncode == 4 and "no result within 1.0s" in completed.stderr
