@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Sequence
+from dataclasses import replace
 
+from producer.chunking import text_windows
 from producer.schemas import ChunksRequest, DocumentsRequest, RankedItem, RerankResult, ScoringInfo
 from worker.engine import CrossEncoderEngine, Scores
 from worker.formats import ABSTRACT_CHARS, chunk_passage, document_passage
@@ -18,10 +20,6 @@ def rank_documents(engine: CrossEncoderEngine, request: DocumentsRequest, worker
     With `request.windows` > 1 a long text is scored window by window (the first window is the
     seed's abstract) and each paper keeps its best window's logit.
     """
-    from dataclasses import replace
-
-    from producer.chunking import text_windows
-
     owners: list[int] = []
     passages: list[str] = []
     for n, paper in enumerate(request.candidates):
