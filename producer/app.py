@@ -17,6 +17,15 @@ def create_app(settings: Settings) -> Celery:
     backend = settings.result_backend or settings.broker_url
     app = Celery("rerank", broker=settings.broker_url or "memory://", backend=backend or "cache+memory://")
     transport_options = {"visibility_timeout": settings.visibility_timeout}
+    broker_options = {
+        **transport_options,
+        # kombu >= 5.7 sweeps Redis for unacked messages older than the visibility timeout every
+        # interval x throttle seconds (10 x 10 by default). Sweeping every tenth of the timeout
+        # (1-60 s) bounds a dead worker's task's redelivery at about 1.1 visibility timeouts;
+        # each sweep is one ZRANGE under a mutex. Other transports ignore these options.
+        "unacked_restore_interval": max(1, min(60, settings.visibility_timeout // 10)),
+        "unacked_restore_throttle": 1,
+    }
     app.conf.update(
         # JSON only: a pickled message can run code on the worker.
         task_serializer="json",
@@ -36,13 +45,15 @@ def create_app(settings: Settings) -> Celery:
         # Results are small but unbounded in number; the Redis backend expires them itself.
         result_expires=settings.result_expires,
         # Redis redelivers unacked messages after this long; it must outlast a reserved task.
-        broker_transport_options=transport_options,
+        broker_transport_options=broker_options,
         result_backend_transport_options=transport_options,
         # Loading a 568M-parameter model takes far longer than the default 4 s start-up window.
         worker_proc_alive_timeout=settings.worker_start_timeout,
         # A stuck forward pass is killed rather than holding the GPU forever.
         task_time_limit=settings.task_time_limit,
-        task_soft_time_limit=max(1, settings.task_time_limit - 5),
+        # The soft limit raises inside the task first, so it fails as a typed TaskTimedOut and
+        # the process lives on; the hard limit then only kills a task stuck outside Python.
+        task_soft_time_limit=settings.task_time_limit - max(1, min(5, settings.task_time_limit // 10)),
         task_default_queue=settings.queue,
         task_routes={TASK_DOCUMENTS: {"queue": settings.queue}, TASK_CHUNKS: {"queue": settings.queue}},
         # Keep retrying the broker at start-up instead of exiting while Redis comes up.

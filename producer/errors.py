@@ -27,3 +27,7 @@ class RerankTimeout(RerankError, TimeoutError):
 
 class BrokerUnavailable(RerankError, ConnectionError):
     """The broker or result backend cannot be reached; check the URL and that it is running."""
+
+
+class TaskTimedOut(RerankTimeout):
+    """The worker stopped the task at RERANK_TASK_TIME_LIMIT; it will not finish, so split the request."""

@@ -1,7 +1,19 @@
-"""Parse untrusted requests into models and enforce the configured limits."""
+"""Parse untrusted requests into models and enforce the configured limits and character policy.
+
+The producer runs this before anything is queued and the worker runs it again on every message
+(workers never trust a message: it may come from an older producer or straight from the queue).
+
+Character policy: C0 control characters other than tab, newline and carriage return (NUL, form
+feed, escape, ...) and lone surrogates are rejected in the query, ids, titles, sections and texts.
+They carry no meaning for the model, a surrogate cannot even be encoded as UTF-8, and rejecting
+(rather than silently stripping) keeps what was scored identical to what the caller sent and
+joins back. Bytes that are not valid UTF-8 never get this far: pydantic refuses to decode them.
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -12,45 +24,90 @@ from producer.settings import Settings
 
 RequestT = TypeVar("RequestT", DocumentsRequest, ChunksRequest)
 
+_FORBIDDEN = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff]")
+
 
 def parse_request(model: type[RequestT], data: Any, settings: Settings) -> RequestT:
     """Validate `data` as `model` and check it against the limits in `settings`."""
     if isinstance(data, model):
         request = data
     else:
+        if not isinstance(data, dict):
+            raise InvalidRequest(f"invalid {model.__name__}: expected a JSON object, got {type(data).__name__}")
         try:
             request = model.model_validate(data)
         except ValidationError as e:
             raise InvalidRequest(f"invalid {model.__name__}: {_summarize(e)}") from e
+        except RecursionError as e:  # metadata nested deeper than the interpreter can walk
+            raise InvalidRequest(f"invalid {model.__name__}: nested too deeply to validate") from e
     check_limits(request, settings)
     return request
 
 
 def check_limits(request: BaseModel, settings: Settings) -> None:
-    """Raise `InvalidRequest` when a request exceeds a size limit from the settings."""
+    """Raise `InvalidRequest` when a request exceeds a limit from the settings or holds forbidden characters."""
     query = getattr(request, "query")
     if len(query) > settings.max_query_chars:
         raise InvalidRequest(
             f"query has {len(query)} characters, over the limit of {settings.max_query_chars} "
             "(RERANK_MAX_QUERY_CHARS); shorten the query"
         )
+    _check_characters("query", query)
     if isinstance(request, DocumentsRequest):
         _check_count("candidates", len(request.candidates), settings.max_candidates, "RERANK_MAX_CANDIDATES")
-        texts = ((c.id, f) for c in request.candidates for f in (c.title, c.text))
+        _check_top_k(request.top_k, settings.max_candidates, "RERANK_MAX_CANDIDATES")
     else:
         _check_count("chunks", len(request.chunks), settings.max_chunks, "RERANK_MAX_CHUNKS")
-        texts = ((c.id, f) for c in request.chunks for f in (c.title, c.section or "", c.text))
-    for item_id, text in texts:
+        if request.top_k is not None:
+            _check_top_k(request.top_k, settings.max_chunks, "RERANK_MAX_CHUNKS")
+    for item_id, field, text in _texts(request):
         if len(text) > settings.max_text_chars:
             raise InvalidRequest(
                 f"{item_id!r} has a field of {len(text)} characters, over the limit of "
                 f"{settings.max_text_chars} (RERANK_MAX_TEXT_CHARS); split or trim it"
             )
+        _check_characters(f"{field} of {item_id!r}", text)
+
+
+def _texts(request: BaseModel) -> Iterator[tuple[str, str, str]]:
+    if isinstance(request, DocumentsRequest):
+        for c in request.candidates:
+            yield c.id, "id", c.id
+            yield c.id, "title", c.title
+            yield c.id, "text", c.text
+            for n, chunk in enumerate(c.chunks or ()):
+                yield c.id, f"chunk {n} id", chunk.id or ""
+                yield c.id, f"chunk {n} section", chunk.section or ""
+                yield c.id, f"chunk {n} text", chunk.text
+    else:
+        for c in request.chunks:
+            yield c.id, "id", c.id
+            yield c.id, "doc_id", c.doc_id
+            yield c.id, "title", c.title
+            yield c.id, "section", c.section or ""
+            yield c.id, "text", c.text
+
+
+def _check_characters(where: str, text: str) -> None:
+    found = _FORBIDDEN.search(text)
+    if found is not None:
+        char = found.group()
+        kind = "a lone surrogate (not valid Unicode text)" if "\ud800" <= char <= "\udfff" else "a control character"
+        raise InvalidRequest(
+            f"{where} contains {kind} U+{ord(char):04X} at position {found.start()}; "
+            "remove or replace it (only tab, newline and carriage return are allowed)"
+        )
 
 
 def _check_count(what: str, count: int, limit: int, env: str) -> None:
     if count > limit:
         raise InvalidRequest(f"{count} {what}, over the limit of {limit} ({env}); send fewer per request")
+
+
+def _check_top_k(top_k: int, limit: int, env: str) -> None:
+    # A top_k past what any request may hold is a bug on the caller's side, not a wish for "all".
+    if top_k > limit:
+        raise InvalidRequest(f"top_k={top_k} is over the limit of {limit} ({env}); no request holds that many items")
 
 
 def _summarize(error: ValidationError, most: int = 5) -> str:

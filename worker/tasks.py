@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from celery import Task, shared_task
+from celery.exceptions import SoftTimeLimitExceeded
 
 from producer.app import settings_of
-from producer.errors import InvalidRequest
+from producer.errors import InvalidRequest, TaskTimedOut
 from producer.names import TASK_CHUNKS, TASK_DOCUMENTS
 from producer.schemas import ChunksRequest, DocumentsRequest, RerankResult
 from producer.validation import parse_request
@@ -15,7 +17,32 @@ from worker import ranking
 from worker.runtime import load_engine
 
 
-@shared_task(name=TASK_DOCUMENTS, bind=True)
+class RerankTask(Task):
+    """Turns what a message can get wrong into typed errors; tasks never retry (invalid input stays invalid)."""
+
+    max_retries = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # A message sent straight to the queue may carry any arguments: refuse them by name
+        # instead of letting Python raise a bare TypeError from the call.
+        try:
+            inspect.signature(self.run).bind(*args, **kwargs)
+        except TypeError as e:
+            raise InvalidRequest(
+                f"{self.name} takes {inspect.signature(self.run)}, but the message had "
+                f"{len(args)} positional and {sorted(kwargs)} keyword arguments: {e}"
+            ) from e
+        try:
+            return super().__call__(*args, **kwargs)
+        except SoftTimeLimitExceeded as e:
+            limit = settings_of(self.app).task_time_limit
+            raise TaskTimedOut(
+                f"{self.name} ran past its time limit (RERANK_TASK_TIME_LIMIT={limit}s) and was stopped; "
+                "send fewer or shorter texts per request, or raise the limit"
+            ) from e
+
+
+@shared_task(name=TASK_DOCUMENTS, bind=True, base=RerankTask)
 def rerank_documents(self: Task, request: dict[str, Any]) -> dict[str, Any]:
     """Stage 1: rank candidate papers by title and abstract."""
     settings = settings_of(self.app)
@@ -24,7 +51,7 @@ def rerank_documents(self: Task, request: dict[str, Any]) -> dict[str, Any]:
     return result.model_dump(mode="json")
 
 
-@shared_task(name=TASK_CHUNKS, bind=True)
+@shared_task(name=TASK_CHUNKS, bind=True, base=RerankTask)
 def rerank_chunks(self: Task, stage1: dict[str, Any] | None = None, *, request: dict[str, Any]) -> dict[str, Any]:
     """Stage 2: rank chunks; in a chain, only those of the papers stage 1 kept, returning both stages."""
     settings = settings_of(self.app)

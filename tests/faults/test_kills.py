@@ -1,0 +1,118 @@
+"""Killed processes lose nothing: a pool child, a whole worker, a warm shutdown mid-task."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from producer import RerankClient, Settings
+from tests.faults.conftest import (
+    FAST,
+    QUERY,
+    RELAXED,
+    VISIBILITY_TIMEOUT,
+    assert_same_ranking,
+    children,
+    deliveries,
+    kill,
+    kill_tree,
+    papers,
+    report,
+    started,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+# About 1 s of scoring on the tiny model with one idle thread, a few seconds on a busy machine:
+# long enough to be caught mid-task, short enough for the 5 s time limit of FAST workers.
+SLOW = 150
+
+
+def relaxed(settings: Settings) -> Settings:
+    return settings.model_copy(update={"task_time_limit": 30, "visibility_timeout": 60})
+
+
+def test_a_killed_pool_child_requeues_its_task_and_the_result_is_right(fleet, fault_settings, reference):
+    # Given a worker with one pool process, busy with a slow request
+    worker = fleet.start("-c", "1", env=RELAXED, name="child")
+    worker.wait_until_loaded(processes=1)
+    client = RerankClient(relaxed(fault_settings))
+    candidates = papers(2 * SLOW)
+    handle = client.submit_documents(QUERY, candidates, top_k=10)
+    meta = wait_for(lambda: started(client, handle.id), 30, "the task to start")
+    (child,) = children(worker.process.pid)
+    assert meta["pid"] == child
+
+    # When its pool process is SIGKILLed mid-task
+    kill(child)
+    killed_at = time.monotonic()
+
+    # Then the task is requeued at once, run again by a fresh pool process, and its result is right
+    result = handle.result(timeout=90)
+    recovery = time.monotonic() - killed_at
+    received = deliveries([worker.output()], handle.id)
+    report("pool child SIGKILL", sent=1, completed=1, lost=0, deliveries=received, duplicated=received - 2, recovery_s=round(recovery, 1))
+    assert result.info.pid != child and result.info.model_loads == 1
+    assert_same_ranking(result, reference(QUERY, candidates, 10))
+    assert "WorkerLostError" in worker.output()
+    assert received == 2, "delivered once, requeued once after the kill, no more"
+
+
+def test_a_killed_worker_s_task_goes_to_the_other_worker_after_the_visibility_timeout(fleet, fault_settings, reference):
+    # Given two workers with a 10 s visibility timeout, one of them busy with a slow request
+    first = fleet.start("-c", "1", env=FAST, name="a")
+    second = fleet.start("-c", "1", env=FAST, name="b")
+    first.wait_until_loaded(processes=1)
+    second.wait_until_loaded(processes=1)
+    client = RerankClient(fault_settings)
+    candidates = papers(SLOW)
+    handle = client.submit_documents(QUERY, candidates, top_k=10)
+    meta = wait_for(lambda: started(client, handle.id), 30, "the task to start")
+    busy, idle = (first, second) if meta["hostname"].startswith(first.log.stem + "@") else (second, first)
+
+    # When the busy worker, parent and pool process, is SIGKILLed mid-task
+    killed_at = time.monotonic()
+    kill_tree(busy.process.pid)
+
+    # Then the message stays unacknowledged in Redis until the visibility timeout, the other
+    # worker's next sweep (every second) puts it back, and that worker completes it
+    bound = VISIBILITY_TIMEOUT + 1 + 20  # + one sweep + one run on a busy machine
+    result = handle.result(timeout=bound + 30)
+    recovery = time.monotonic() - killed_at
+    received = deliveries([first.output(), second.output()], handle.id)
+    report(
+        "whole worker SIGKILL", sent=1, completed=1, lost=0, deliveries=received, duplicated=received - 2,
+        recovery_s=round(recovery, 1), visibility_timeout_s=VISIBILITY_TIMEOUT,
+    )
+    assert result.info.worker.startswith(idle.log.stem + "@")
+    assert_same_ranking(result, reference(QUERY, candidates, 10))
+    assert VISIBILITY_TIMEOUT - 3 <= recovery <= bound, "redelivered by the visibility timeout, not sooner, not much later"
+    assert received == 2
+
+
+def test_a_warm_shutdown_mid_task_finishes_the_task_first(fleet, fault_settings, reference):
+    # Given a worker busy with a slow request
+    worker = fleet.start("-c", "1", env=RELAXED, name="warm")
+    worker.wait_until_loaded(processes=1)
+    client = RerankClient(relaxed(fault_settings))
+    candidates = papers(2 * SLOW)
+    handle = client.submit_documents(QUERY, candidates, top_k=10)
+    wait_for(lambda: started(client, handle.id), 30, "the task to start")
+
+    # When it gets SIGTERM (warm shutdown) mid-task
+    stopped_at = time.monotonic()
+    worker.process.send_signal(signal.SIGTERM)
+
+    # Then it finishes the task, acknowledges it and exits cleanly; the result is right
+    assert worker.process.wait(timeout=60) == 0
+    shutdown = time.monotonic() - stopped_at
+    result = handle.result(timeout=5)
+    report(
+        "SIGTERM mid-task", sent=1, completed=1, lost=0, deliveries=deliveries([worker.output()], handle.id),
+        duplicated=0, shutdown_s=round(shutdown, 1),
+    )
+    assert_same_ranking(result, reference(QUERY, candidates, 10))
+    assert client.app.connection().default_channel.client.hlen("unacked") == 0, "nothing left unacknowledged"
