@@ -60,6 +60,11 @@ class Settings(BaseSettings):
         description="Stage 1 scores up to this many 1,500-character windows of each paper's text and keeps the best; 1 is the seed's abstract-only score.",
     )
 
+    # Fleet
+    progress_interval: float = Field(
+        1.0, ge=0.0, le=3600.0, description="Seconds between a running task's PROGRESS updates; 0 reports every batch."
+    )
+
     @model_validator(mode="after")
     def _visibility_outlasts_tasks(self) -> Settings:
         # With prefetch 1 a reserved message waits at most one running task before its own run,

@@ -14,7 +14,7 @@ from celery.signals import worker_process_init
 from producer.app import create_app
 from producer.errors import ModelLoadError
 from producer.settings import get_settings
-from worker import tasks  # noqa: F401  (registers the tasks on this app)
+from worker import report, tasks  # noqa: F401  (registers the tasks and the report command)
 from worker.engine import load_config_and_tokenizer
 from worker.runtime import load_engine
 
@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 
 settings = get_settings()
 app = create_app(settings)
+# Workers fetch from their queues in the order given (-Q), not round robin, so a worker that
+# consumes `rerank.gpu.interactive,rerank,rerank.gpu.bulk` runs bulk work only when nothing
+# more urgent waits. This only changes how this worker reads; producers are unaffected.
+app.conf.broker_transport_options = {**app.conf.broker_transport_options, "queue_order_strategy": "priority"}
 
 
 class ModelCheck(bootsteps.StartStopStep):
@@ -40,13 +44,15 @@ class ModelCheck(bootsteps.StartStopStep):
 
 
 app.steps["worker"].add(ModelCheck)
+app.steps["worker"].add(report.ReportStep)
 
 
 @worker_process_init.connect
 def _load_model_in_process(**_: Any) -> None:
     """Load the model in each pool process (after fork, so the parent never touches CUDA)."""
     try:
-        load_engine(settings)
+        engine = load_engine(settings)
+        report.publish(engine, settings)
     except Exception:
         # Celery logs and ignores exceptions from signal handlers, which would leave a worker
         # consuming tasks it cannot score; stop the whole worker instead.

@@ -1,10 +1,27 @@
-"""`rerank-worker`: start a Celery worker pinned to one device, with the right options."""
+"""`rerank-worker`: start a Celery worker pinned to one device, one per device, or print reports.
+
+    rerank-worker --device cuda:0              one worker, named gpu0@%h
+    rerank-worker --devices cuda:0,cuda:1,cpu  one pinned worker process per listed device
+    rerank-worker report [--json]              print every worker's model and throughput report
+
+This module never imports torch: the `--devices` supervisor starts each worker as a fresh
+process (not a fork) with CUDA_VISIBLE_DEVICES set before the worker imports anything.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
+import subprocess
 import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from producer.names import REPORT_COMMAND, worker_queues
 
 _ENV_OPTIONS = {
     "broker_url": "RERANK_BROKER_URL",
@@ -20,15 +37,25 @@ def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser; options override the matching RERANK_* variables."""
     parser = argparse.ArgumentParser(
         prog="rerank-worker",
-        description="Start a re-ranking worker. Unknown options are passed on to `celery worker`.",
+        description="Start a re-ranking worker. Unknown options are passed on to `celery worker`. "
+        "`rerank-worker report` prints what each running worker serves.",
     )
     parser.add_argument("--broker-url", help="Celery broker URL (RERANK_BROKER_URL).")
     parser.add_argument("--model", help="Hub id or local directory (RERANK_MODEL).")
     parser.add_argument("--device", help="cpu or cuda:N (RERANK_DEVICE).")
+    parser.add_argument(
+        "--devices",
+        help="Comma-separated devices, e.g. cuda:0,cuda:1,cpu: start one pinned worker process per device "
+        "(CUDA_VISIBLE_DEVICES=N, --device cuda:0, named gpuN@%%h) and supervise them.",
+    )
     parser.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], help="RERANK_DTYPE.")
     parser.add_argument("--max-length", type=int, help="Tokens per pair (RERANK_MAX_LENGTH).")
     parser.add_argument("--max-batch-tokens", type=int, help="Padded tokens per forward pass (RERANK_MAX_BATCH_TOKENS).")
-    parser.add_argument("-Q", "--queues", help="Comma-separated queues to consume (default: RERANK_QUEUE).")
+    parser.add_argument(
+        "-Q", "--queues",
+        help="Comma-separated queues to consume, most urgent first (default: rerank.<gpu|cpu>.interactive, "
+        "RERANK_QUEUE, rerank.<gpu|cpu>.bulk).",
+    )
     parser.add_argument("-c", "--concurrency", type=int, default=1, help="Pool processes, each with its own model copy.")
     parser.add_argument("-n", "--hostname", help="Worker name; default <device>@%%h, e.g. gpu0@host.")
     parser.add_argument("-l", "--loglevel", default="INFO")
@@ -49,16 +76,158 @@ def celery_argv(args: argparse.Namespace, passthrough: list[str], queue: str, de
         "--pool=prefork",
         f"--concurrency={args.concurrency}",
         f"--hostname={args.hostname or default_hostname(device)}",
-        f"--queues={args.queues or queue}",
+        f"--queues={args.queues or ','.join(worker_queues(device, queue))}",
         f"--loglevel={args.loglevel}",
         "--task-events",
         *passthrough,
     ]
 
 
+# One pinned worker per device ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PinnedWorker:
+    """One child worker of `--devices`: the device it was given, what it sees, how it is started."""
+
+    device: str
+    hostname: str
+    env: dict[str, str]
+    argv: list[str]
+
+
+def pinned_workers(devices: str, argv: list[str]) -> list[PinnedWorker]:
+    """Plan one worker per listed device: `cuda:N` sees only GPU N (as its cuda:0), `cpu` sees none.
+
+    `argv` is this command's arguments without `--devices`; each child gets them plus its own
+    `--device` and `--hostname`, so any `--device`/`-n` the user gave is overridden.
+    """
+    names = [d.strip() for d in devices.split(",") if d.strip()]
+    if not names:
+        raise SystemExit("rerank-worker: --devices needs at least one device, e.g. cuda:0,cuda:1")
+    if len(set(names)) != len(names):
+        raise SystemExit(f"rerank-worker: --devices lists a device twice: {devices}")
+    plan = []
+    for device in names:
+        if device == "cpu":
+            visible, inside, hostname = "", "cpu", "cpu@%h"
+        elif device.startswith("cuda:") and device[5:].isdigit():
+            index = device[5:]
+            visible, inside, hostname = index, "cuda:0", f"gpu{index}@%h"
+        else:
+            raise SystemExit(f"rerank-worker: --devices takes cpu or cuda:N, not {device!r}")
+        env = {"CUDA_VISIBLE_DEVICES": visible, "RERANK_DEVICE": inside}
+        plan.append(PinnedWorker(device, hostname, env, [*argv, "--device", inside, "--hostname", hostname]))
+    return plan
+
+
+def _strip_devices(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--devices":
+            skip = True
+        elif not arg.startswith("--devices="):
+            out.append(arg)
+    return out
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if the supervisor dies (Linux), so no worker is orphaned."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def supervise(plan: list[PinnedWorker], spawn: Callable[..., Any] = subprocess.Popen) -> int:
+    """Start every planned worker as a fresh process and wait; stop them all when one exits.
+
+    SIGTERM/SIGINT are passed on (a warm shutdown: running tasks finish). The exit code is the
+    first child's to exit, so a process manager restarts the set.
+    """
+    children = []
+    for worker in plan:
+        env = {**os.environ, **worker.env}
+        # Own session: a terminal's Ctrl+C reaches only this process, which passes it on once
+        # (a second SIGINT would make Celery kill running tasks).
+        children.append(
+            spawn([sys.executable, "-m", "worker.cli", *worker.argv], env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        )
+        print(f"rerank-worker: started {worker.hostname} on {worker.device} "
+              f"(CUDA_VISIBLE_DEVICES={worker.env['CUDA_VISIBLE_DEVICES']!r}) pid {children[-1].pid}", flush=True)
+
+    def forward(signum: int, _: Any) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = None
+        while code is None:
+            for child in children:
+                if child.poll() is not None:
+                    code = child.returncode
+                    break
+            else:
+                time.sleep(0.2)
+        forward(signal.SIGTERM, None)
+        for child in children:
+            child.wait()
+        return code
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+# Reports -----------------------------------------------------------------------------------------
+
+
+def report_main(argv: list[str]) -> int:
+    """`rerank-worker report`: ask every worker (or `-d NAME`) for its report and print it."""
+    parser = argparse.ArgumentParser(prog="rerank-worker report", description="Print what each worker serves.")
+    parser.add_argument("--broker-url", help="Celery broker URL (RERANK_BROKER_URL).")
+    parser.add_argument("-d", "--destination", help="Comma-separated worker names (default: all).")
+    parser.add_argument("--timeout", type=float, default=5.0, help="Seconds to wait for replies.")
+    parser.add_argument("--json", action="store_true", help="Print the reports as JSON.")
+    args = parser.parse_args(argv)
+    if args.broker_url:
+        os.environ["RERANK_BROKER_URL"] = args.broker_url
+    from producer.app import create_app
+    from producer.settings import Settings
+
+    settings = Settings()
+    if settings.embedded:
+        print("rerank-worker report: set RERANK_BROKER_URL (or --broker-url) to reach the workers", file=sys.stderr)
+        return 2
+    app = create_app(settings)
+    destination = args.destination.split(",") if args.destination else None
+    replies = app.control.broadcast(REPORT_COMMAND, reply=True, timeout=args.timeout, destination=destination)
+    reports = {name: body for reply in replies for name, body in reply.items()}
+    if not reports:
+        print("rerank-worker report: no worker replied", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(reports, indent=2, sort_keys=True))
+    else:
+        from worker.report import format_report
+
+        print("\n\n".join(format_report(name, reports[name]) for name in sorted(reports)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `rerank-worker`."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        sys.exit(report_main(argv[1:]))
     args, passthrough = build_parser().parse_known_args(argv)
+    if args.devices:
+        sys.exit(supervise(pinned_workers(args.devices, _strip_devices(argv))))
     for option, variable in _ENV_OPTIONS.items():
         value = getattr(args, option)
         if value is not None:
