@@ -1,0 +1,49 @@
+"""Redis restarts mid-run: workers and producers reconnect, every job completes, consuming goes on."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from producer import RerankClient
+from tests.faults.conftest import FAST, QUERY, assert_same_ranking, deliveries, papers, report, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def test_every_job_completes_across_a_redis_restart_and_the_worker_keeps_consuming(fleet, fault_redis, fault_settings, embedded_settings):
+    # Given a worker, and 20 two-stage jobs in flight through a Redis with append-only persistence
+    worker = fleet.start("-c", "1", env=FAST, name="restart")
+    worker.wait_until_loaded(processes=1)
+    client = RerankClient(fault_settings)
+    requests = {n: (f"{QUERY} #{n}", papers(20, tag=f"j{n}-")) for n in range(30)}
+    jobs = {n: client.submit(query, candidates, top_k_docs=3) for n, (query, candidates) in list(requests.items())[:20]}
+    wait_for(lambda: sum(job.status() == "SUCCESS" for job in jobs.values()) >= 3, 60, "the first jobs to finish")
+
+    # When Redis is stopped and started again on the same port and data directory
+    fault_redis.stop()
+    time.sleep(1)
+    fault_redis.start("--appendonly", "yes", "--appendfsync", "always")
+    restarted_at = time.monotonic()
+
+    # Then the same client sends 10 more jobs, and all 30 complete with the right results
+    for n, (query, candidates) in list(requests.items())[20:]:
+        jobs[n] = client.submit(query, candidates, top_k_docs=3)
+    results = {}
+    for n, job in jobs.items():
+        results[n] = job.result(timeout=90)
+    recovery = time.monotonic() - restarted_at
+    reference = RerankClient(embedded_settings)
+    for n in (0, 19, 29):
+        expected = reference.two_stage(*requests[n], top_k_docs=3)
+        assert_same_ranking(results[n].chunks, [(i.id, i.score) for i in expected.chunks.items])
+    for n, result in results.items():
+        assert result.documents.query == requests[n][0] and all(i.id.startswith(f"j{n}-") for i in result.documents.items)
+    received = sum(deliveries([worker.output()], job.id) for job in jobs.values())
+    report(
+        "Redis restart", sent=len(jobs), completed=len(results), lost=len(jobs) - len(results),
+        stage2_deliveries=received, duplicated=received - len(jobs), all_done_after_restart_s=round(recovery, 1),
+    )
+    assert len(results) == 30
+    assert "Connection to broker lost" in worker.output()
