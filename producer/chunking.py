@@ -97,3 +97,8 @@ def text_windows(text: str, windows: int, chars: int = WINDOW_CHARS, overlap: in
     stride = chars - overlap
     starts = [0] + [k * stride for k in range(1, windows) if k * stride + overlap < len(text)]
     return [text[start : start + chars] for start in starts]
+
+
+def windows_extent(windows: int, chars: int = WINDOW_CHARS, overlap: int = WINDOW_OVERLAP) -> int:
+    """How many leading characters of a text `text_windows(text, windows)` can read at most."""
+    return (windows - 1) * (chars - overlap) + chars

@@ -12,7 +12,7 @@ from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
 from producer.app import create_app
-from producer.chunking import DEFAULT_MAX_CHARS, chunk_text
+from producer.chunking import DEFAULT_MAX_CHARS, chunk_text, windows_extent
 from producer.errors import BrokerUnavailable, InvalidRequest, ModelLoadError, RerankError
 from producer.jobs import Finish, Handle, RerankBatch, RerankJob, stage1_id, translate
 from producer.names import TASK_CHUNKS, TASK_DOCUMENTS
@@ -414,14 +414,18 @@ def _check_min_score(min_score: float | None) -> None:
 
 
 def _slim(request: DocumentsRequest) -> dict[str, Any]:
-    """Drop what stage 1 does not read (chunks, metadata) to keep the message small.
+    """Drop what stage 1 does not read (chunks, metadata, text past its windows) to keep the message small.
 
     `windows` is left out at its default, so workers that predate it accept the message.
     """
     exclude: dict[str, Any] = {"candidates": {"__all__": {"chunks", "metadata"}}}
     if request.windows == 1:
         exclude["windows"] = True
-    return request.model_dump(mode="json", exclude=exclude)
+    message = request.model_dump(mode="json", exclude=exclude)
+    extent = windows_extent(request.windows)
+    for candidate in message["candidates"]:
+        candidate["text"] = candidate["text"][:extent]
+    return message
 
 
 def _register_worker_tasks() -> None:

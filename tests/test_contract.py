@@ -93,3 +93,17 @@ def test_the_producer_validates_before_queueing(redis_server):
     with pytest.raises(InvalidRequest):
         client.two_stage("", [paper(1)])
     assert client.app.connection_for_write().default_channel.client.llen("never-consumed") == 0
+
+
+def test_stage1_messages_carry_only_the_text_stage1_reads():
+    from producer.client import _slim
+
+    # Given a paper with a long full text, chunks and metadata
+    request = DocumentsRequest(
+        query="q", candidates=[paper(1, text="x" * 20_000, chunks=[{"text": "c"}], metadata={"year": 2020})]
+    )
+    # When it is turned into a stage-1 message
+    sent = _slim(request)["candidates"][0]
+    # Then only the 1,500 characters stage 1 scores travel (more with windows), nothing else
+    assert len(sent["text"]) == 1500 and "chunks" not in sent and "metadata" not in sent
+    assert len(_slim(request.model_copy(update={"windows": 3}))["candidates"][0]["text"]) == 1500 + 2 * 1300
