@@ -24,6 +24,12 @@ from producer.settings import Settings
 
 RequestT = TypeVar("RequestT", DocumentsRequest, ChunksRequest)
 
+MAX_TOP_K = 1_000_000
+"""The largest `top_k` accepted: above the highest RERANK_MAX_CANDIDATES and RERANK_MAX_CHUNKS allowed."""
+
+MAX_METADATA_DEPTH = 32
+"""How deeply a candidate's passthrough `metadata` may nest; deeper breaks JSON encoders."""
+
 _FORBIDDEN = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff]")
 
 
@@ -55,11 +61,14 @@ def check_limits(request: BaseModel, settings: Settings) -> None:
     _check_characters("query", query)
     if isinstance(request, DocumentsRequest):
         _check_count("candidates", len(request.candidates), settings.max_candidates, "RERANK_MAX_CANDIDATES")
-        _check_top_k(request.top_k, settings.max_candidates, "RERANK_MAX_CANDIDATES")
+        _check_top_k(request.top_k)
     else:
         _check_count("chunks", len(request.chunks), settings.max_chunks, "RERANK_MAX_CHUNKS")
         if request.top_k is not None:
-            _check_top_k(request.top_k, settings.max_chunks, "RERANK_MAX_CHUNKS")
+            _check_top_k(request.top_k)
+    if isinstance(request, DocumentsRequest):
+        for c in request.candidates:
+            _check_depth(c.id, c.metadata)
     for item_id, field, text in _texts(request):
         if len(text) > settings.max_text_chars:
             raise InvalidRequest(
@@ -88,14 +97,27 @@ def _texts(request: BaseModel) -> Iterator[tuple[str, str, str]]:
             yield c.id, "text", c.text
 
 
+def _check_depth(item_id: str, metadata: Any) -> None:
+    # Iterative on purpose: a recursive walk would itself overflow on hostile input.
+    level = [metadata]
+    for depth in range(MAX_METADATA_DEPTH + 1):
+        level = [v for node in level for v in (node.values() if isinstance(node, dict) else node if isinstance(node, (list, tuple)) else ())]
+        if not level:
+            return
+    raise InvalidRequest(
+        f"metadata of {item_id!r} is nested deeper than {MAX_METADATA_DEPTH} levels; flatten it "
+        "(it is passed through untouched and must stay JSON-encodable)"
+    )
+
+
 def _check_characters(where: str, text: str) -> None:
     found = _FORBIDDEN.search(text)
     if found is not None:
         char = found.group()
-        kind = "a lone surrogate (not valid Unicode text)" if "\ud800" <= char <= "\udfff" else "a control character"
+        kind = "a lone surrogate" if "\ud800" <= char <= "\udfff" else "a control character"
         raise InvalidRequest(
-            f"{where} contains {kind} U+{ord(char):04X} at position {found.start()}; "
-            "remove or replace it (only tab, newline and carriage return are allowed)"
+            f"{where} contains {kind} U+{ord(char):04X} at position {found.start()}; remove or replace it "
+            "(of the control characters only tab, newline and carriage return are allowed; surrogates are not text)"
         )
 
 
@@ -104,10 +126,12 @@ def _check_count(what: str, count: int, limit: int, env: str) -> None:
         raise InvalidRequest(f"{count} {what}, over the limit of {limit} ({env}); send fewer per request")
 
 
-def _check_top_k(top_k: int, limit: int, env: str) -> None:
-    # A top_k past what any request may hold is a bug on the caller's side, not a wish for "all".
-    if top_k > limit:
-        raise InvalidRequest(f"top_k={top_k} is over the limit of {limit} ({env}); no request holds that many items")
+def _check_top_k(top_k: int) -> None:
+    # A top_k larger than the request is fine (all items come back), but one no request can
+    # ever reach (10**30) is a bug on the caller's side, and such numbers break JSON readers
+    # that hold integers in doubles (Flower, JavaScript).
+    if top_k > MAX_TOP_K:
+        raise InvalidRequest(f"top_k={top_k} is over {MAX_TOP_K:,}, more items than any request may hold")
 
 
 def _summarize(error: ValidationError, most: int = 5) -> str:

@@ -14,6 +14,7 @@ from producer.names import TASK_CHUNKS, TASK_DOCUMENTS
 from producer.schemas import ChunksRequest, DocumentsRequest, RerankResult
 from producer.validation import parse_request
 from worker import ranking
+from worker.report import with_progress
 from worker.runtime import load_engine
 
 
@@ -21,15 +22,18 @@ class RerankTask(Task):
     """Turns what a message can get wrong into typed errors; tasks never retry (invalid input stays invalid)."""
 
     max_retries = 0
+    # Expected failures: logged as one line, without a traceback, so hostile input cannot flood the log.
+    throws = (InvalidRequest,)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # A message sent straight to the queue may carry any arguments: refuse them by name
         # instead of letting Python raise a bare TypeError from the call.
+        signature = inspect.signature(self.run)
         try:
-            inspect.signature(self.run).bind(*args, **kwargs)
+            signature.bind(*args, **kwargs)
         except TypeError as e:
             raise InvalidRequest(
-                f"{self.name} takes {inspect.signature(self.run)}, but the message had "
+                f"{self.name} takes ({', '.join(signature.parameters)}), but the message had "
                 f"{len(args)} positional and {sorted(kwargs)} keyword arguments: {e}"
             ) from e
         try:
@@ -47,7 +51,7 @@ def rerank_documents(self: Task, request: dict[str, Any]) -> dict[str, Any]:
     """Stage 1: rank candidate papers by title and abstract."""
     settings = settings_of(self.app)
     parsed = parse_request(DocumentsRequest, request, settings)
-    result = ranking.rank_documents(load_engine(settings), parsed, worker=self.request.hostname)
+    result = ranking.rank_documents(_engine(self, settings, "documents"), parsed, worker=self.request.hostname)
     return result.model_dump(mode="json")
 
 
@@ -56,12 +60,18 @@ def rerank_chunks(self: Task, stage1: dict[str, Any] | None = None, *, request: 
     """Stage 2: rank chunks; in a chain, only those of the papers stage 1 kept, returning both stages."""
     settings = settings_of(self.app)
     parsed = parse_request(ChunksRequest, request, settings)
+    engine = _engine(self, settings, "chunks")
     if stage1 is None:
-        return ranking.rank_chunks(load_engine(settings), parsed, worker=self.request.hostname).model_dump(mode="json")
+        return ranking.rank_chunks(engine, parsed, worker=self.request.hostname).model_dump(mode="json")
     documents = _stage1_result(stage1)
     kept = {item.id for item in documents.items}
-    chunks = ranking.rank_chunks(load_engine(settings), parsed, kept, worker=self.request.hostname)
+    chunks = ranking.rank_chunks(engine, parsed, kept, worker=self.request.hostname)
     return {"documents": documents.model_dump(mode="json"), "chunks": chunks.model_dump(mode="json")}
+
+
+def _engine(task: Task, settings: Any, stage: str) -> Any:
+    """The process's engine, reporting "batches done of total" as the task's PROGRESS state."""
+    return with_progress(load_engine(settings), task, stage, settings.progress_interval)
 
 
 def _stage1_result(data: Any) -> RerankResult:
