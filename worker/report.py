@@ -166,9 +166,10 @@ class BatchProgress:
         if now - self._last < self.interval or done >= total or self.task.request.is_eager:
             return
         self._last = now
-        meta = {"stage": self.stage, "done": done, "total": total, "worker": self.task.request.hostname}
-        self.task.update_state(state=PROGRESS_STATE, meta=meta)
+        meta = {"stage": self.stage, "done": done, "total": total}
+        self.task.update_state(state=PROGRESS_STATE, meta={**meta, "worker": self.task.request.hostname})
         try:
+            # Event fields become attributes of Flower's task; "worker" there is the worker object.
             self.task.send_event("task-progress", **meta)
         except Exception:  # events are best effort; the backend already has the state
             log.debug("could not send task-progress", exc_info=True)

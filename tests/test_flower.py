@@ -1,0 +1,148 @@
+"""Flower, the real package, shows our workers, task types, finished tasks, progress, queues and metrics."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from producer import RerankClient, Settings
+from tests.conftest import CORPUS, free_port
+
+pytest.importorskip("flower", reason="flower is not installed (pip install -e '.[test]')")
+
+QUERY = "apixaban in atrial fibrillation with chronic kidney disease"
+AUTH = "admin:s3cret"
+
+
+class Flower:
+    """`celery flower` on a free port with basic auth, against the test Redis."""
+
+    def __init__(self, broker_url: str, log: Path) -> None:
+        self.port = free_port()
+        self._log = log.open("wb")
+        self.log = log
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "--broker", broker_url, "--result-backend", broker_url, "flower", f"--port={self.port}",
+             "--address=127.0.0.1", f"--basic-auth={AUTH}", "--inspect-timeout=3000"],
+            stdout=self._log, stderr=subprocess.STDOUT,
+        )
+
+    def get(self, path: str, auth: bool = True) -> tuple[int, bytes]:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}")
+        if auth:
+            request.add_header("Authorization", "Basic " + base64.b64encode(AUTH.encode()).decode())
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def json(self, path: str):
+        status, body = self.get(path)
+        assert status == 200, (path, status, body[:300])
+        return json.loads(body)
+
+    def wait_until_up(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log.read_text(errors="replace")
+            try:
+                if self.get("/healthcheck", auth=False)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"flower did not start:\n{self.log.read_text(errors='replace')}")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+
+
+def eventually(check, timeout: float = 30, every: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(every)
+
+
+@pytest.mark.integration
+def test_flower_shows_workers_tasks_progress_queues_and_metrics(start_worker, redis_server, tiny_model, tmp_path):
+    # Given Flower with basic auth, and one single-process worker that reports progress after every batch
+    flower = Flower(redis_server.url, tmp_path / "flower.log")
+    try:
+        worker = start_worker(
+            "-Q", "flower", env={"RERANK_PROGRESS_INTERVAL": "0", "RERANK_MAX_BATCH_TOKENS": "256"}, name="flower"
+        )
+        flower.wait_until_up()
+        worker.wait_until_loaded(processes=1)
+        client = RerankClient(Settings(broker_url=redis_server.url, queue="flower", model=str(tiny_model)))
+        papers = [{"id": f"f{i}", "title": CORPUS[i], "text": CORPUS[i + 1]} for i in range(10)]
+
+        # The API needs the password; health and metrics stay open for probes and Prometheus
+        assert flower.get("/api/workers", auth=False)[0] == 401
+        assert flower.get("/metrics", auth=False)[0] == 200
+
+        # When a two-stage job runs
+        done = client.two_stage(QUERY, papers, top_k_docs=3, timeout=60)
+        name = done.documents.info.worker
+
+        # Then Flower lists the worker, with our per-worker report among its stats
+        workers = eventually(lambda: flower.json(f"/api/workers?refresh=1&workername={name}").get(name))
+        assert workers and workers["stats"]["rerank"]["model"] == str(tiny_model)
+        assert workers["stats"]["rerank"]["tasks"] >= 2
+        assert "flower" in {q["name"] for q in workers["active_queues"]}
+        # And our task types, and each stage finished with its runtime
+        types = eventually(lambda: {"rerank.documents", "rerank.chunks"} <= set(flower.json("/api/task/types")["task-types"]))
+        assert types
+        tasks = eventually(lambda: [t for t in flower.json("/api/tasks").values() if t["state"] == "SUCCESS"])
+        assert {t["name"] for t in tasks} == {"rerank.documents", "rerank.chunks"}
+        assert all(t["runtime"] > 0 and t["worker"] == name for t in tasks)
+        # (queued work is visible from "sent", before any worker takes it: task_send_sent_event)
+        assert all(t["sent"] for t in tasks)
+
+        # When a long job keeps the worker busy and three more wait behind it
+        chunks = [{"id": f"c{i}", "doc_id": "d", "section": "Results", "text": f"{CORPUS[i % len(CORPUS)]} ({i})"} for i in range(2000)]
+        long_job = client.submit_chunks(QUERY, chunks, top_k=3)
+        states = []
+
+        def state() -> str | None:
+            status, body = flower.get(f"/api/task/info/{long_job.id}")  # 404 until Flower has an event for it
+            states.append(json.loads(body)["state"] if status == 200 else None)
+            return states[-1] == "PROGRESS"
+
+        progress = eventually(state, every=0.05)
+        waiting = [client.submit_documents(QUERY, papers, top_k=2) for _ in range(3)]
+        # Then Flower shows its PROGRESS state live, and the backend's batches done of total
+        assert progress, states
+        # (its result endpoint reads the result backend, as the producer's job.progress() does)
+        assert eventually(lambda: flower.json(f"/api/task/result/{long_job.id}")["state"] == "PROGRESS", every=0.05)
+        # And the queue length counts the three waiting jobs
+        lengths = eventually(lambda: {q["name"]: q["messages"] for q in flower.json("/api/queues/length")["active_queues"]}.get("flower") == 3, every=0.05)
+        assert lengths, flower.json("/api/queues/length")
+        for handle in [long_job, *waiting]:
+            handle.result(timeout=120)
+        assert eventually(lambda: {q["name"]: q["messages"] for q in flower.json("/api/queues/length")["active_queues"]}["flower"] == 0)
+
+        # And /metrics (Prometheus) carries our tasks' events and runtimes
+        metrics = flower.get("/metrics", auth=False)[1].decode()
+        assert 'task="rerank.documents"' in metrics and 'task="rerank.chunks"' in metrics
+        runtime = [line for line in metrics.splitlines() if line.startswith("flower_task_runtime_seconds_count") and "rerank.chunks" in line]
+        assert runtime and float(runtime[0].rsplit(" ", 1)[1]) >= 2
+    finally:
+        flower.stop()
