@@ -51,3 +51,24 @@ def test_redis_persists_and_requires_a_password_and_flower_requires_auth():
     redis_command = " ".join(COMPOSE["services"]["redis"]["command"])
     assert "--appendonly yes" in redis_command and "--requirepass" in redis_command
     assert "FLOWER_BASIC_AUTH" in COMPOSE["services"]["flower"]["environment"]
+
+
+def test_one_container_per_host_pins_one_worker_per_reserved_gpu():
+    # Given the alternative service that runs every GPU of a host from one container
+    service = COMPOSE["services"]["gpu-host"]
+    args, unknown = build_parser().parse_known_args(service["command"][1:])
+    assert service["command"][0] == "rerank-worker" and unknown == []
+    # Then --devices plans one pinned worker for each GPU the container reserves, and no other
+    from worker.cli import pinned_workers
+
+    plan = pinned_workers(args.devices, service["command"][1:])
+    reserved = service["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]
+    assert [w.env["CUDA_VISIBLE_DEVICES"] for w in plan] == reserved
+    assert [w.hostname for w in plan] == [f"gpu{n}@%h" for n in reserved]
+    assert service["profiles"] == ["one-container"], "it must not start beside the per-GPU services by default"
+
+
+def test_flower_reads_the_result_backend_so_it_can_show_progress():
+    command = COMPOSE["services"]["flower"]["command"]
+    assert command[command.index("--result-backend") + 1] == command[command.index("--broker") + 1]
+    assert "flower" in command
