@@ -303,7 +303,7 @@ def format_report(name: str, report: dict[str, Any]) -> str:
         f"{name}",
         f"  model: {report.get('model')}  revision: {report.get('revision') or '-'}",
         f"  path: {report.get('path')}",
-        f"  device: {report.get('device')}  CUDA_VISIBLE_DEVICES: {report.get('cuda_visible_devices')!s}"
+        f"  device: {report.get('device')}  CUDA_VISIBLE_DEVICES: {report.get('cuda_visible_devices')!r}"
         f"  dtype: {report.get('dtype')}  max_length: {report.get('max_length')}",
         f"  architecture: {', '.join(arch.get('architectures', []))} ({arch.get('model_type')}), "
         f"{arch.get('layers')} layers, hidden {arch.get('hidden_size')}, {arch.get('attention_heads')} heads, "
