@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ssl
+from typing import Any
+from urllib.parse import urlsplit
 from weakref import WeakKeyDictionary
 
 from celery import Celery
@@ -56,6 +59,9 @@ def create_app(settings: Settings) -> Celery:
         task_soft_time_limit=settings.task_time_limit - max(1, min(5, settings.task_time_limit // 10)),
         task_default_queue=settings.queue,
         task_routes={TASK_DOCUMENTS: {"queue": settings.queue}, TASK_CHUNKS: {"queue": settings.queue}},
+        # TLS that checks whom it talks to; see _verified_tls.
+        broker_use_ssl=_verified_tls(settings.broker_url),
+        redis_backend_use_ssl=_verified_tls(backend),
         # Keep retrying the broker at start-up instead of exiting while Redis comes up.
         broker_connection_retry_on_startup=True,
         # Without a broker the same tasks and chains run in the calling process.
@@ -65,6 +71,18 @@ def create_app(settings: Settings) -> Celery:
     )
     _settings_by_app[app] = settings
     return app
+
+
+def _verified_tls(url: str | None) -> dict[str, Any] | None:
+    """For a ``rediss://`` URL that names no ``ssl_*`` option, verify the server against the system CAs.
+
+    Left alone, kombu would connect with CERT_NONE (encrypted, but to anyone) and Celery's Redis
+    result backend would refuse the URL. A URL that sets ``ssl_cert_reqs``/``ssl_ca_certs`` is
+    used as written.
+    """
+    if not url or urlsplit(url).scheme != "rediss" or "ssl_" in urlsplit(url).query:
+        return None
+    return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
 
 
 def settings_of(app: Celery) -> Settings:
