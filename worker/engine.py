@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -148,13 +148,16 @@ class CrossEncoderEngine:
         return pairs
 
     @torch.inference_mode()
-    def forward(self, pairs: Sequence[EncodedPair]) -> tuple[list[float], int, int]:
+    def forward(
+        self, pairs: Sequence[EncodedPair], on_batch: Callable[[int, int], None] | None = None
+    ) -> tuple[list[float], int, int]:
         """Return fp32 logits in input order, padded tokens used, and batches run.
 
         Identical pairs are scored once, so they get identical scores (a GEMM may round a row
         differently depending on its place in the batch). Pairs are sorted by length and packed
         into batches of at most `max_batch_tokens` padded tokens, so short passages are not
-        padded to the longest one in the request.
+        padded to the longest one in the request. `on_batch(done, total)` is called after each
+        planned batch (an out-of-memory split still counts as one).
         """
         first_of: dict[tuple[int, ...], int] = {}
         owner = [first_of.setdefault(tuple(p.input_ids), i) for i, p in enumerate(pairs)]
@@ -163,22 +166,27 @@ class CrossEncoderEngine:
         logits = [0.0] * len(pairs)
         padded = 0
         batches = 0
-        for batch in self._batches(order, pairs):
+        planned = self._batches(order, pairs)
+        for done, batch in enumerate(planned, 1):
             batch_logits, batch_padded, batch_runs = self._forward_with_backoff([pairs[i] for i in batch])
             for i, value in zip(batch, batch_logits):
                 logits[i] = value
             padded += batch_padded
             batches += batch_runs
+            if on_batch is not None:
+                on_batch(done, len(planned))
         return [logits[owner[i]] for i in range(len(pairs))], padded, batches
 
-    def score(self, query: str, passages: Sequence[str]) -> Scores:
+    def score(
+        self, query: str, passages: Sequence[str], on_batch: Callable[[int, int], None] | None = None
+    ) -> Scores:
         """Tokenize and score `passages` against `query`; logits come back in input order."""
         if not passages:
             return Scores([], 0, 0, 0, 0.0, 0.0)
         started = time.perf_counter()
         pairs = self.tokenize(query, passages)
         tokenized = time.perf_counter()
-        logits, padded, batches = self.forward(pairs)
+        logits, padded, batches = self.forward(pairs, on_batch)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         finished = time.perf_counter()
