@@ -85,9 +85,14 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
 
 
 def started(client: RerankClient, task_id: str) -> dict[str, Any] | None:
-    """The STARTED meta (hostname, pid) of `task_id` while it runs, else None."""
+    """Where `task_id` runs (`hostname`, and `pid` when the state tells it) while it runs, else None."""
     meta = client.app.backend.get_task_meta(task_id, cache=False)
-    return meta["result"] if meta["status"] == "STARTED" else None
+    info = meta["result"] if isinstance(meta["result"], dict) else {}
+    if meta["status"] == "STARTED":
+        return {"hostname": info["hostname"], "pid": info["pid"]}
+    if meta["status"] == "PROGRESS":  # batches done of total, written while the task runs
+        return {"hostname": info["worker"], "pid": None}
+    return None
 
 
 def deliveries(logs: list[str], task_id: str) -> int:
