@@ -126,7 +126,7 @@ class RerankClient:
         """Validate and enqueue stage 2 alone; return a handle whose `result(timeout)` waits for it."""
         request = parse_request(
             ChunksRequest,
-            {"query": query, "chunks": list(chunks), "top_k": top_k, "return_logits": return_logits},
+            {"query": query, "chunks": _as_list(chunks), "top_k": top_k, "return_logits": return_logits},
             self.settings,
         )
         _check_min_score(min_score)
@@ -180,7 +180,7 @@ class RerankClient:
         Raises `InvalidRequest` before anything is queued, and `BrokerUnavailable`.
         """
         request = {
-            "query": query, "candidates": list(candidates), "top_k_docs": top_k_docs,
+            "query": query, "candidates": _as_list(candidates), "top_k_docs": top_k_docs,
             "top_k_chunks": top_k_chunks, "min_score": min_score, "windows": windows,
         }
         return self._job(request, None, return_logits, return_documents, send=True)
@@ -378,7 +378,7 @@ class RerankClient:
         self, query: str, candidates: Sequence[CandidateLike], top_k: int, return_logits: bool, windows: int | None = None
     ) -> DocumentsRequest:
         data = {
-            "query": query, "candidates": list(candidates), "top_k": top_k, "return_logits": return_logits,
+            "query": query, "candidates": _as_list(candidates), "top_k": top_k, "return_logits": return_logits,
             "windows": windows or self.settings.stage1_windows,
         }
         return parse_request(DocumentsRequest, data, self.settings)
@@ -411,6 +411,16 @@ class RerankClient:
 def _check_min_score(min_score: float | None) -> None:
     if min_score is not None and not 0.0 <= min_score <= 1.0:
         raise InvalidRequest(f"min_score={min_score} is outside [0, 1]; scores are sigmoids")
+
+
+def _as_list(items: Any) -> Any:
+    """Materialise an iterable of inputs; anything else (None, a string) is left for validation to refuse."""
+    if items is None or isinstance(items, (str, bytes, Mapping)):
+        return items
+    try:
+        return list(items)
+    except TypeError:
+        return items
 
 
 def _slim(request: DocumentsRequest) -> dict[str, Any]:
