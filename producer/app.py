@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 from weakref import WeakKeyDictionary
 
 from celery import Celery
+from celery.signals import celeryd_init
 
 from producer.names import TASK_CHUNKS, TASK_DOCUMENTS
 from producer.settings import Settings
@@ -71,6 +72,21 @@ def create_app(settings: Settings) -> Celery:
     )
     _settings_by_app[app] = settings
     return app
+
+
+@celeryd_init.connect
+def _worker_only_settings(conf: Any = None, **_: Any) -> None:
+    """Configure what only workers need; `celery worker` sends this before it starts its pool."""
+    conf.update(
+        # A task that finishes while Redis restarts would otherwise fail its job with a
+        # ConnectionError when storing the result; retry result-backend writes for about 10 s
+        # (at most ~18 s: 20 tries, jittered backoff up to 1 s), then give up. Producers keep
+        # failing fast with BrokerUnavailable instead of blocking on a dead Redis.
+        result_backend_always_retry=True,
+        result_backend_max_retries=20,
+        result_backend_base_sleep_between_retries_ms=50,
+        result_backend_max_sleep_between_retries_ms=1000,
+    )
 
 
 def _verified_tls(url: str | None) -> dict[str, Any] | None:
