@@ -1,0 +1,75 @@
+"""Sweep the engine's batch token budget: the evidence behind `max_batch_tokens` defaults.
+
+    python -m benchmarks.sweep --shape bge-reranker-base --budgets 1024,2048,4096,8192,16384
+
+Prints, per budget, the median time for 100 stage-1 docs, docs/s, batches and padding waste.
+Writes benchmarks/results/sweep-<device>-<shape>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.corpus import QUERY, make_candidates, make_chunks, model_dir
+from benchmarks.run import median_seconds
+from producer import Candidate, Chunk
+from worker.engine import CrossEncoderEngine
+from worker.formats import chunk_passage, document_passage
+from worker.synthetic import SHAPES
+
+ROOT = Path(__file__).parents[1]
+
+
+def main() -> None:
+    """Time the engine on the same corpus at each budget, stage-1 docs and stage-2 chunks."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="bge-reranker-base")
+    parser.add_argument("--docs", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--budgets", default="1024,2048,4096,8192,16384")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+
+    path = model_dir(args.shape)
+    papers = [Candidate.model_validate(p) for p in make_candidates(args.docs, seed=5)]
+    chunks = [Chunk.model_validate(c) for c in make_chunks(args.docs, seed=5)]
+    corpora = {"docs": [document_passage(p) for p in papers], "chunks": [chunk_passage(c) for c in chunks]}
+    engine = CrossEncoderEngine.load(str(path), device=args.device, dtype=args.dtype)
+    rows = []
+    for budget in (int(b) for b in args.budgets.split(",")):
+        engine.max_batch_tokens = budget
+        for corpus, passages in corpora.items():
+            last = {}
+
+            def run() -> None:
+                last["scores"] = engine.score(QUERY, passages)
+
+            seconds, timings = median_seconds(run, args.repeats)
+            scores = last["scores"]
+            row = {
+                "budget": budget, "corpus": corpus, "passages": len(passages), "seconds": seconds, "timings": timings,
+                "per_s": len(passages) / seconds, "tokens": scores.tokens, "batches": scores.batches,
+                "padding_waste": 1 - scores.tokens / scores.padded_tokens,
+            }
+            rows.append(row)
+            print(f"budget {budget:>6}  {corpus:<6} {seconds * 1000:9.1f} ms  {row['per_s']:8.1f}/s  "
+                  f"{scores.batches:3d} batches  padding {row['padding_waste']:.1%}", flush=True)
+    device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+    args.out.mkdir(parents=True, exist_ok=True)
+    target = args.out / f"sweep-{args.device.split(':')[0]}-{args.shape}.json"
+    target.write_text(json.dumps({
+        "command": f"python -m benchmarks.sweep --shape {args.shape} --docs {args.docs} --repeats {args.repeats} "
+                   f"--budgets {args.budgets} --device {args.device} --dtype {args.dtype}",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": device, "dtype": str(engine.dtype), "rows": rows,
+    }, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
