@@ -12,12 +12,13 @@ class SeedReranker:
     """The seed's `BGERerankerDetailed`: batches in input order (32 on CPU, 128 on CUDA), pad to longest,
     `no_grad`, fp32 on CPU and fp16 on CUDA, `empty_cache` after each GPU batch."""
 
-    def __init__(self, path: Path, device: str = "cpu") -> None:
+    def __init__(self, path: Path, device: str = "cpu", dtype: str | None = None) -> None:
+        """Load as the seed does; `dtype="fp32"` on CUDA gives the full-precision reference scores."""
         self.device = device
         self.cuda = device.startswith("cuda")
         self.batch_size = 128 if self.cuda else 32
-        self.dtype_name = "fp16" if self.cuda else "fp32"
-        dtype = torch.float16 if self.cuda else torch.float32
+        self.dtype_name = dtype or ("fp16" if self.cuda else "fp32")
+        dtype = {"fp16": torch.float16, "fp32": torch.float32}[self.dtype_name]
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
         self.padded_tokens = 0

@@ -49,6 +49,17 @@ def train_tokenizer(lines: Iterable[str], vocab_size: int = 1000) -> XLMRobertaT
     return XLMRobertaTokenizer(tokenizer_object=trained)
 
 
+def initializer_range(dims: Shape) -> float:
+    """Weight std that keeps a random network's attention neither uniform nor one-hot.
+
+    Trained checkpoints use 0.02, but random weights that small make every output the same;
+    0.2 on a wide, deep model makes attention one-hot and the network chaotic, so that any
+    rounding (bf16, fp16) reorders the ranking, which trained models do not do. Scaling by
+    the width keeps each linear layer's gain near 1.5.
+    """
+    return min(0.2, 1.5 / dims.hidden**0.5)
+
+
 def build_cross_encoder(
     directory: str | Path, lines: Iterable[str], shape: str | Shape = "tiny", vocab_size: int = 1000, seed: int = 0
 ) -> Path:
@@ -70,7 +81,7 @@ def build_cross_encoder(
         bos_token_id=tokenizer.cls_token_id,
         eos_token_id=tokenizer.sep_token_id,
         num_labels=1,
-        initializer_range=0.2,
+        initializer_range=initializer_range(dims),
     )
     torch.manual_seed(seed)
     model = XLMRobertaForSequenceClassification(config).eval()
