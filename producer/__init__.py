@@ -1,14 +1,18 @@
 """The re-ranking contract (schemas, task names, errors, settings) and its client; no torch."""
 
+from producer.aio import AsyncRerankClient
 from producer.client import RerankClient
 from producer.errors import (
     BrokerUnavailable,
     InvalidRequest,
+    JobCancelled,
     ModelLoadError,
     RerankError,
     RerankTimeout,
+    TaskTimedOut,
     WorkerError,
 )
+from producer.jobs import BatchProgress, JobProgress, RerankBatch, RerankJob
 from producer.names import DEFAULT_QUEUE, TASK_CHUNKS, TASK_DOCUMENTS
 from producer.schemas import (
     Candidate,
@@ -24,6 +28,8 @@ from producer.schemas import (
 from producer.settings import Settings
 
 __all__ = [
+    "AsyncRerankClient",
+    "BatchProgress",
     "BrokerUnavailable",
     "Candidate",
     "Chunk",
@@ -31,17 +37,22 @@ __all__ = [
     "DEFAULT_QUEUE",
     "DocumentsRequest",
     "InvalidRequest",
+    "JobCancelled",
+    "JobProgress",
     "ModelLoadError",
     "PaperChunk",
     "RankedItem",
+    "RerankBatch",
     "RerankClient",
     "RerankError",
     "RerankResult",
+    "RerankJob",
     "RerankTimeout",
     "ScoringInfo",
     "Settings",
     "TASK_CHUNKS",
     "TASK_DOCUMENTS",
+    "TaskTimedOut",
     "TwoStageResult",
     "WorkerError",
 ]

@@ -12,9 +12,9 @@ from typing import IO, Any
 from pydantic import ValidationError
 
 from producer.client import RerankClient
-from producer.errors import BrokerUnavailable, InvalidRequest, RerankError, RerankTimeout
+from producer.errors import BrokerUnavailable, InvalidRequest, JobCancelled, RerankError, RerankTimeout
 from producer.fleet import inspect_workers
-from producer.jobs import JobCancelled, JobProgress, RerankJob
+from producer.jobs import JobProgress, RerankJob
 from producer.schemas import Candidate, TwoStageRequest, TwoStageResult
 from producer.settings import Settings
 
@@ -32,6 +32,14 @@ EXIT_CODES = {
     EXIT_TIMEOUT: "no result within --timeout; the job may still finish (its id is printed)",
     EXIT_CANCELLED: "the job was cancelled",
 }
+# First match wins: TaskTimedOut is a RerankTimeout, and everything is a RerankError.
+ERROR_EXIT_CODES = [
+    (InvalidRequest, EXIT_INVALID),
+    (BrokerUnavailable, EXIT_BROKER),
+    (RerankTimeout, EXIT_TIMEOUT),
+    (JobCancelled, EXIT_CANCELLED),
+    (RerankError, EXIT_FAILED),
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,21 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     command = {"run": _run, "batch": _batch, "status": _status, "cancel": _cancel, "workers": _workers}[args.command]
     try:
         return command(args, settings)
-    except InvalidRequest as e:
-        print(f"rerank: invalid request: {e}", file=sys.stderr)
-        return EXIT_INVALID
-    except BrokerUnavailable as e:
-        print(f"rerank: {e}", file=sys.stderr)
-        return EXIT_BROKER
-    except RerankTimeout as e:
-        print(f"rerank: {e}", file=sys.stderr)
-        return EXIT_TIMEOUT
-    except JobCancelled as e:
-        print(f"rerank: {e}", file=sys.stderr)
-        return EXIT_CANCELLED
     except RerankError as e:
-        print(f"rerank: {type(e).__name__}: {e}", file=sys.stderr)
-        return EXIT_FAILED
+        code = next(code for kind, code in ERROR_EXIT_CODES if isinstance(e, kind))
+        name = "" if code != EXIT_FAILED else f"{type(e).__name__}: "
+        print(f"rerank: {name}{e}", file=sys.stderr)
+        return code
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:

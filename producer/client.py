@@ -14,7 +14,7 @@ from kombu.utils.url import maybe_sanitize_url
 from producer.app import create_app
 from producer.chunking import DEFAULT_MAX_CHARS, chunk_text, windows_extent
 from producer.errors import BrokerUnavailable, InvalidRequest, ModelLoadError, RerankError
-from producer.jobs import Finish, Handle, RerankBatch, RerankJob, stage1_id, translate
+from producer.jobs import Finish, Handle, RedisConnectionError, RedisTimeoutError, RerankBatch, RerankJob, stage1_id, translate
 from producer.names import TASK_CHUNKS, TASK_DOCUMENTS
 from producer.schemas import (
     Candidate,
@@ -399,6 +399,16 @@ class RerankClient:
             raise BrokerUnavailable(
                 f"cannot reach the broker at {_redact(self.settings.broker_url)}: {e}; "
                 "check RERANK_BROKER_URL and that the broker is running"
+            ) from e
+        except (ConnectionError, RedisConnectionError, RedisTimeoutError, RuntimeError) as e:
+            # Celery subscribes to the result before publishing; with the Redis result backend
+            # down it retries for about 20 s, then raises redis-py's error or a RuntimeError.
+            if isinstance(e, RuntimeError) and "result store" not in str(e):
+                raise
+            backend = self.settings.result_backend or self.settings.broker_url
+            raise BrokerUnavailable(
+                f"cannot reach the result backend at {_redact(backend)}: {e}; "
+                "check RERANK_RESULT_BACKEND (or RERANK_BROKER_URL) and that Redis is running"
             ) from e
 
     def _collect(self, result: AsyncResult, timeout: float | None) -> dict[str, Any]:

@@ -29,5 +29,9 @@ class BrokerUnavailable(RerankError, ConnectionError):
     """The broker or result backend cannot be reached; check the URL and that it is running."""
 
 
+class JobCancelled(RerankError):
+    """The job was cancelled (revoked) before it finished; submit it again if you still need it."""
+
+
 class TaskTimedOut(RerankTimeout):
     """The worker stopped the task at RERANK_TASK_TIME_LIMIT; it will not finish, so split the request."""

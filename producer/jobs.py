@@ -21,18 +21,18 @@ from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 from pydantic import BaseModel, ConfigDict, Field
 
-from producer.errors import BrokerUnavailable, RerankError, RerankTimeout, WorkerError
+from producer.errors import BrokerUnavailable, JobCancelled, RerankError, RerankTimeout, WorkerError
 from producer.schemas import Candidate, Chunk, RerankResult, TwoStageResult
 
 try:  # the Redis backend raises redis-py's own errors, which are not builtin ConnectionErrors
-    from redis.exceptions import ConnectionError as _RedisConnectionError
-    from redis.exceptions import TimeoutError as _RedisTimeoutError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError:  # pragma: no cover - celery[redis] installs redis
 
-    class _RedisConnectionError(Exception):  # type: ignore[no-redef]
+    class RedisConnectionError(Exception):  # type: ignore[no-redef]
         pass
 
-    class _RedisTimeoutError(Exception):  # type: ignore[no-redef]
+    class RedisTimeoutError(Exception):  # type: ignore[no-redef]
         pass
 
 STAGE1_SUFFIX = ":documents"
@@ -41,10 +41,6 @@ ResultT = TypeVar("ResultT", RerankResult, TwoStageResult)
 
 # Fast tokenizers and one shared model: in-process (embedded) runs go one at a time.
 _embedded_lock = threading.Lock()
-
-
-class JobCancelled(RerankError):
-    """The job was cancelled (revoked) before it finished."""
 
 
 def stage1_id(job_id: str) -> str:
@@ -126,12 +122,12 @@ def translate(error: BaseException, job_id: str, timeout: float | None = None, b
         return error
     if isinstance(error, TaskRevokedError):
         return JobCancelled(f"job {job_id} was cancelled before it finished")
-    if isinstance(error, (CeleryTimeoutError, TimeoutError)) and not isinstance(error, (ConnectionError, _RedisTimeoutError)):
+    if isinstance(error, (CeleryTimeoutError, TimeoutError)) and not isinstance(error, (ConnectionError, RedisTimeoutError)):
         return RerankTimeout(
             f"job {job_id} gave no result within {timeout}s; it may still finish: "
             "check that workers consume the queue (rerank workers), or raise the timeout"
         )
-    if isinstance(error, (OperationalError, ConnectionError, _RedisConnectionError, _RedisTimeoutError)):
+    if isinstance(error, (OperationalError, ConnectionError, RedisConnectionError, RedisTimeoutError)):
         where = maybe_sanitize_url(broker_url or "") or "the result backend"
         return BrokerUnavailable(
             f"lost the broker or result backend ({where}) while following job {job_id}: {error}; "

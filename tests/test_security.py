@@ -73,14 +73,17 @@ def test_a_password_protected_redis_works_through_the_url_and_the_password_leaks
         # and the password is in no log, result or stored message
         serve_one_job(fleet, fleet.broker_url, tiny_model, password, caplog)
 
-        # And a wrong password fails as BrokerUnavailable, without repeating the password
-        # (read through a job handle: RerankClient.submit retries the result backend for 20 s
-        # and then raises Celery's RuntimeError, a gap in producer/client.py)
+        # And a wrong password fails as BrokerUnavailable, without repeating the password, both
+        # when following a job and when submitting one (Celery retries the result backend for
+        # about 20 s before giving up on a submit)
         wrong = "wrong-" + secrets.token_hex(8)
         client = RerankClient(Settings(broker_url=f"redis://:{wrong}@127.0.0.1:{server.port}/0", model=str(tiny_model)))
         with pytest.raises(BrokerUnavailable, match=r"redis://:\*\*@127.0.0.1") as caught:
             client.job("any-job").status()
         assert "invalid username-password pair" in str(caught.value) or "WRONGPASS" in str(caught.value)
+        assert wrong not in str(caught.value)
+        with pytest.raises(BrokerUnavailable, match=r"redis://:\*\*@127.0.0.1") as caught:
+            client.submit("apixaban dosing", [{"id": "p1", "title": "Apixaban", "text": "Dosing in kidney disease."}])
         assert wrong not in str(caught.value)
     finally:
         fleet.stop_all()
