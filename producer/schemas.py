@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, StringConstraints, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    StrictBool,
+    StrictInt,
+    StringConstraints,
+    model_serializer,
+    model_validator,
+)
 
 Query = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 Identifier = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=512)]
@@ -12,6 +22,7 @@ MAX_WINDOWS = 32
 
 
 class _Model(BaseModel):
+    # Counts and flags are strict: `top_k=True` or `"5"` is a caller's bug, not a number to guess at.
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -54,9 +65,9 @@ class DocumentsRequest(_Model):
 
     query: Query
     candidates: list[Candidate] = Field(min_length=1)
-    top_k: int = Field(20, ge=1)
-    return_logits: bool = False
-    windows: int = Field(
+    top_k: StrictInt = Field(20, ge=1)
+    return_logits: StrictBool = False
+    windows: StrictInt = Field(
         1,
         ge=1,
         le=MAX_WINDOWS,
@@ -74,8 +85,8 @@ class ChunksRequest(_Model):
 
     query: Query
     chunks: list[Chunk] = Field(min_length=1)
-    top_k: int | None = Field(None, ge=1)
-    return_logits: bool = False
+    top_k: StrictInt | None = Field(None, ge=1)
+    return_logits: StrictBool = False
 
     @model_validator(mode="after")
     def _unique_ids(self) -> ChunksRequest:
@@ -144,10 +155,10 @@ class TwoStageRequest(_Model):
 
     query: Query
     candidates: list[Candidate] = Field(min_length=1)
-    top_k_docs: int = Field(20, ge=1)
-    top_k_chunks: int | None = Field(None, ge=1)
+    top_k_docs: StrictInt = Field(20, ge=1)
+    top_k_chunks: StrictInt | None = Field(None, ge=1)
     min_score: float | None = Field(None, ge=0.0, le=1.0)
-    windows: int | None = Field(None, ge=1, le=MAX_WINDOWS)
+    windows: StrictInt | None = Field(None, ge=1, le=MAX_WINDOWS)
 
 
 def _reject_duplicates(ids: Any) -> None:

@@ -48,6 +48,11 @@ def paper(i: int, **extra) -> dict:
         ({"query": "q", "candidates": [{"id": "x", "title": " ", "text": ""}]}, "neither a title nor a text"),
         ({"query": "q", "candidates": [paper(1, colour="red")]}, "Extra inputs are not permitted"),
         ({"query": "q", "candidates": [paper(1)], "top_k": "many"}, "top_k"),
+        # Counts and flags are strict: a bool is not a count, and "5" or "yes" are not typed values.
+        ({"query": "q", "candidates": [paper(1)], "top_k": True}, "top_k"),
+        ({"query": "q", "candidates": [paper(1)], "top_k": "5"}, "top_k"),
+        ({"query": "q", "candidates": [paper(1)], "windows": 2.0}, "windows"),
+        ({"query": "q", "candidates": [paper(1)], "return_logits": "yes"}, "return_logits"),
     ],
 )
 def test_malformed_requests_are_rejected_with_the_reason(data, message):
