@@ -46,6 +46,20 @@ def test_token_budget_splits_batches_without_changing_scores(tiny_model):
     assert scores.probabilities == pytest.approx(sigmoid(reference_logits(tiny_model, QUERY, passages)), abs=1e-5)
 
 
+def test_rounded_batch_widths_keep_scores_and_stay_within_budget(tiny_model):
+    # Given an engine that rounds batch widths up to a multiple of 32, as CUDA workers do with 64
+    rounded = CrossEncoderEngine.load(str(tiny_model), max_batch_tokens=512, pad_multiple=32)
+    passages = passages_of_mixed_length()
+    # When it scores
+    scores = rounded.score(QUERY, passages)
+    # Then every batch's width was a multiple of 32 (padded tokens add up to such widths), no batch
+    # went over budget, and the extra padding changed no score: it is masked out
+    assert scores.padded_tokens % 32 == 0
+    assert scores.padded_tokens <= scores.batches * 512
+    assert scores.probabilities == pytest.approx(sigmoid(reference_logits(tiny_model, QUERY, passages)), abs=1e-5)
+    assert rounded._width(1) == 32 and rounded._width(33) == 64 and rounded._width(rounded.max_length) == rounded.max_length
+
+
 def test_sorting_by_length_pads_less_than_input_order(engine):
     passages = passages_of_mixed_length()
     scores = engine.score(QUERY, passages)

@@ -20,6 +20,12 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # smaller batches waste less on padding (1.7% vs 5.6% at 16k on our stage-1 corpus); GPUs need
 # large batches to fill their cores.
 DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 32768}
+# Batch widths are rounded up to a multiple of this. On CUDA a batch width never seen before is
+# slow: a fresh H200 worker (v2-m3 shape) took a median 187 ms, and up to 1.6 s, for its first
+# twelve 100-doc requests against 113 ms for the same requests again; rounding to 64 (and
+# warming each width at load) gave 116 ms and 112 ms (benchmarks/fresh_shapes.py). On a CPU
+# there is no such cost, and rounding would only add padding.
+DEFAULT_PAD_MULTIPLE = {"cpu": 1, "cuda": 64}
 # RoBERTa-style position ids start after the padding index, so 514 positions hold 512 tokens.
 _POSITION_OFFSET = {"xlm-roberta": 2, "roberta": 2, "camembert": 2}
 
@@ -76,6 +82,7 @@ class CrossEncoderEngine:
         device: str = "cpu",
         max_length: int = 512,
         max_batch_tokens: int | None = None,
+        pad_multiple: int | None = None,
     ) -> None:
         """Wrap a loaded model and tokenizer; prefer `CrossEncoderEngine.load`."""
         backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -87,6 +94,7 @@ class CrossEncoderEngine:
         self.device = torch.device(device)
         self.max_length = max_length
         self.max_batch_tokens = max_batch_tokens or DEFAULT_BATCH_TOKENS[self.device.type]
+        self.pad_multiple = pad_multiple or DEFAULT_PAD_MULTIPLE[self.device.type]
         self._backend = backend
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._pair_specials = tokenizer.num_special_tokens_to_add(pair=True)
@@ -103,6 +111,7 @@ class CrossEncoderEngine:
         dtype: str = "auto",
         max_length: int = 512,
         max_batch_tokens: int | None = None,
+        pad_multiple: int | None = None,
     ) -> CrossEncoderEngine:
         """Load a cross-encoder from a hub id or a local directory, ready to score."""
         torch_dtype = resolve_dtype(dtype, device)
@@ -122,7 +131,10 @@ class CrossEncoderEngine:
             model.to(device)
         except (OSError, ValueError, RuntimeError) as e:
             raise ModelLoadError(f"cannot load model weights of {name_or_path!r} onto {device}: {e}") from e
-        engine = cls(model, tokenizer, name=name_or_path, device=device, max_length=max_length, max_batch_tokens=max_batch_tokens)
+        engine = cls(
+            model, tokenizer, name=name_or_path, device=device, max_length=max_length,
+            max_batch_tokens=max_batch_tokens, pad_multiple=pad_multiple,
+        )
         engine.warmup()
         return engine
 
@@ -132,8 +144,20 @@ class CrossEncoderEngine:
         return next(self.model.parameters()).dtype
 
     def warmup(self) -> None:
-        """Run one tiny pass so the first real request pays no lazy initialisation."""
+        """Run passes at load so the first real request pays no lazy initialisation.
+
+        With rounded widths (CUDA), that is one full batch at every width a request can use.
+        """
         self.score("warm-up query", ["warm-up passage"])
+        if self.pad_multiple == 1:
+            return
+        filler = self._pad_id + 1
+        with torch.inference_mode():
+            for width in sorted({self._width(n) for n in range(1, self.max_length + 1)}):
+                rows = max(1, self.max_batch_tokens // width)
+                self._forward_batch([EncodedPair([filler] * width, [0] * width)] * rows)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def tokenize(self, query: str, passages: Sequence[str]) -> list[EncodedPair]:
         """Encode pairs, capping the query at 3/4 of max_length and truncating only passages."""
@@ -203,7 +227,7 @@ class CrossEncoderEngine:
         batches: list[list[int]] = []
         for i in order:
             # The first pair of a batch is its longest, since `order` is sorted by length.
-            if batches and (len(batches[-1]) + 1) * len(pairs[batches[-1][0]].input_ids) <= self.max_batch_tokens:
+            if batches and (len(batches[-1]) + 1) * self._width(len(pairs[batches[-1][0]].input_ids)) <= self.max_batch_tokens:
                 batches[-1].append(i)
             else:
                 batches.append([i])
@@ -211,7 +235,7 @@ class CrossEncoderEngine:
 
     def _forward_with_backoff(self, pairs: list[EncodedPair]) -> tuple[list[float], int, int]:
         try:
-            return self._forward_batch(pairs), len(pairs) * len(pairs[0].input_ids), 1
+            return self._forward_batch(pairs), len(pairs) * self._width(max(len(p.input_ids) for p in pairs)), 1
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not _is_out_of_memory(e) or len(pairs) == 1:
                 raise
@@ -223,8 +247,13 @@ class CrossEncoderEngine:
             second = self._forward_with_backoff(pairs[half:])
             return first[0] + second[0], first[1] + second[1], first[2] + second[2]
 
+    def _width(self, longest: int) -> int:
+        """Padded width of a batch whose longest pair has `longest` tokens."""
+        rounded = -(-longest // self.pad_multiple) * self.pad_multiple
+        return max(longest, min(rounded, self.max_length))
+
     def _forward_batch(self, pairs: list[EncodedPair]) -> list[float]:
-        width = max(len(p.input_ids) for p in pairs)
+        width = self._width(max(len(p.input_ids) for p in pairs))
         input_ids = torch.full((len(pairs), width), self._pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(pairs), width), dtype=torch.long)
         type_ids = torch.zeros((len(pairs), width), dtype=torch.long)

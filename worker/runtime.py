@@ -34,6 +34,7 @@ def load_engine(settings: Settings) -> CrossEncoderEngine:
                 dtype=settings.dtype,
                 max_length=settings.max_length,
                 max_batch_tokens=settings.max_batch_tokens,
+                pad_multiple=settings.pad_multiple,
             )
             _loads += 1
             log.info(
