@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--budgets", default="1024,2048,4096,8192,16384")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--compile", default=None, metavar="MODE",
+                        help="torch.compile the model first (default, reduce-overhead, max-autotune-no-cudagraphs, ...).")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
 
@@ -42,6 +44,16 @@ def main() -> None:
     chunks = [Chunk.model_validate(c) for c in make_chunks(args.docs, seed=5)]
     corpora = {"docs": [document_passage(p) for p in papers], "chunks": [chunk_passage(c) for c in chunks]}
     engine = CrossEncoderEngine.load(str(path), device=args.device, dtype=args.dtype)
+    reference = engine.score(QUERY, corpora["docs"]).logits
+    compile_seconds = None
+    if args.compile:
+        started = time.perf_counter()
+        engine.model = torch.compile(engine.model, mode=args.compile, dynamic=True)
+        engine.warmup()
+        compiled = engine.score(QUERY, corpora["docs"]).logits
+        compile_seconds = time.perf_counter() - started
+        drift = max(abs(a - b) for a, b in zip(compiled, reference))
+        print(f"torch.compile(mode={args.compile!r}): {compile_seconds:.1f} s to compile and warm up; max |Δ logit| {drift:.2e}", flush=True)
     rows = []
     for budget in (int(b) for b in args.budgets.split(",")):
         engine.max_batch_tokens = budget
@@ -63,10 +75,13 @@ def main() -> None:
                   f"{scores.batches:3d} batches  padding {row['padding_waste']:.1%}", flush=True)
     device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
     args.out.mkdir(parents=True, exist_ok=True)
-    target = args.out / f"sweep-{args.device.split(':')[0]}-{args.shape}.json"
+    suffix = f"-compile-{args.compile}" if args.compile else ""
+    target = args.out / f"sweep-{args.device.split(':')[0]}-{args.shape}{suffix}.json"
     target.write_text(json.dumps({
         "command": f"python -m benchmarks.sweep --shape {args.shape} --docs {args.docs} --repeats {args.repeats} "
-                   f"--budgets {args.budgets} --device {args.device} --dtype {args.dtype}",
+                   f"--budgets {args.budgets} --device {args.device} --dtype {args.dtype}"
+                   + (f" --compile {args.compile}" if args.compile else ""),
+        "compile_seconds": compile_seconds,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": device, "dtype": str(engine.dtype), "rows": rows,
     }, indent=1) + "\n")
 
