@@ -17,15 +17,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 from benchmarks.baselines import SeedReranker, SentenceTransformersReranker
 from benchmarks.corpus import QUERY, make_candidates, model_dir
 from benchmarks.through_redis import running_system
 from producer import Candidate, DocumentsRequest
-from worker.engine import CrossEncoderEngine
+from worker.engine import DEFAULT_BATCH_TOKENS, CrossEncoderEngine
 from worker.formats import document_passage
 from worker.ranking import rank_documents
-from worker.synthetic import SHAPES
+from worker.synthetic import SHAPES, Shape
 
 ROOT = Path(__file__).parents[1]
 
@@ -42,13 +43,11 @@ def median_seconds(run: Callable[[], object], repeats: int, warmup: Callable[[],
 
 
 def gemm_peak_flops(dtype: torch.dtype, hidden: int, intermediate: int, device: str = "cpu") -> float:
-    """Best FLOP/s of the model's largest linear layer (x @ W.T, as nn.Linear) on a batch's worth of tokens.
+    """Best FLOP/s of the model's largest linear layer (x @ W.T, as nn.Linear) on one default batch of tokens.
 
-    4096 tokens on a CPU (its default batch budget), 32768 on a GPU, which needs more rows to
-    reach its peak. The output is preallocated: a fresh result per call would time page
-    faults, not the GEMM.
+    The output is preallocated: a fresh result per call would time page faults, not the GEMM.
     """
-    rows = 32768 if device.startswith("cuda") else 4096
+    rows = DEFAULT_BATCH_TOKENS[torch.device(device).type]
     x = torch.randn(rows, hidden, dtype=dtype, device=device)
     weight = torch.randn(intermediate, hidden, dtype=dtype, device=device)
     out = torch.empty(rows, intermediate, dtype=dtype, device=device)
@@ -65,10 +64,15 @@ def gemm_peak_flops(dtype: torch.dtype, hidden: int, intermediate: int, device: 
     return 2 * rows * hidden * intermediate / best
 
 
-def linear_flops_per_token(shape: str) -> float:
+def shape_of(model: str | Path) -> Shape:
+    """The transformer dimensions in a model's config."""
+    config = AutoConfig.from_pretrained(str(model))
+    return Shape(config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.intermediate_size)
+
+
+def linear_flops_per_token(shape: Shape) -> float:
     """Multiply-add FLOPs of the encoder's linear layers for one token (attention scores excluded)."""
-    s = SHAPES[shape]
-    return 2 * s.layers * (4 * s.hidden * s.hidden + 2 * s.hidden * s.intermediate)
+    return 2 * shape.layers * (4 * shape.hidden * shape.hidden + 2 * shape.hidden * shape.intermediate)
 
 
 def kendall_tau(a: list[float], b: list[float]) -> float:
@@ -102,6 +106,7 @@ def main() -> None:
     """Run every implementation on the same model and corpus and write the results."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="bge-reranker-base")
+    parser.add_argument("--model", default=None, help="A real model (hub id or directory) instead of a random-weight --shape.")
     parser.add_argument("--docs", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-batch-tokens", type=int, default=None, help="Default: the engine's default for the device.")
@@ -111,7 +116,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
 
-    path = model_dir(args.shape)
+    path = args.model or model_dir(args.shape)
+    dims = shape_of(path)
+    args.label = args.shape if args.model is None else Path(str(args.model).rstrip("/")).name
+    args.model_note = f"random weights, {args.shape} shape" if args.model is None else f"{args.model} (its own weights)"
     papers = [Candidate.model_validate(p) for p in make_candidates(args.docs, seed=5)]
     documents = [document_passage(p) for p in papers]
     request = DocumentsRequest(query=QUERY, candidates=papers, top_k=20)
@@ -135,8 +143,8 @@ def main() -> None:
     ours = CrossEncoderEngine.load(str(path), device=args.device, dtype=main_dtype, max_batch_tokens=args.max_batch_tokens)
     pairs = ours.tokenize(QUERY, documents)
     tokens = sum(len(p.input_ids) for p in pairs)
-    flops = linear_flops_per_token(args.shape) * tokens
-    peak = gemm_peak_flops(ours.dtype, SHAPES[args.shape].hidden, SHAPES[args.shape].intermediate, args.device)
+    flops = linear_flops_per_token(dims) * tokens
+    peak = gemm_peak_flops(ours.dtype, dims.hidden, dims.intermediate, args.device)
     device["gemm_dtype"] = main_dtype
     print(f"{args.docs} docs, {tokens} tokens; {main_dtype} GEMM peak {peak / 1e9:.1f} GFLOP/s", flush=True)
 
@@ -156,7 +164,7 @@ def main() -> None:
             "padded_tokens": padded,
             "padding_waste": None if padded is None else 1 - tokens_in_run / padded,
             # Against the main dtype's GEMM peak, so rows compare on one scale.
-            "gemm_peak_share": linear_flops_per_token(args.shape) * tokens_in_run / seconds / peak,
+            "gemm_peak_share": linear_flops_per_token(dims) * tokens_in_run / seconds / peak,
             "scores": scores,
         }
         print(f"{name:<32} {seconds:8.3f} s  {docs / seconds:8.2f} docs/s", flush=True)
@@ -196,7 +204,7 @@ def main() -> None:
     rows[f"ours in-process ({alt_dtype})"]["note"] = (
         f"{len(alt_docs)} docs" + ("" if cuda or device["native_bf16"] else "; this CPU has no native bf16 (AVX512-BF16/AMX)")
     )
-    alt_peak = gemm_peak_flops(alt.dtype, SHAPES[args.shape].hidden, SHAPES[args.shape].intermediate, args.device)
+    alt_peak = gemm_peak_flops(alt.dtype, dims.hidden, dims.intermediate, args.device)
     device["gemm_peak_gflops_alt"] = alt_peak / 1e9
     print(f"{alt_dtype} GEMM peak {alt_peak / 1e9:.1f} GFLOP/s", flush=True)
     del alt
@@ -258,8 +266,8 @@ def measure_end_to_end(
 
 def command_line(args: argparse.Namespace) -> str:
     """The command that reproduces this run."""
-    parts = ["python -m benchmarks.run", f"--shape {args.shape}", f"--docs {args.docs}", f"--repeats {args.repeats}",
-             f"--bf16-docs {args.bf16_docs}"]
+    model = f"--model {args.model}" if args.model else f"--shape {args.shape}"
+    parts = ["python -m benchmarks.run", model, f"--docs {args.docs}", f"--repeats {args.repeats}", f"--bf16-docs {args.bf16_docs}"]
     if args.max_batch_tokens:
         parts.append(f"--max-batch-tokens {args.max_batch_tokens}")
     if args.skip_e2e:
@@ -286,20 +294,20 @@ def write_results(
     if "e2e" in by_role:
         queue["throughput_share_vs_in_process"] = by_role["e2e"]["docs_per_s"] / by_role["ours"]["docs_per_s"]
 
-    stem = f"{device['device']}-{args.shape}"
+    stem = f"{device['device']}-{args.label}"
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {
         "command": command_line(args),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "load_average_at_end": os.getloadavg(),
-        "device": device, "shape": args.shape, "docs": args.docs, "tokens": tokens,
+        "device": device, "shape": args.shape, "model": args.model_note, "docs": args.docs, "tokens": tokens,
         "gemm_peak_gflops_fp32": peak / 1e9, "implementations": rows, "queue": queue,
     }
     (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
 
     lines = [
         f"Device: {device['name']} ({device['cpu']}, {device['cores']} cores), torch {device['torch']} ({device['isa']}, "
-        f"native bf16: {'yes' if device['native_bf16'] else 'no'}). Model: random weights, {args.shape} shape. "
+        f"native bf16: {'yes' if device['native_bf16'] else 'no'}). Model: {args.model_note}. "
         f"{args.docs} stage-1 docs, {tokens} tokens. Median of {args.repeats} warm runs. "
         f"{device['gemm_dtype']} GEMM peak {peak / 1e9:.1f} GFLOP/s.",
         "",
@@ -335,7 +343,7 @@ def write_results(
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     where = device["name"] if device["device"] == "cuda" else f"{device['cores']}-core CPU"
-    plot(rows, ROOT / "docs" / f"benchmark-{stem}.png", f"{args.shape}, {args.docs} docs, {where}")
+    plot(rows, ROOT / "docs" / f"benchmark-{stem}.png", f"{args.label}, {args.docs} docs, {where}")
 
 
 def alt_name(rows: dict) -> str:

@@ -16,10 +16,11 @@ from producer.errors import ModelLoadError
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Padded tokens per forward pass. On CPU a few thousand rows already saturate the GEMMs, and
-# smaller batches waste less on padding (1.7% vs 5.6% at 16k on our stage-1 corpus); GPUs need
-# large batches to fill their cores.
-DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 32768}
+# Padded tokens per forward pass. On a CPU small batches stay in cache and pad less: on 2 cores
+# (base shape, benchmarks/sweep.py) 2048 tokens scored 100 docs in 31.5 s against 33.4 s at 4096
+# and 36.8 s at 16384, and 100 chunks in 20.6 s against 23.0 s and 27.3 s; 1024 was no faster.
+# GPUs need large batches to fill their cores (on an H200, 16k-64k were within noise).
+DEFAULT_BATCH_TOKENS = {"cpu": 2048, "cuda": 32768}
 # Batch widths are rounded up to a multiple of this. On CUDA a batch width never seen before is
 # slow: a fresh H200 worker (v2-m3 shape) took a median 187 ms, and up to 1.6 s, for its first
 # twelve 100-doc requests against 113 ms for the same requests again; rounding to 64 (and
