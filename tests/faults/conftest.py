@@ -95,6 +95,15 @@ def started(client: RerankClient, task_id: str) -> dict[str, Any] | None:
     return None
 
 
+def kill_running_child(client: RerankClient, worker_pid: int, task_id: str) -> tuple[int, float]:
+    """Wait until `task_id` runs in the worker's only pool process, SIGKILL that process; return its pid and when."""
+    meta = wait_for(lambda: started(client, task_id), 30, "the task to start")
+    (child,) = children(worker_pid)
+    assert meta["pid"] in (child, None), "the task runs in the worker's pool process"
+    kill(child)
+    return child, time.monotonic()
+
+
 def deliveries(logs: list[str], task_id: str) -> int:
     """How many times workers logged receiving `task_id` (redeliveries included)."""
     return sum(len(re.findall(rf"Task rerank\.\w+\[{re.escape(task_id)}\] received", log)) for log in logs)

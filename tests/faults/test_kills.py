@@ -14,9 +14,8 @@ from tests.faults.conftest import (
     RELAXED,
     VISIBILITY_TIMEOUT,
     assert_same_ranking,
-    children,
     deliveries,
-    kill,
+    kill_running_child,
     kill_tree,
     papers,
     report,
@@ -42,13 +41,9 @@ def test_a_killed_pool_child_requeues_its_task_and_the_result_is_right(fleet, fa
     client = RerankClient(relaxed(fault_settings))
     candidates = papers(2 * SLOW)
     handle = client.submit_documents(QUERY, candidates, top_k=10)
-    meta = wait_for(lambda: started(client, handle.id), 30, "the task to start")
-    (child,) = children(worker.process.pid)
-    assert meta["pid"] in (child, None)
 
     # When its pool process is SIGKILLed mid-task
-    kill(child)
-    killed_at = time.monotonic()
+    child, killed_at = kill_running_child(client, worker.process.pid, handle.id)
 
     # Then the task is requeued at once, run again by a fresh pool process, and its result is right
     result = handle.result(timeout=90)
