@@ -23,8 +23,13 @@ def _free_port() -> int:
 
 
 @contextmanager
-def running_system(model: Path, device: str, dtype: str, max_batch_tokens: int | None) -> Iterator[RerankClient]:
-    """Start Redis and one worker (prefork, one process) and yield a client bound to them."""
+def running_system(
+    model: Path, device: str, dtype: str, max_batch_tokens: int | None, worker_log: Path | None = None
+) -> Iterator[RerankClient]:
+    """Start Redis and one worker (prefork, one process) and yield a client bound to them.
+
+    The worker logs to `worker_log` when given (kept afterwards), else to a scratch file.
+    """
     redis_binary = shutil.which("redis-server")
     if redis_binary is None:
         raise SystemExit("the end-to-end benchmark needs redis-server on PATH")
@@ -35,7 +40,8 @@ def running_system(model: Path, device: str, dtype: str, max_batch_tokens: int |
         stdout=subprocess.DEVNULL,
     )
     url = f"redis://127.0.0.1:{port}/0"
-    log = (workdir / "worker.log").open("wb")
+    log_path = worker_log or workdir / "worker.log"
+    log = log_path.open("wb")
     env = {**os.environ, "RERANK_BROKER_URL": url, "RERANK_MODEL": str(model), "RERANK_DEVICE": device, "RERANK_DTYPE": dtype}
     if max_batch_tokens:
         env["RERANK_MAX_BATCH_TOKENS"] = str(max_batch_tokens)
@@ -45,9 +51,9 @@ def running_system(model: Path, device: str, dtype: str, max_batch_tokens: int |
     worker = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 600
-        while "model loaded:" not in (workdir / "worker.log").read_text(errors="replace"):
+        while "model loaded:" not in log_path.read_text(errors="replace"):
             if worker.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((workdir / "worker.log").read_text(errors="replace"))
+                raise RuntimeError(log_path.read_text(errors="replace"))
             time.sleep(0.2)
         yield RerankClient(Settings(broker_url=url, model=str(model)))
     finally:
