@@ -60,6 +60,18 @@ def test_rounded_batch_widths_keep_scores_and_stay_within_budget(tiny_model):
     assert rounded._width(1) == 32 and rounded._width(33) == 64 and rounded._width(rounded.max_length) == rounded.max_length
 
 
+def test_cuda_warm_up_runs_one_full_batch_at_every_rounded_width(tiny_model, monkeypatch):
+    # Given an engine that rounds widths to 128 with a 1024-token budget (CUDA warms up this way)
+    rounded = CrossEncoderEngine.load(str(tiny_model), max_batch_tokens=1024, pad_multiple=128)
+    shapes = []
+    real_forward = rounded._forward_batch
+    monkeypatch.setattr(rounded, "_forward_batch", lambda pairs: shapes.append((len(pairs), len(pairs[0].input_ids))) or real_forward(pairs))
+    # When it warms its widths
+    rounded._warm_widths()
+    # Then it ran each width a request can have, once, as many rows as the budget allows
+    assert shapes == [(8, 128), (4, 256), (2, 384), (2, 512)]
+
+
 def test_sorting_by_length_pads_less_than_input_order(engine):
     passages = passages_of_mixed_length()
     scores = engine.score(QUERY, passages)

@@ -147,18 +147,20 @@ class CrossEncoderEngine:
     def warmup(self) -> None:
         """Run passes at load so the first real request pays no lazy initialisation.
 
-        With rounded widths (CUDA), that is one full batch at every width a request can use.
+        On CUDA with rounded widths, that is one full batch at every width a request can use
+        (an out-of-memory batch is split, as in scoring).
         """
         self.score("warm-up query", ["warm-up passage"])
-        if self.pad_multiple == 1:
-            return
-        filler = self._pad_id + 1
-        with torch.inference_mode():
-            for width in sorted({self._width(n) for n in range(1, self.max_length + 1)}):
-                rows = max(1, self.max_batch_tokens // width)
-                self._forward_batch([EncodedPair([filler] * width, [0] * width)] * rows)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self.pad_multiple > 1:
+            self._warm_widths()
             torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def _warm_widths(self) -> None:
+        filler = self._pad_id + 1
+        for width in sorted({self._width(n) for n in range(1, self.max_length + 1)}):
+            rows = max(1, self.max_batch_tokens // width)
+            self._forward_with_backoff([EncodedPair([filler] * width, [0] * width)] * rows)
 
     def tokenize(self, query: str, passages: Sequence[str]) -> list[EncodedPair]:
         """Encode pairs, capping the query at 3/4 of max_length and truncating only passages."""
