@@ -227,7 +227,11 @@ def test_the_worker_refuses_messages_that_bypass_the_producer_and_serves_on(star
     # an unknown task fails with a typed error naming it
     with pytest.raises(WorkerError, match=r"NotRegistered.*rerank.everything"):
         Handle(client.app, unknown, Finish(RerankResult)).result(timeout=30)
-    # and what cannot be decoded is logged and dropped, never executed (pickle least of all)
+    # and what cannot be decoded is logged and dropped, never executed (pickle least of all),
+    # but its task fails, so nobody waits on it until a timeout
+    for name in undecodable:
+        with pytest.raises(InvalidRequest, match=rf"message {ids[name]} could not be read and was dropped"):
+            Handle(client.app, ids[name], Finish(RerankResult)).result(timeout=30)
     log = worker.output()
     assert "Received invalid task message: Refusing to deserialize untrusted content of type pickle" in log
     assert not marker.exists(), "the worker unpickled a message"

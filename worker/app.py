@@ -26,6 +26,8 @@ app = create_app(settings)
 # consumes `rerank.gpu.interactive,rerank,rerank.gpu.bulk` runs bulk work only when nothing
 # more urgent waits. This only changes how this worker reads; producers are unaffected.
 app.conf.broker_transport_options = {**app.conf.broker_transport_options, "queue_order_strategy": "priority"}
+# A task message the worker cannot read fails its result instead of vanishing (worker/consumer.py).
+app.conf.worker_consumer = "worker.consumer:RerankConsumer"
 
 
 class ModelCheck(bootsteps.StartStopStep):
