@@ -6,6 +6,8 @@ import re
 import sys
 from pathlib import Path
 
+from producer import Candidate
+from worker.formats import document_passage
 from worker.synthetic import SHAPES, build_cross_encoder
 
 ROOT = Path(__file__).parents[1]
@@ -14,7 +16,17 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 from evidence import QUERY, make_candidates, make_chunks  # noqa: E402
 
-__all__ = ["QUERY", "make_candidates", "make_chunks", "model_dir", "tokenizer_text"]
+__all__ = ["QUERY", "make_candidates", "make_chunks", "model_dir", "papers", "stage1_texts", "tokenizer_text"]
+
+
+def papers(n: int, seed: int = 5) -> list[Candidate]:
+    """`n` synthetic candidate papers, validated as the producer would."""
+    return [Candidate.model_validate(p) for p in make_candidates(n, seed=seed)]
+
+
+def stage1_texts(n: int, seed: int = 5) -> list[str]:
+    """The stage-1 passages (seed format: title and abstract) of `papers(n, seed)`."""
+    return [document_passage(p) for p in papers(n, seed)]
 
 
 def tokenizer_text() -> list[str]:

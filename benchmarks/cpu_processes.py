@@ -13,12 +13,11 @@ import argparse
 import json
 import multiprocessing
 import os
+import queue
 import time
 from pathlib import Path
 
-from benchmarks.corpus import QUERY, make_candidates, model_dir
-from producer import Candidate
-from worker.formats import document_passage
+from benchmarks.corpus import QUERY, model_dir, stage1_texts
 from worker.synthetic import SHAPES
 
 ROOT = Path(__file__).parents[1]
@@ -37,7 +36,7 @@ def _serve(path: str, threads: int, passages: list[str], tasks: multiprocessing.
     while True:
         try:
             tasks.get_nowait()
-        except Exception:  # noqa: BLE001 - queue.Empty across processes
+        except queue.Empty:
             return
         engine.score(QUERY, passages)
 
@@ -71,7 +70,7 @@ def main() -> None:
 
     cores = os.cpu_count() or 1
     path = str(model_dir(args.shape))
-    passages = [document_passage(Candidate.model_validate(p)) for p in make_candidates(args.docs, seed=5)]
+    passages = stage1_texts(args.docs)
     layouts = sorted({(1, cores), (cores, 1)} | ({(2, cores // 2)} if cores >= 4 else set()))
     rows = []
     for processes, threads in layouts:

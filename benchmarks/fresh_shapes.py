@@ -18,10 +18,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.corpus import QUERY, make_candidates, model_dir
-from producer import Candidate
+from benchmarks.corpus import QUERY, model_dir, stage1_texts
 from worker.engine import CrossEncoderEngine
-from worker.formats import document_passage
 from worker.synthetic import SHAPES
 
 ROOT = Path(__file__).parents[1]
@@ -50,10 +48,7 @@ def main() -> None:
         while time.perf_counter() < until:
             x @ x
         sync()
-    corpora = [
-        [document_passage(Candidate.model_validate(p)) for p in make_candidates(100, seed=seed)]
-        for seed in range(100, 100 + args.requests)
-    ]
+    corpora = [stage1_texts(100, seed) for seed in range(100, 100 + args.requests)]
 
     def timed(passages: list[str]) -> tuple[float, float]:
         sync()

@@ -16,9 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.corpus import QUERY, make_candidates, model_dir
+from benchmarks.corpus import QUERY, model_dir, papers
 from benchmarks.through_redis import running_system
-from producer import Candidate
 from worker.synthetic import SHAPES
 
 
@@ -37,7 +36,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=40)
     args = parser.parse_args()
 
-    paper = [Candidate.model_validate(make_candidates(1, seed=5)[0])]
+    paper = papers(1)
     log = Path(tempfile.mkdtemp(prefix="rerank-latency-")) / "worker.log"
     with running_system(model_dir(args.shape), "cpu", "fp32", None, worker_log=log) as client:
         for _ in range(10):

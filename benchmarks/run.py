@@ -20,7 +20,8 @@ import torch
 from transformers import AutoConfig
 
 from benchmarks.baselines import SeedReranker, SentenceTransformersReranker
-from benchmarks.corpus import QUERY, make_candidates, model_dir
+from benchmarks.corpus import QUERY, model_dir
+from benchmarks.corpus import papers as make_papers
 from benchmarks.through_redis import running_system
 from producer import Candidate, DocumentsRequest
 from worker.engine import DEFAULT_BATCH_TOKENS, CrossEncoderEngine
@@ -68,6 +69,25 @@ def shape_of(model: str | Path) -> Shape:
     """The transformer dimensions in a model's config."""
     config = AutoConfig.from_pretrained(str(model))
     return Shape(config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.intermediate_size)
+
+
+def timing_row(
+    role: str, seconds: float, timings: list[float], docs: int, tokens: int, padded: int | None, flops_per_token: float, peak: float,
+    scores: list[float] | None = None,
+) -> dict:
+    """One implementation's figures; the GEMM peak share is against the main dtype's peak, so rows compare on one scale."""
+    return {
+        "role": role,
+        "docs": docs,
+        "seconds": seconds,
+        "timings": timings,
+        "docs_per_s": docs / seconds,
+        "tokens_per_s": tokens / seconds,
+        "padded_tokens": padded,
+        "padding_waste": None if padded is None else 1 - tokens / padded,
+        "gemm_peak_share": flops_per_token * tokens / seconds / peak,
+        "scores": scores,
+    }
 
 
 def linear_flops_per_token(shape: Shape) -> float:
@@ -120,7 +140,7 @@ def main() -> None:
     dims = shape_of(path)
     args.label = args.shape if args.model is None else Path(str(args.model).rstrip("/")).name
     args.model_note = f"random weights, {args.shape} shape" if args.model is None else f"{args.model} (its own weights)"
-    papers = [Candidate.model_validate(p) for p in make_candidates(args.docs, seed=5)]
+    papers = make_papers(args.docs)
     documents = [document_passage(p) for p in papers]
     request = DocumentsRequest(query=QUERY, candidates=papers, top_k=20)
     flags = cpu_flags()
@@ -143,7 +163,6 @@ def main() -> None:
     ours = CrossEncoderEngine.load(str(path), device=args.device, dtype=main_dtype, max_batch_tokens=args.max_batch_tokens)
     pairs = ours.tokenize(QUERY, documents)
     tokens = sum(len(p.input_ids) for p in pairs)
-    flops = linear_flops_per_token(dims) * tokens
     peak = gemm_peak_flops(ours.dtype, dims.hidden, dims.intermediate, args.device)
     device["gemm_dtype"] = main_dtype
     print(f"{args.docs} docs, {tokens} tokens; {main_dtype} GEMM peak {peak / 1e9:.1f} GFLOP/s", flush=True)
@@ -154,19 +173,7 @@ def main() -> None:
         name: str, role: str, seconds: float, timings: list[float], scores: list[float] | None, padded: int | None,
         docs: int = args.docs, tokens_in_run: int = tokens,
     ) -> None:
-        rows[name] = {
-            "role": role,
-            "docs": docs,
-            "seconds": seconds,
-            "timings": timings,
-            "docs_per_s": docs / seconds,
-            "tokens_per_s": tokens_in_run / seconds,
-            "padded_tokens": padded,
-            "padding_waste": None if padded is None else 1 - tokens_in_run / padded,
-            # Against the main dtype's GEMM peak, so rows compare on one scale.
-            "gemm_peak_share": linear_flops_per_token(dims) * tokens_in_run / seconds / peak,
-            "scores": scores,
-        }
+        rows[name] = timing_row(role, seconds, timings, docs, tokens_in_run, padded, linear_flops_per_token(dims), peak, scores)
         print(f"{name:<32} {seconds:8.3f} s  {docs / seconds:8.2f} docs/s", flush=True)
 
     seed = SeedReranker(path, args.device)
@@ -211,13 +218,14 @@ def main() -> None:
 
     queue: dict = {}
     if not args.skip_e2e:
-        queue = measure_end_to_end(path, papers, args, rows, tokens, flops, peak, main_dtype)
+        queue = measure_end_to_end(path, papers, args, rows, tokens, linear_flops_per_token(dims), peak, main_dtype)
 
     write_results(args, device, tokens, peak, rows, queue, reference)
 
 
 def measure_end_to_end(
-    path: Path, papers: list[Candidate], args: argparse.Namespace, rows: dict, tokens: int, flops: float, peak: float, dtype: str
+    path: Path, papers: list[Candidate], args: argparse.Namespace, rows: dict, tokens: int, flops_per_token: float, peak: float,
+    dtype: str,
 ) -> dict:
     """Time stage 1 and the two-stage chain through Redis and a worker; measure the queue's overhead."""
     with running_system(path, args.device, dtype, args.max_batch_tokens) as client:
@@ -228,11 +236,9 @@ def measure_end_to_end(
 
         seconds, timings = median_seconds(stage1, args.repeats, lambda: client.rerank_documents(QUERY, papers[:8], top_k=8, timeout=600))
         info = last["result"].info
-        rows[f"ours via Redis + worker ({dtype})"] = {
-            "role": "e2e", "docs": args.docs, "seconds": seconds, "timings": timings, "docs_per_s": args.docs / seconds, "tokens_per_s": tokens / seconds,
-            "padded_tokens": info.padded_tokens, "padding_waste": 1 - tokens / info.padded_tokens,
-            "gemm_peak_share": flops / seconds / peak, "scores": None,
-        }
+        rows[f"ours via Redis + worker ({dtype})"] = timing_row(
+            "e2e", seconds, timings, args.docs, tokens, info.padded_tokens, flops_per_token, peak
+        )
         print(f"{'ours via Redis + worker':<28} {seconds:8.2f} s  {args.docs / seconds:7.2f} docs/s", flush=True)
 
         added = []

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.corpus import QUERY, make_candidates, make_chunks, model_dir
+from benchmarks.corpus import QUERY, make_chunks, model_dir, stage1_texts
 from benchmarks.run import median_seconds
-from producer import Candidate, Chunk
+from producer import Chunk
 from worker.engine import CrossEncoderEngine
-from worker.formats import chunk_passage, document_passage
+from worker.formats import chunk_passage
 from worker.synthetic import SHAPES
 
 ROOT = Path(__file__).parents[1]
@@ -40,9 +40,8 @@ def main() -> None:
     args = parser.parse_args()
 
     path = model_dir(args.shape)
-    papers = [Candidate.model_validate(p) for p in make_candidates(args.docs, seed=5)]
     chunks = [Chunk.model_validate(c) for c in make_chunks(args.docs, seed=5)]
-    corpora = {"docs": [document_passage(p) for p in papers], "chunks": [chunk_passage(c) for c in chunks]}
+    corpora = {"docs": stage1_texts(args.docs), "chunks": [chunk_passage(c) for c in chunks]}
     engine = CrossEncoderEngine.load(str(path), device=args.device, dtype=args.dtype)
     reference = engine.score(QUERY, corpora["docs"]).logits
     compile_seconds = None

@@ -22,7 +22,6 @@ MAX_WINDOWS = 32
 
 
 class _Model(BaseModel):
-    # Counts and flags are strict: `top_k=True` or `"5"` is a caller's bug, not a number to guess at.
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -65,6 +64,7 @@ class DocumentsRequest(_Model):
 
     query: Query
     candidates: list[Candidate] = Field(min_length=1)
+    # Counts and flags are strict here and below: `top_k=True` or `"5"` is a caller's bug, not a number to guess at.
     top_k: StrictInt = Field(20, ge=1)
     return_logits: StrictBool = False
     windows: StrictInt = Field(
