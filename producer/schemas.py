@@ -121,6 +121,7 @@ class ScoringInfo(_Model):
     model: str
     device: str
     dtype: str
+    attention: str | None = Field(None, description="`packed` or `padded`: how the forward pass laid out the batch's tokens.")
     max_length: int
     pairs: int
     tokens: int

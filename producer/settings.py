@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     pad_multiple: int | None = Field(
         None, ge=1, le=512, description="Round each batch's width up to a multiple of this; unset: 64 on CUDA, 1 (no rounding) on CPU."
     )
+    attention: Literal["packed", "padded"] | None = Field(
+        None,
+        description="`packed`: a batch's pairs as one unpadded token stream (variable-length attention); "
+        "`padded`: pairs padded to the batch's longest; unset: packed where the variable-length kernel exists (CUDA), else padded.",
+    )
     torch_threads: int | None = Field(None, ge=1, le=512, description="Intra-op threads per worker process.")
 
     # Reliability

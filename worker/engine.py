@@ -96,6 +96,7 @@ class CrossEncoderEngine:
         self.max_length = max_length
         self.max_batch_tokens = max_batch_tokens or DEFAULT_BATCH_TOKENS[self.device.type]
         self.pad_multiple = pad_multiple or DEFAULT_PAD_MULTIPLE[self.device.type]
+        self.attention = "padded"
         self._backend = backend
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._pair_specials = tokenizer.num_special_tokens_to_add(pair=True)

@@ -82,6 +82,7 @@ def _info(engine: CrossEncoderEngine, scores: Scores, pairs: int, worker: str | 
         model=engine.name,
         device=str(engine.device),
         dtype=str(engine.dtype).removeprefix("torch."),
+        attention=engine.attention,
         max_length=engine.max_length,
         pairs=pairs,
         tokens=scores.tokens,
