@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import torch
-from tokenizers import Encoding
+from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from producer.errors import ModelLoadError
+from worker.packed import Fusions, PackedForward, flash_varlen_usable, unsupported_reason
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +32,8 @@ DEFAULT_BATCH_TOKENS = {"cpu": 2048, "cuda": 32768}
 # warming each width at load) gave 116 ms and 112 ms (benchmarks/fresh_shapes.py). On a CPU
 # there is no such cost, and rounding would only add padding.
 DEFAULT_PAD_MULTIPLE = {"cpu": 1, "cuda": 64}
+# Passages per tokenized slice; later slices are tokenized while earlier ones run (0: all up front).
+DEFAULT_TOKENIZE_SLICE = {"cpu": 0, "cuda": 32}
 # RoBERTa-style position ids start after the padding index, so 514 positions hold 512 tokens.
 _POSITION_OFFSET = {"xlm-roberta": 2, "roberta": 2, "camembert": 2}
 
@@ -71,6 +78,135 @@ def usable_length(config: AutoConfig, tokenizer: PreTrainedTokenizerBase) -> int
     return positions - _POSITION_OFFSET.get(config.model_type, 0)
 
 
+class Forward(Protocol):
+    """One way of laying a batch out for the model (an attention setting), chosen once at load."""
+
+    name: str
+
+    def batch_tokens(self, longest: int, count: int, total: int) -> int:
+        """Tokens a batch of `count` pairs takes, given its longest pair and its total of real tokens."""
+
+    def warm_shapes(self, max_length: int, max_batch_tokens: int) -> list[tuple[int, int]]:
+        """(pairs, tokens per pair) of the batches to run at load on CUDA."""
+
+    def __call__(self, pairs: Sequence[EncodedPair]) -> torch.Tensor:
+        """Logits of `pairs` in order, fp32, left on the device."""
+
+
+class PaddedForward:
+    """The `padded` attention setting: a batch padded to its longest pair through the Hugging Face model."""
+
+    name = "padded"
+
+    def __init__(
+        self, model: torch.nn.Module, *, device: torch.device, pad_id: int, pad_multiple: int, max_length: int, uses_type_ids: bool
+    ) -> None:
+        """Run `model` (already on `device`) on padded batches whose widths round up to `pad_multiple`."""
+        self.model = model
+        self.device = device
+        self.pad_id = pad_id
+        self.pad_multiple = pad_multiple
+        self.max_length = max_length
+        self.uses_type_ids = uses_type_ids
+
+    def width(self, longest: int) -> int:
+        """Padded width of a batch whose longest pair has `longest` tokens."""
+        rounded = -(-longest // self.pad_multiple) * self.pad_multiple
+        return max(longest, min(rounded, self.max_length))
+
+    def batch_tokens(self, longest: int, count: int, total: int) -> int:
+        """Tokens a batch takes: every pair padded to the batch's width."""
+        return count * self.width(longest)
+
+    def warm_shapes(self, max_length: int, max_batch_tokens: int) -> list[tuple[int, int]]:
+        """One full batch at every rounded width a request can use; none when widths are not rounded."""
+        if self.pad_multiple == 1:
+            return []
+        widths = sorted({self.width(n) for n in range(1, max_length + 1)})
+        return [(max(1, max_batch_tokens // width), width) for width in widths]
+
+    def __call__(self, pairs: Sequence[EncodedPair]) -> torch.Tensor:
+        """Logits of `pairs` in order, fp32, left on the device."""
+        width = self.width(max(len(p.input_ids) for p in pairs))
+        lengths = torch.tensor([len(p.input_ids) for p in pairs])
+        real = torch.arange(width) < lengths[:, None]
+        # Ids, mask and type ids in one (pinned on CUDA) buffer: one asynchronous copy to the device.
+        host = torch.zeros((2 + self.uses_type_ids, len(pairs), width), dtype=torch.long, pin_memory=self.device.type == "cuda")
+        host[0].fill_(self.pad_id)
+        host[0][real] = torch.tensor(list(itertools.chain.from_iterable(p.input_ids for p in pairs)))
+        host[1] = real
+        if self.uses_type_ids:
+            host[2][real] = torch.tensor(list(itertools.chain.from_iterable(p.type_ids for p in pairs)))
+        on_device = host.to(self.device, non_blocking=True)
+        inputs = {"input_ids": on_device[0], "attention_mask": on_device[1]}
+        if self.uses_type_ids:
+            inputs["token_type_ids"] = on_device[2]
+        # Upcast before anything else: a half-precision logit saturates the sigmoid into ties.
+        return self.model(**inputs).logits[:, 0].float()
+
+
+def resolve_attention(requested: str | None, model: torch.nn.Module, device: torch.device) -> str:
+    """The attention setting to use: unset is `packed` where variable-length FlashAttention can run this model, else `padded`."""
+    if requested is not None:
+        return requested
+    config = model.config
+    flash = flash_varlen_usable(device, next(model.parameters()).dtype, config.hidden_size // config.num_attention_heads)
+    reason = unsupported_reason(model)
+    if flash and reason is not None:
+        log.warning("packed attention cannot run this model (%s); using padded attention", reason)
+    return "packed" if flash and reason is None else "padded"
+
+
+@dataclass(frozen=True)
+class PairTemplate:
+    """Where the tokenizer's post-processor puts special tokens and type ids around a query and a passage."""
+
+    prefix: list[int]
+    prefix_types: list[int]
+    query_type: int
+    middle: list[int]
+    middle_types: list[int]
+    passage_type: int
+    suffix: list[int]
+    suffix_types: list[int]
+
+    @classmethod
+    def of(cls, backend: Tokenizer) -> PairTemplate:
+        """Read the template off one post-processed probe pair; refuse a post-processor that is not one."""
+        query = backend.encode("query", add_special_tokens=False)
+        passage = backend.encode("passage", add_special_tokens=False)
+        pair = backend.post_process(query, passage, add_special_tokens=True)
+        ids, types = pair.ids, pair.type_ids
+        q_at = _find(ids, query.ids, 0)
+        p_at = _find(ids, passage.ids, q_at + len(query.ids)) if q_at >= 0 else -1
+        q = range(q_at, q_at + len(query.ids))
+        p = range(p_at, p_at + len(passage.ids))
+        if not (query.ids and passage.ids and q_at >= 0 and p_at >= 0
+                and len({types[i] for i in q}) == 1 and len({types[i] for i in p}) == 1):
+            raise ModelLoadError(
+                "the tokenizer's post-processor does not lay a pair out as specials, query, specials, passage, specials "
+                "(one type id per sequence); use a model whose tokenizer.json has a BERT/RoBERTa-style pair template"
+            )
+        return cls(
+            prefix=ids[: q[0]], prefix_types=types[: q[0]], query_type=types[q[0]],
+            middle=ids[q[-1] + 1 : p[0]], middle_types=types[q[-1] + 1 : p[0]], passage_type=types[p[0]],
+            suffix=ids[p[-1] + 1 :], suffix_types=types[p[-1] + 1 :],
+        )
+
+    @property
+    def specials(self) -> int:
+        """Special tokens the template adds to a pair."""
+        return len(self.prefix) + len(self.middle) + len(self.suffix)
+
+
+def _find(haystack: list[int], needle: list[int], start: int) -> int:
+    """Index of the first occurrence of `needle` in `haystack` from `start`, or -1."""
+    for i in range(start, len(haystack) - len(needle) + 1):
+        if haystack[i : i + len(needle)] == needle:
+            return i
+    return -1
+
+
 class CrossEncoderEngine:
     """Scores query-passage pairs with a single-logit sequence-classification model."""
 
@@ -84,8 +220,11 @@ class CrossEncoderEngine:
         max_length: int = 512,
         max_batch_tokens: int | None = None,
         pad_multiple: int | None = None,
+        attention: Literal["packed", "padded"] = "padded",
+        fusions: Fusions | None = None,
+        tokenize_slice: int | None = None,
     ) -> None:
-        """Wrap a loaded model and tokenizer; prefer `CrossEncoderEngine.load`."""
+        """Wrap a loaded model (already on `device`) and tokenizer; prefer `CrossEncoderEngine.load`."""
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None:
             raise ModelLoadError(f"{name}: a fast (Rust) tokenizer is required; ship tokenizer.json with the model")
@@ -96,12 +235,31 @@ class CrossEncoderEngine:
         self.max_length = max_length
         self.max_batch_tokens = max_batch_tokens or DEFAULT_BATCH_TOKENS[self.device.type]
         self.pad_multiple = pad_multiple or DEFAULT_PAD_MULTIPLE[self.device.type]
-        self.attention = "padded"
+        self.tokenize_slice = DEFAULT_TOKENIZE_SLICE[self.device.type] if tokenize_slice is None else tokenize_slice
         self._backend = backend
+        # encode_batch_fast skips character offsets, which scoring never reads (tokenizers >= 0.21).
+        self._encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        self._template = PairTemplate.of(backend)
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self._pair_specials = tokenizer.num_special_tokens_to_add(pair=True)
         self._query_cap = max_length * 3 // 4
         self._uses_type_ids = "token_type_ids" in tokenizer.model_input_names
+        self._layout = self._choose_layout(attention, fusions or Fusions())
+        self.attention = self._layout.name
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
+
+    def _choose_layout(self, attention: str, fusions: Fusions) -> Forward:
+        if attention == "padded":
+            return PaddedForward(
+                self.model, device=self.device, pad_id=self._pad_id, pad_multiple=self.pad_multiple,
+                max_length=self.max_length, uses_type_ids=self._uses_type_ids,
+            )
+        if attention != "packed":
+            raise ModelLoadError(f"unknown attention {attention!r}; set RERANK_ATTENTION to packed or padded")
+        reason = unsupported_reason(self.model)
+        if reason is not None:
+            raise ModelLoadError(f"RERANK_ATTENTION=packed cannot run {self.name}: {reason}; set RERANK_ATTENTION=padded")
+        return PackedForward(self.model, device=self.device, uses_type_ids=self._uses_type_ids, fusions=fusions)
 
     @classmethod
     def load(
@@ -114,8 +272,15 @@ class CrossEncoderEngine:
         max_length: int = 512,
         max_batch_tokens: int | None = None,
         pad_multiple: int | None = None,
+        attention: Literal["packed", "padded"] | None = None,
+        fusions: Fusions | None = None,
+        tokenize_slice: int | None = None,
     ) -> CrossEncoderEngine:
-        """Load a cross-encoder from a hub id or a local directory, ready to score."""
+        """Load a cross-encoder from a hub id or a local directory, ready to score.
+
+        `attention` unset is `packed` where variable-length FlashAttention can run the model
+        (CUDA), else `padded`.
+        """
         torch_dtype = resolve_dtype(dtype, device)
         if torch_dtype == torch.bfloat16 and device == "cpu" and not cpu_has_native_bf16():
             log.warning("bf16 requested on a CPU without AVX512-BF16 or AMX: expect it to be several times slower than fp32")
@@ -136,6 +301,7 @@ class CrossEncoderEngine:
         engine = cls(
             model, tokenizer, name=name_or_path, device=device, max_length=max_length,
             max_batch_tokens=max_batch_tokens, pad_multiple=pad_multiple,
+            attention=resolve_attention(attention, model, torch.device(device)), fusions=fusions, tokenize_slice=tokenize_slice,
         )
         engine.warmup()
         return engine
@@ -148,31 +314,33 @@ class CrossEncoderEngine:
     def warmup(self) -> None:
         """Run passes at load so the first real request pays no lazy initialisation.
 
-        On CUDA with rounded widths, that is one full batch at every width a request can use
-        (an out-of-memory batch is split, as in scoring).
+        On CUDA that includes full batches of the layout's warm-up shapes (for padded attention
+        with rounded widths, every width a request can use); an out-of-memory batch is split, as in scoring.
         """
         self.score("warm-up query", ["warm-up passage"])
-        if self.device.type == "cuda" and self.pad_multiple > 1:
+        if self.device.type == "cuda":
             self._warm_widths()
             torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def _warm_widths(self) -> None:
         filler = self._pad_id + 1
-        for width in sorted({self._width(n) for n in range(1, self.max_length + 1)}):
-            rows = max(1, self.max_batch_tokens // width)
+        for rows, width in self._layout.warm_shapes(self.max_length, self.max_batch_tokens):
             self._forward_with_backoff([EncodedPair([filler] * width, [0] * width)] * rows)
 
     def tokenize(self, query: str, passages: Sequence[str]) -> list[EncodedPair]:
         """Encode pairs, capping the query at 3/4 of max_length and truncating only passages."""
-        encoded_query = self._backend.encode(query, add_special_tokens=False)
-        encoded_query.truncate(self._query_cap)
-        budget = self.max_length - len(encoded_query.ids) - self._pair_specials
+        template = self._template
+        query_ids = self._backend.encode(query, add_special_tokens=False).ids[: self._query_cap]
+        budget = self.max_length - len(query_ids) - template.specials
+        # The pair is assembled from the template's lists rather than by `post_process`, which
+        # holds the GIL for ~0.3 ms a pair (35 ms per 100 docs here) that tokenizing ahead must not.
+        head = template.prefix + query_ids + template.middle
+        head_types = template.prefix_types + [template.query_type] * len(query_ids) + template.middle_types
         pairs = []
-        for encoded in self._backend.encode_batch(list(passages), add_special_tokens=False):
-            encoded.truncate(budget)
-            pair: Encoding = self._backend.post_process(encoded_query, encoded, add_special_tokens=True)
-            pairs.append(EncodedPair(pair.ids, pair.type_ids))
+        for encoded in self._encode_batch(list(passages), add_special_tokens=False):
+            ids = encoded.ids[:budget]
+            pairs.append(EncodedPair(head + ids + template.suffix, head_types + [template.passage_type] * len(ids) + template.suffix_types))
         return pairs
 
     @torch.inference_mode()
@@ -183,63 +351,89 @@ class CrossEncoderEngine:
 
         Identical pairs are scored once, so they get identical scores (a GEMM may round a row
         differently depending on its place in the batch). Pairs are sorted by length and packed
-        into batches of at most `max_batch_tokens` padded tokens, so short passages are not
-        padded to the longest one in the request. `on_batch(done, total)` is called after each
-        planned batch (an out-of-memory split still counts as one).
+        into batches of at most `max_batch_tokens` tokens (padded tokens, with padded attention),
+        so short passages are not padded to the longest one in the request. `on_batch(done,
+        total)` is called after each planned batch (an out-of-memory split still counts as one).
         """
-        first_of: dict[tuple[int, ...], int] = {}
-        owner = [first_of.setdefault(tuple(p.input_ids), i) for i, p in enumerate(pairs)]
-        unique = list(first_of.values())
-        order = sorted(unique, key=lambda i: len(pairs[i].input_ids), reverse=True)
-        logits = [0.0] * len(pairs)
-        padded = 0
-        batches = 0
-        planned = self._batches(order, pairs)
-        for done, batch in enumerate(planned, 1):
-            batch_logits, batch_padded, batch_runs = self._forward_with_backoff([pairs[i] for i in batch])
-            for i, value in zip(batch, batch_logits):
-                logits[i] = value
-            padded += batch_padded
-            batches += batch_runs
-            if on_batch is not None:
-                on_batch(done, len(planned))
-        return [logits[owner[i]] for i in range(len(pairs))], padded, batches
+        scoring = _Scoring(self, len(pairs), on_batch)
+        scoring.add(pairs)
+        return scoring.finish()
 
+    @torch.inference_mode()
     def score(
         self, query: str, passages: Sequence[str], on_batch: Callable[[int, int], None] | None = None
     ) -> Scores:
-        """Tokenize and score `passages` against `query`; logits come back in input order."""
+        """Tokenize and score `passages` against `query`; logits come back in input order.
+
+        With `tokenize_slice`, passages are tokenized slice by slice on a thread while the
+        previous slice's batches run; `tokenize_seconds` is the time scoring waited for tokens.
+        """
         if not passages:
             return Scores([], 0, 0, 0, 0.0, 0.0)
         started = time.perf_counter()
-        pairs = self.tokenize(query, passages)
-        tokenized = time.perf_counter()
-        logits, padded, batches = self.forward(pairs, on_batch)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        scoring = _Scoring(self, len(passages), on_batch)
+        waited = 0.0
+        slices = self._tokenized_slices(query, list(passages))
+        while True:
+            asked = time.perf_counter()
+            pairs = next(slices, None)
+            waited += time.perf_counter() - asked
+            if pairs is None:
+                break
+            scoring.add(pairs)
+        logits, padded, batches = scoring.finish()
         finished = time.perf_counter()
         return Scores(
             logits=logits,
-            tokens=sum(len(p.input_ids) for p in pairs),
+            tokens=scoring.tokens,
             padded_tokens=padded,
             batches=batches,
-            tokenize_seconds=tokenized - started,
-            forward_seconds=finished - tokenized,
+            tokenize_seconds=waited,
+            forward_seconds=finished - started - waited,
         )
+
+    def _tokenized_slices(self, query: str, passages: list[str]) -> Iterator[list[EncodedPair]]:
+        count = -(-len(passages) // self.tokenize_slice) if self.tokenize_slice else 1
+        if count <= 1:
+            yield self.tokenize(query, passages)
+            return
+        bounds = [round(i * len(passages) / count) for i in range(count + 1)]
+        pool = self._tokenizer_pool()
+        # The Rust tokenizer releases the GIL while it encodes, so the next slice is tokenized while
+        # this thread launches (on CUDA, queues) the current slice's batches.
+        futures = [pool.submit(self.tokenize, query, passages[a:b]) for a, b in itertools.pairwise(bounds)]
+        try:
+            for future in futures:
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()
+
+    def _tokenizer_pool(self) -> ThreadPoolExecutor:
+        # A pool made before a fork has no thread in the child: make one per process.
+        if self._pool is None or self._pool_pid != os.getpid():
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+            self._pool_pid = os.getpid()
+        return self._pool
 
     def _batches(self, order: list[int], pairs: Sequence[EncodedPair]) -> list[list[int]]:
         batches: list[list[int]] = []
+        total = 0
         for i in order:
+            n = len(pairs[i].input_ids)
             # The first pair of a batch is its longest, since `order` is sorted by length.
-            if batches and (len(batches[-1]) + 1) * self._width(len(pairs[batches[-1][0]].input_ids)) <= self.max_batch_tokens:
+            if batches and self._layout.batch_tokens(len(pairs[batches[-1][0]].input_ids), len(batches[-1]) + 1, total + n) <= self.max_batch_tokens:
                 batches[-1].append(i)
+                total += n
             else:
                 batches.append([i])
+                total = n
         return batches
 
-    def _forward_with_backoff(self, pairs: list[EncodedPair]) -> tuple[list[float], int, int]:
+    def _forward_with_backoff(self, pairs: list[EncodedPair]) -> tuple[torch.Tensor, int, int]:
+        lengths = [len(p.input_ids) for p in pairs]
         try:
-            return self._forward_batch(pairs), len(pairs) * self._width(max(len(p.input_ids) for p in pairs)), 1
+            return self._forward_batch(pairs), self._layout.batch_tokens(max(lengths), len(pairs), sum(lengths)), 1
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not _is_out_of_memory(e) or len(pairs) == 1:
                 raise
@@ -249,30 +443,61 @@ class CrossEncoderEngine:
             half = len(pairs) // 2
             first = self._forward_with_backoff(pairs[:half])
             second = self._forward_with_backoff(pairs[half:])
-            return first[0] + second[0], first[1] + second[1], first[2] + second[2]
+            return torch.cat([first[0], second[0]]), first[1] + second[1], first[2] + second[2]
 
-    def _width(self, longest: int) -> int:
-        """Padded width of a batch whose longest pair has `longest` tokens."""
-        rounded = -(-longest // self.pad_multiple) * self.pad_multiple
-        return max(longest, min(rounded, self.max_length))
+    def _forward_batch(self, pairs: list[EncodedPair]) -> torch.Tensor:
+        return self._layout(pairs)
 
-    def _forward_batch(self, pairs: list[EncodedPair]) -> list[float]:
-        width = self._width(max(len(p.input_ids) for p in pairs))
-        input_ids = torch.full((len(pairs), width), self._pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(pairs), width), dtype=torch.long)
-        type_ids = torch.zeros((len(pairs), width), dtype=torch.long)
-        for row, pair in enumerate(pairs):
-            n = len(pair.input_ids)
-            input_ids[row, :n] = torch.tensor(pair.input_ids)
-            attention_mask[row, :n] = 1
-            type_ids[row, :n] = torch.tensor(pair.type_ids)
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if self._uses_type_ids:
-            inputs["token_type_ids"] = type_ids
-        inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
-        output = self.model(**inputs)
-        # Upcast before anything else: a half-precision logit saturates the sigmoid into ties.
-        return output.logits[:, 0].float().cpu().tolist()
+
+class _Scoring:
+    """One request in flight: identical pairs scored once, batches planned slice by slice, logits kept on the device."""
+
+    def __init__(self, engine: CrossEncoderEngine, expected: int, on_batch: Callable[[int, int], None] | None) -> None:
+        self.engine = engine
+        self.expected = expected
+        self.on_batch = on_batch
+        self.first_of: dict[tuple[int, ...], int] = {}
+        self.unique: list[EncodedPair] = []
+        self.owner: list[int] = []
+        self.rows: list[int] = []
+        self.logits: list[torch.Tensor] = []
+        self.tokens = self.padded = self.batches = self.planned = self.done = 0
+
+    def add(self, pairs: Sequence[EncodedPair]) -> None:
+        """Score `pairs` (a slice of the request) after the slices added before."""
+        start = len(self.unique)
+        for pair in pairs:
+            index = self.first_of.setdefault(tuple(pair.input_ids), len(self.unique))
+            if index == len(self.unique):
+                self.unique.append(pair)
+            self.owner.append(index)
+            self.tokens += len(pair.input_ids)
+        order = sorted(range(start, len(self.unique)), key=lambda i: len(self.unique[i].input_ids), reverse=True)
+        plan = self.engine._batches(order, self.unique)
+        self.planned += len(plan)
+        # Slices not tokenized yet are counted at this request's batches per pair so far.
+        remaining = self.expected - len(self.owner)
+        total = self.planned + -(-remaining * self.planned // len(self.owner))
+        for batch in plan:
+            logits, padded, runs = self.engine._forward_with_backoff([self.unique[i] for i in batch])
+            self.logits.append(logits)
+            self.rows.extend(batch)
+            self.padded += padded
+            self.batches += runs
+            self.done += 1
+            # On CUDA this counts batches queued, not finished: waiting for the GPU here would
+            # cost a synchronisation per batch.
+            if self.on_batch is not None:
+                self.on_batch(self.done, total)
+
+    def finish(self) -> tuple[list[float], int, int]:
+        """Fp32 logits in input order (the request's one wait for the device), padded tokens, batches run."""
+        if not self.owner:
+            return [], 0, 0
+        values = torch.cat(self.logits).cpu()
+        by_unique = torch.empty(len(self.unique), dtype=torch.float32)
+        by_unique[torch.tensor(self.rows)] = values
+        return by_unique[torch.tensor(self.owner)].tolist(), self.padded, self.batches
 
 
 def load_config_and_tokenizer(name_or_path: str, revision: str | None = None) -> tuple[AutoConfig, PreTrainedTokenizerBase]:
