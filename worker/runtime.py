@@ -35,12 +35,13 @@ def load_engine(settings: Settings) -> CrossEncoderEngine:
                 max_length=settings.max_length,
                 max_batch_tokens=settings.max_batch_tokens,
                 pad_multiple=settings.pad_multiple,
+                attention=settings.attention,
             )
             _loads += 1
             log.info(
-                "model loaded: pid=%d model=%s device=%s dtype=%s max_length=%d loads=%d",
+                "model loaded: pid=%d model=%s device=%s dtype=%s attention=%s max_length=%d loads=%d",
                 os.getpid(), settings.model, settings.device, str(_engine.dtype).removeprefix("torch."),
-                settings.max_length, _loads,
+                _engine.attention, settings.max_length, _loads,
             )
         return _engine
 
