@@ -25,7 +25,7 @@ from benchmarks.corpus import papers as make_papers
 from benchmarks.through_redis import running_system
 from producer import Candidate, DocumentsRequest
 from worker.engine import DEFAULT_BATCH_TOKENS, CrossEncoderEngine
-from worker.formats import document_passage
+from producer.formats import document_passage
 from worker.ranking import rank_documents
 from worker.synthetic import SHAPES, Shape
 

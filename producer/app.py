@@ -8,12 +8,15 @@ from urllib.parse import urlsplit
 from weakref import WeakKeyDictionary
 
 from celery import Celery
-from celery.signals import celeryd_init
 
 from producer.names import TASK_CHUNKS, TASK_DOCUMENTS
 from producer.settings import Settings
 
 _settings_by_app: WeakKeyDictionary[Celery, Settings] = WeakKeyDictionary()
+
+
+PRODUCER_RETRY = {"max_retries": 3, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
+"""How long a producer retries an unreachable result backend before raising BrokerUnavailable."""
 
 
 def create_app(settings: Settings) -> Celery:
@@ -50,7 +53,9 @@ def create_app(settings: Settings) -> Celery:
         result_expires=settings.result_expires,
         # Redis redelivers unacked messages after this long; it must outlast a reserved task.
         broker_transport_options=broker_options,
-        result_backend_transport_options=transport_options,
+        # A producer whose Redis is down learns it within about 1.5 s (3 reconnects) instead of
+        # Celery's 20; workers wait longer (worker/app.py), since a restart must not fail a job.
+        result_backend_transport_options={**transport_options, "retry_policy": PRODUCER_RETRY},
         # Loading a 568M-parameter model takes far longer than the default 4 s start-up window.
         worker_proc_alive_timeout=settings.worker_start_timeout,
         # A stuck forward pass is killed rather than holding the GPU forever.
@@ -65,28 +70,13 @@ def create_app(settings: Settings) -> Celery:
         redis_backend_use_ssl=_verified_tls(backend),
         # Keep retrying the broker at start-up instead of exiting while Redis comes up.
         broker_connection_retry_on_startup=True,
-        # Without a broker the same tasks and chains run in the calling process.
-        task_always_eager=settings.embedded,
-        task_eager_propagates=True,
-        task_store_eager_result=False,
+        # Without a broker, producer.backends.InProcessBackend applies the same tasks and chains
+        # here; their states and results go to the in-memory result backend as a worker's would.
+        task_store_eager_result=True,
+        task_eager_propagates=False,
     )
     _settings_by_app[app] = settings
     return app
-
-
-@celeryd_init.connect
-def _worker_only_settings(conf: Any = None, **_: Any) -> None:
-    """Configure what only workers need; `celery worker` sends this before it starts its pool."""
-    conf.update(
-        # A task that finishes while Redis restarts would otherwise fail its job with a
-        # ConnectionError when storing the result; retry result-backend writes for about 10 s
-        # (at most ~18 s: 20 tries, jittered backoff up to 1 s), then give up. Producers keep
-        # failing fast with BrokerUnavailable instead of blocking on a dead Redis.
-        result_backend_always_retry=True,
-        result_backend_max_retries=20,
-        result_backend_base_sleep_between_retries_ms=50,
-        result_backend_max_sleep_between_retries_ms=1000,
-    )
 
 
 def _verified_tls(url: str | None) -> dict[str, Any] | None:

@@ -80,25 +80,3 @@ def _pack(pieces: list[str], max_chars: int) -> list[str]:
         else:
             packed.append(piece)
     return packed
-
-
-WINDOW_CHARS = 1500
-WINDOW_OVERLAP = 200
-
-
-def text_windows(text: str, windows: int, chars: int = WINDOW_CHARS, overlap: int = WINDOW_OVERLAP) -> list[str]:
-    """Return up to `windows` slices of `text`, `chars` long, each overlapping the previous by `overlap`.
-
-    The first window is always ``text[:chars]`` (the seed's abstract), so ``windows=1`` changes
-    nothing; a window is only added while it reaches text the previous one did not cover.
-    """
-    if not 0 <= overlap < chars:
-        raise ValueError(f"overlap={overlap} must be at least 0 and below chars={chars}")
-    stride = chars - overlap
-    starts = [0] + [k * stride for k in range(1, windows) if k * stride + overlap < len(text)]
-    return [text[start : start + chars] for start in starts]
-
-
-def windows_extent(windows: int, chars: int = WINDOW_CHARS, overlap: int = WINDOW_OVERLAP) -> int:
-    """How many leading characters of a text `text_windows(text, windows)` can read at most."""
-    return (windows - 1) * (chars - overlap) + chars

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from producer.client import RerankClient
 from producer.errors import BrokerUnavailable, InvalidRequest, JobCancelled, RerankError, RerankTimeout
 from producer.fleet import inspect_workers
+from producer.formats import chunk_pool
 from producer.jobs import JobProgress, RerankJob
 from producer.schemas import Candidate, TwoStageRequest, TwoStageResult
 from producer.settings import Settings
@@ -110,27 +111,45 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
 
-def _run(args: argparse.Namespace, settings: Settings) -> int:
+def parse_job(text: str, args: argparse.Namespace) -> TwoStageRequest:
+    """One job from its JSON text, with the command line's options over the file's; `run` and `batch` share it.
+
+    Raises:
+        InvalidRequest: the text is not JSON, or not a valid two-stage request (unknown keys included).
+    """
+    overrides = {
+        "top_k_docs": getattr(args, "top_k_docs", None),
+        "top_k_chunks": getattr(args, "top_k_chunks", None),
+        "min_score": args.min_score,
+        "windows": args.windows,
+    }
     try:
-        job = json.loads(args.job.read_text())
-        candidates = [Candidate.model_validate(c) for c in job["candidates"]]
-        request = TwoStageRequest(
-            query=job["query"],
-            candidates=candidates,
-            top_k_docs=args.top_k_docs or job.get("top_k_docs", 20),
-            top_k_chunks=args.top_k_chunks or job.get("top_k_chunks"),
-            min_score=args.min_score if args.min_score is not None else job.get("min_score"),
-            windows=args.windows or job.get("windows"),
-        )
-        client = RerankClient(settings)
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise InvalidRequest(f"a job is a JSON object with query and candidates, not {type(data).__name__}")
+        return TwoStageRequest.model_validate({**data, **{k: v for k, v in overrides.items() if v is not None}})
+    except (json.JSONDecodeError, ValidationError) as e:
+        raise InvalidRequest(str(e)) from e
+
+
+def read_text(path: Path) -> str:
+    """The UTF-8 text of `path`; an unreadable file is invalid input (exit 2), not a traceback."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidRequest(f"cannot read {path}: {e}") from e
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    client = RerankClient(settings)
+    if args.no_wait and not client.backend.durable:
+        raise InvalidRequest("--no-wait needs RERANK_BROKER_URL: without a broker the job runs inside this command")
+    try:
+        request = parse_job(read_text(args.job), args)
         handle = client.submit(**request.model_dump(exclude={"candidates"}), candidates=request.candidates)
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValidationError, InvalidRequest) as e:
-        print(f"rerank: invalid job {args.job}: {type(e).__name__}: {e}", file=sys.stderr)
-        return EXIT_INVALID
+    except InvalidRequest as e:
+        raise InvalidRequest(f"invalid job {args.job}: {e}") from e
     if args.no_wait:
-        if settings.embedded:
-            print("rerank: --no-wait needs RERANK_BROKER_URL: in-process jobs run in this command", file=sys.stderr)
-            return EXIT_INVALID
         print(json.dumps({"job_id": handle.id}) if args.json else handle.id)
         return EXIT_OK
     try:
@@ -142,33 +161,29 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(result.model_dump_json(indent=2))
     else:
-        print(render(result, candidates, client))
+        print(render(result, request.candidates, client.chunk_chars))
     return EXIT_OK
 
 
 def _batch(args: argparse.Namespace, settings: Settings) -> int:
-    try:
-        lines = [(n, line) for n, line in enumerate(args.jobs.read_text().splitlines(), 1) if line.strip()]
-    except OSError as e:
-        print(f"rerank: cannot read {args.jobs}: {e}", file=sys.stderr)
-        return EXIT_INVALID
+    lines = [(n, line) for n, line in enumerate(read_text(args.jobs).splitlines(), 1) if line.strip()]
+    if not lines:
+        raise InvalidRequest(f"{args.jobs} holds no job: write one JSON job per line")
     client = RerankClient(settings)
     outcomes: dict[int, dict[str, Any]] = {}
     valid: list[tuple[int, TwoStageRequest]] = []
     for n, line in lines:
         try:
-            request = TwoStageRequest.model_validate_json(line)
-            overrides = {"min_score": args.min_score, "windows": args.windows}
-            request = request.model_copy(update={k: v for k, v in overrides.items() if v is not None})
-            client.validate(request)
-        except (ValidationError, InvalidRequest) as e:
+            valid.append((n, client.validate(parse_job(line, args))))
+        except InvalidRequest as e:
             outcomes[n] = {"line": n, "state": "INVALID", "error": {"type": "InvalidRequest", "message": str(e)}}
-        else:
-            valid.append((n, request))
+    try:
+        out: IO[str] = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")  # noqa: SIM115
+    except OSError as e:
+        raise InvalidRequest(f"cannot write results to {args.output}: {e}; nothing was queued") from e
     if not valid:
         print(f"rerank: no valid job in {args.jobs}", file=sys.stderr)
     batch = client.submit_many([r for _, r in valid]) if valid else None
-    out: IO[str] = sys.stdout if args.output == "-" else open(args.output, "w")  # noqa: SIM115
     bar = Progress(len(lines), enabled=not args.no_progress)
     written = 0
     ordered = [n for n, _ in lines]
@@ -217,7 +232,7 @@ def _batch(args: argparse.Namespace, settings: Settings) -> int:
 
 def _outcome(job: RerankJob, line: int) -> dict[str, Any]:
     try:
-        result = job.result(timeout=30)
+        result = job.result()
     except RerankError as e:
         state = "REVOKED" if isinstance(e, JobCancelled) else "FAILURE"
         return {"line": line, "job_id": job.id, "state": state, "error": {"type": type(e).__name__, "message": str(e)}}
@@ -268,7 +283,7 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
         except RerankError:
             pass  # a failed or cancelled job: its state and error are shown below
     progress = job.progress()
-    result = job.result(timeout=30) if progress.state == "SUCCESS" else None
+    result = job.result() if progress.state == "SUCCESS" else None
     code = {"FAILURE": EXIT_FAILED, "REVOKED": EXIT_CANCELLED}.get(progress.state, EXIT_OK)
     if args.json:
         print(json.dumps({**progress.model_dump(mode="json"), "result": result.model_dump(mode="json") if result else None}, indent=2))
@@ -276,7 +291,7 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
         print(render_progress(progress))
         if result is not None:
             print()
-            print(render(result, None, None))
+            print(render(result))
     return code
 
 
@@ -299,10 +314,10 @@ def _cancel(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _workers(args: argparse.Namespace, settings: Settings) -> int:
-    if settings.embedded:
-        print("rerank: no RERANK_BROKER_URL: tasks run inside each producer; there are no workers to list", file=sys.stderr)
-        return EXIT_INVALID
-    workers = inspect_workers(RerankClient(settings).app, timeout=args.timeout)
+    client = RerankClient(settings)
+    if not client.backend.durable:
+        raise InvalidRequest("no RERANK_BROKER_URL: tasks run inside each producer; there are no workers to list")
+    workers = inspect_workers(client.app, timeout=args.timeout)
     if args.json:
         print(json.dumps([w.model_dump(mode="json") for w in workers], indent=2))
     elif workers:
@@ -320,10 +335,10 @@ def _workers(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
-def render(result: TwoStageResult, candidates: list[Candidate] | None, client: RerankClient | None) -> str:
-    """Format both rankings as plain-text tables, joining titles and texts back from the input when given."""
+def render(result: TwoStageResult, candidates: list[Candidate] | None = None, chunk_chars: int | None = None) -> str:
+    """Format both rankings as plain-text tables, joining titles and texts back from `candidates` when given."""
     by_id = {c.id: c for c in candidates or []}
-    pool = client.chunk_pool(candidates) if candidates and client else []
+    pool = chunk_pool(candidates, chunk_chars) if candidates and chunk_chars else []
     info = result.documents.info
     lines = [
         f"query: {result.documents.query}",

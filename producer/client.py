@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from celery import Celery, chain, group, uuid
-from celery.result import AsyncResult, GroupResult
-from kombu.exceptions import OperationalError
-from kombu.utils.url import maybe_sanitize_url
+from celery import Celery, chain, uuid
+from celery.canvas import Signature
+from pydantic import ValidationError
 
 from producer.app import create_app
-from producer.chunking import DEFAULT_MAX_CHARS, chunk_text, windows_extent
-from producer.errors import BrokerUnavailable, InvalidRequest, ModelLoadError, RerankError
-from producer.jobs import Finish, Handle, RedisConnectionError, RedisTimeoutError, RerankBatch, RerankJob, stage1_id, translate
+from producer.backends import backend_for
+from producer.chunking import DEFAULT_MAX_CHARS
+from producer.errors import InvalidRequest, RerankError
+from producer.formats import chunk_pool, stage1_message
+from producer.jobs import Finish, Handle, RerankBatch, RerankJob, stage1_id
 from producer.names import TASK_CHUNKS, TASK_DOCUMENTS
 from producer.schemas import (
     Candidate,
@@ -41,8 +41,7 @@ class RerankClient:
         self.settings = settings or get_settings()
         self.chunk_chars = chunk_chars
         self.app: Celery = create_app(self.settings)
-        if self.settings.embedded:
-            _register_worker_tasks()
+        self.backend = backend_for(self.app, self.settings)
 
     # One stage at a time
 
@@ -89,9 +88,8 @@ class RerankClient:
         """Validate and enqueue stage 1 alone; return a handle whose `result(timeout)` waits for it."""
         request = self._documents_request(query, candidates, top_k, return_logits, windows)
         _check_min_score(min_score)
-        signature = self.app.signature(TASK_DOCUMENTS, args=(_slim(request),), queue=self.settings.queue)
-        finish = Finish(RerankResult, min_score, request.candidates if return_documents else None)
-        return self._handle(Handle, signature.freeze().id, signature.apply_async, finish)
+        signature = self.app.signature(TASK_DOCUMENTS, args=(stage1_message(request),), queue=self.settings.queue)
+        return self._send(signature, Finish(RerankResult, min_score, request.candidates if return_documents else None))
 
     def rerank_chunks(
         self,
@@ -131,8 +129,7 @@ class RerankClient:
         )
         _check_min_score(min_score)
         signature = self.app.signature(TASK_CHUNKS, kwargs={"request": request.model_dump(mode="json")}, queue=self.settings.queue)
-        finish = Finish(RerankResult, min_score, chunks=request.chunks if return_documents else None)
-        return self._handle(Handle, signature.freeze().id, signature.apply_async, finish)
+        return self._send(signature, Finish(RerankResult, min_score, chunks=request.chunks if return_documents else None))
 
     # Two-stage jobs
 
@@ -183,20 +180,9 @@ class RerankClient:
             "query": query, "candidates": _as_list(candidates), "top_k_docs": top_k_docs,
             "top_k_chunks": top_k_chunks, "min_score": min_score, "windows": windows,
         }
-        return self._job(request, None, return_logits, return_documents, send=True)
-
-    def submit_two_stage(
-        self,
-        query: str,
-        candidates: Sequence[CandidateLike],
-        top_k_docs: int = 20,
-        top_k_chunks: int | None = None,
-        *,
-        return_logits: bool = False,
-    ) -> AsyncResult:
-        """Validate and enqueue a two-stage chain; return its raw Celery result handle (see `submit`)."""
-        documents, chunks = self._two_stage_requests(query, candidates, top_k_docs, top_k_chunks, return_logits, None)
-        return self._send(self._chain(documents, chunks, uuid()).apply_async)
+        job, signature = self._prepare(request, None, return_logits, return_documents)
+        self.backend.send(job.id, signature)
+        return job
 
     def submit_many(
         self,
@@ -211,20 +197,11 @@ class RerankClient:
         `top_k_docs`, `top_k_chunks`, `min_score`, `windows`). An invalid one raises
         `InvalidRequest` naming its position, and nothing is queued.
         """
-        jobs = [self._job(r, n, return_logits, return_documents, send=False) for n, r in enumerate(requests)]
-        if not jobs:
+        prepared = [self._prepare(r, n, return_logits, return_documents) for n, r in enumerate(requests)]
+        if not prepared:
             raise InvalidRequest("submit_many needs at least one request")
-        if self.settings.embedded:
-            return RerankBatch(uuid(), jobs)
-        # A group of chains, never a chord: chords on Redis have known bugs (celery #3538, #6220).
-        batch = self._send(group([job._signature for job in jobs]).apply_async)
-        try:
-            batch.save()  # so that `client.batch(id)` finds the jobs from another process
-        except Exception as e:
-            raise translate(e, batch.id, broker_url=self.settings.broker_url) from e
-        for job, sent in zip(jobs, batch.results):
-            assert sent.id == job.id, "the group kept the job ids we chose"
-        return RerankBatch(batch.id, jobs)
+        batch_id = self.backend.send_many([(job.id, signature) for job, signature in prepared])
+        return RerankBatch(batch_id, [job for job, _ in prepared])
 
     def two_stage_many(
         self,
@@ -256,88 +233,56 @@ class RerankClient:
         Pass the same `candidates` to get `document` joined back into the items. An id nobody
         submitted looks PENDING forever: Celery cannot tell it from a queued job.
         """
-        self._need_broker("follow a job by id")
+        self._need_durable_jobs("follow a job by id")
         documents = chunks = None
         if candidates is not None:
             documents = [Candidate.model_validate(c) if not isinstance(c, Candidate) else c for c in candidates]
             chunks = self.chunk_pool(documents)
-        finish = Finish(TwoStageResult, min_score, documents, chunks)
-        return RerankJob(self.app, job_id, finish, broker_url=self.settings.broker_url)
+        return RerankJob(self.backend, job_id, Finish(TwoStageResult, min_score, documents, chunks))
 
     def batch(self, batch_id: str) -> RerankBatch:
         """Return the batch `batch_id` sent by `submit_many` in any process (while its results have not expired)."""
-        self._need_broker("follow a batch by id")
-        try:
-            saved = GroupResult.restore(batch_id, app=self.app)
-        except Exception as e:
-            raise translate(e, batch_id, broker_url=self.settings.broker_url) from e
-        if saved is None:
-            raise InvalidRequest(f"no batch {batch_id!r} in the result backend: wrong id, or its results expired")
-        jobs = [
-            RerankJob(self.app, r.id, Finish(TwoStageResult), index=n, broker_url=self.settings.broker_url)
-            for n, r in enumerate(saved.results)
-        ]
+        self._need_durable_jobs("follow a batch by id")
+        job_ids = self.backend.restore(batch_id)
+        jobs = [RerankJob(self.backend, job_id, Finish(TwoStageResult), index=n) for n, job_id in enumerate(job_ids)]
         return RerankBatch(batch_id, jobs)
 
     def chunk_pool(self, candidates: Iterable[Candidate]) -> list[Chunk]:
-        """Return every candidate's chunks, splitting texts that came without chunks."""
-        pool: list[Chunk] = []
-        for paper in candidates:
-            if paper.chunks:
-                pieces = [(c.id, c.section, c.text) for c in paper.chunks]
-            else:
-                pieces = [(None, c.section, c.text) for c in chunk_text(paper.text, self.chunk_chars)]
-            for n, (chunk_id, section, text) in enumerate(pieces):
-                pool.append(
-                    Chunk(id=chunk_id or f"{paper.id}#{n}", doc_id=paper.id, title=paper.title, section=section, text=text)
-                )
-        return pool
+        """Return every candidate's chunks, splitting texts that came without chunks (`producer.formats.chunk_pool`)."""
+        return chunk_pool(candidates, self.chunk_chars)
 
     def validate(self, request: RequestLike) -> TwoStageRequest:
         """Check a two-stage request as `submit` would (schema and limits) without sending it."""
-        parsed = self._job(request, None, False, False, send=False)
-        return parsed.request
+        job, _ = self._prepare(request, None, False, False)
+        return job.request
 
     # Internals
 
-    def _job(self, data: RequestLike, index: int | None, return_logits: bool, return_documents: bool, *, send: bool) -> RerankJob:
+    def _prepare(self, data: RequestLike, index: int | None, return_logits: bool, return_documents: bool) -> tuple[RerankJob, Signature]:
+        """Validate a two-stage request; return its job handle and the chain that runs it, not yet sent."""
+        where = "" if index is None else f"request {index}: "
         try:
             request = data if isinstance(data, TwoStageRequest) else TwoStageRequest.model_validate(data)
-        except ValueError as e:
-            where = "" if index is None else f"request {index}: "
-            raise InvalidRequest(f"{where}invalid TwoStageRequest: {e}") from e
-        try:
             documents, chunks = self._two_stage_requests(
                 request.query, request.candidates, request.top_k_docs, request.top_k_chunks, return_logits, request.windows
             )
         except InvalidRequest as e:
-            if index is None:
-                raise
-            raise InvalidRequest(f"request {index}: {e}") from e
+            raise InvalidRequest(f"{where}{e}") from e
+        except ValidationError as e:
+            raise InvalidRequest(f"{where}invalid TwoStageRequest: {e}") from e
         finish = Finish(
             TwoStageResult,
             request.min_score,
             documents.candidates if return_documents else None,
             chunks.chunks if return_documents else None,
         )
-        job_id = uuid()
-        signature = self._chain(documents, chunks, job_id)
-        if self.settings.embedded:
-            job = RerankJob(self.app, job_id, finish, run=lambda: self._send(signature.apply_async), index=index)
-        elif send:
-            self._send(signature.apply_async)
-            job = RerankJob(self.app, job_id, finish, index=index, broker_url=self.settings.broker_url)
-        else:
-            job = RerankJob(self.app, job_id, finish, index=index, broker_url=self.settings.broker_url)
-        job._signature = signature
-        job.request = request
-        return job
+        job = RerankJob(self.backend, uuid(), finish, index=index, request=request)
+        return job, self._chain(documents, chunks, job.id)
 
-    def _handle(self, kind: type[Handle], task_id: str, apply_async: Any, finish: Finish) -> Handle:
-        if self.settings.embedded:
-            return kind(self.app, task_id, finish, run=lambda: self._send(apply_async))
-        self._send(apply_async)
-        return kind(self.app, task_id, finish, broker_url=self.settings.broker_url)
+    def _send(self, signature: Signature, finish: Finish) -> Handle:
+        task_id = signature.freeze().id
+        self.backend.send(task_id, signature)
+        return Handle(self.backend, task_id, finish)
 
     def _two_stage_requests(
         self,
@@ -361,13 +306,13 @@ class RerankClient:
         )
         return documents, chunks
 
-    def _chain(self, documents: DocumentsRequest, chunks: ChunksRequest, job_id: str) -> Any:
+    def _chain(self, documents: DocumentsRequest, chunks: ChunksRequest, job_id: str) -> Signature:
         # The job id is stage 2's task id and stage 1's is derived from it, so any process that
         # knows the job id finds both stages. The queue travels with each signature: stage 2 is
         # sent by the worker, whose own routing would otherwise pick the worker's default queue.
         return chain(
             self.app.signature(
-                TASK_DOCUMENTS, args=(_slim(documents),), immutable=True, queue=self.settings.queue, task_id=stage1_id(job_id)
+                TASK_DOCUMENTS, args=(stage1_message(documents),), immutable=True, queue=self.settings.queue, task_id=stage1_id(job_id)
             ),
             self.app.signature(
                 TASK_CHUNKS, kwargs={"request": chunks.model_dump(mode="json")}, queue=self.settings.queue, task_id=job_id
@@ -383,39 +328,12 @@ class RerankClient:
         }
         return parse_request(DocumentsRequest, data, self.settings)
 
-    def _need_broker(self, what: str) -> None:
-        if self.settings.embedded:
+    def _need_durable_jobs(self, what: str) -> None:
+        if not self.backend.durable:
             raise RerankError(
-                f"cannot {what} without a broker: in-process (embedded) jobs are not stored anywhere; "
+                f"cannot {what} without a broker: in-process jobs are stored nowhere but in their handles; "
                 "set RERANK_BROKER_URL, or keep the handle that submit() returned"
             )
-
-    def _send(self, apply_async: Any) -> AsyncResult:
-        try:
-            return apply_async()
-        except RerankError:
-            raise
-        except OperationalError as e:
-            raise BrokerUnavailable(
-                f"cannot reach the broker at {_redact(self.settings.broker_url)}: {e}; "
-                "check RERANK_BROKER_URL and that the broker is running"
-            ) from e
-        except (ConnectionError, RedisConnectionError, RedisTimeoutError, RuntimeError) as e:
-            # Celery subscribes to the result before publishing; with the Redis result backend
-            # down it retries for about 20 s, then raises redis-py's error or a RuntimeError.
-            if isinstance(e, RuntimeError) and "result store" not in str(e):
-                raise
-            backend = self.settings.result_backend or self.settings.broker_url
-            raise BrokerUnavailable(
-                f"cannot reach the result backend at {_redact(backend)}: {e}; "
-                "check RERANK_RESULT_BACKEND (or RERANK_BROKER_URL) and that Redis is running"
-            ) from e
-
-    def _collect(self, result: AsyncResult, timeout: float | None) -> dict[str, Any]:
-        try:
-            return result.get(timeout=timeout, propagate=True)
-        except Exception as e:
-            raise translate(e, result.id, timeout, self.settings.broker_url) from e
 
 
 def _check_min_score(min_score: float | None) -> None:
@@ -431,34 +349,3 @@ def _as_list(items: Any) -> Any:
         return list(items)
     except TypeError:
         return items
-
-
-def _slim(request: DocumentsRequest) -> dict[str, Any]:
-    """Drop what stage 1 does not read (chunks, metadata, text past its windows) to keep the message small.
-
-    `windows` is left out at its default, so workers that predate it accept the message.
-    """
-    exclude: dict[str, Any] = {"candidates": {"__all__": {"chunks", "metadata"}}}
-    if request.windows == 1:
-        exclude["windows"] = True
-    message = request.model_dump(mode="json", exclude=exclude)
-    extent = windows_extent(request.windows)
-    for candidate in message["candidates"]:
-        candidate["text"] = candidate["text"][:extent]
-    return message
-
-
-def _register_worker_tasks() -> None:
-    """Import the worker's tasks so they run in this process (the embedded mode)."""
-    try:
-        importlib.import_module("worker.tasks")
-    except ImportError as e:
-        raise ModelLoadError(
-            "no RERANK_BROKER_URL is set, so tasks run in this process, which needs the worker "
-            f"extra: pip install 'bge-rerank-celery[worker]' ({e}); or set RERANK_BROKER_URL"
-        ) from e
-
-
-def _redact(url: str | None) -> str:
-    """Hide the password in a broker URL before it reaches a message or a log."""
-    return maybe_sanitize_url(url or "") or "<unset>"

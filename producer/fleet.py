@@ -5,13 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from kombu.exceptions import OperationalError
-from kombu.utils.url import maybe_sanitize_url
 from pydantic import BaseModel, ConfigDict, Field
 
-from producer.errors import BrokerUnavailable
-
-REPORT_COMMAND = "rerank_report"
+from producer.errors import reaching
+from producer.names import REPORT_COMMAND
 
 
 class WorkerInfo(BaseModel):
@@ -36,14 +33,11 @@ def inspect_workers(app: Celery, timeout: float = 2.0) -> list[WorkerInfo]:
         BrokerUnavailable: the broker cannot be reached.
     """
     inspector = app.control.inspect(timeout=timeout)
-    try:
+    with reaching("asking the workers", app.conf.broker_url):
         queues = inspector.active_queues() or {}
         stats = inspector.stats() or {}
         registered = inspector.registered() or {}
         reports = _reports(inspector)
-    except (OperationalError, ConnectionError, OSError) as e:
-        where = maybe_sanitize_url(app.conf.broker_url or "") or "the broker"
-        raise BrokerUnavailable(f"cannot reach {where} to ask the workers: {e}; check RERANK_BROKER_URL") from e
     workers = []
     for name in sorted(set(queues) | set(stats) | set(registered)):
         stat = stats.get(name) or {}

@@ -1,4 +1,4 @@
-"""Job handles: follow, wait for and cancel two-stage jobs and batches of them, from any process.
+"""Job handles: follow, wait for and cancel jobs and batches of them, from any process.
 
 A two-stage job is one Celery chain. The chain's last task id is the job id; stage 1's task id is
 derived from it (``<job id>:documents``), so a process that only knows the job id can still find
@@ -7,40 +7,22 @@ both stages, their states and their progress. Nothing else needs storing.
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from celery import Celery, states
-from celery.exceptions import TaskRevokedError
-from celery.exceptions import TimeoutError as CeleryTimeoutError
-from celery.result import AsyncResult
-from kombu.exceptions import OperationalError
-from kombu.utils.url import maybe_sanitize_url
+from celery import states
 from pydantic import BaseModel, ConfigDict, Field
 
-from producer.errors import BrokerUnavailable, JobCancelled, RerankError, RerankTimeout, WorkerError
-from producer.schemas import Candidate, Chunk, RerankResult, TwoStageResult
-
-try:  # the Redis backend raises redis-py's own errors, which are not builtin ConnectionErrors
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import TimeoutError as RedisTimeoutError
-except ImportError:  # pragma: no cover - celery[redis] installs redis
-
-    class RedisConnectionError(Exception):  # type: ignore[no-redef]
-        pass
-
-    class RedisTimeoutError(Exception):  # type: ignore[no-redef]
-        pass
+from producer.backends import Meta, WorkerBackend
+from producer.errors import RerankTimeout, WorkerError, translate
+from producer.schemas import Candidate, Chunk, RerankResult, TwoStageRequest, TwoStageResult
+from producer.waiting import Outcomes, Waiter
 
 STAGE1_SUFFIX = ":documents"
 READY_STATES = frozenset(states.READY_STATES)
 ResultT = TypeVar("ResultT", RerankResult, TwoStageResult)
-
-# Fast tokenizers and one shared model: in-process (embedded) runs go one at a time.
-_embedded_lock = threading.Lock()
 
 
 def stage1_id(job_id: str) -> str:
@@ -55,7 +37,7 @@ class StageProgress(BaseModel):
 
     stage: str
     task_id: str
-    state: str = Field(description="Celery state: PENDING, STARTED, SUCCESS, FAILURE, REVOKED, or a custom one.")
+    state: str = Field(description="Celery state: PENDING, STARTED, PROGRESS, SUCCESS, FAILURE or REVOKED.")
     info: dict[str, Any] | None = Field(None, description="The task's meta while it runs (e.g. hostname, pid, done/total).")
     error: str | None = Field(None, description="The failure's type and message, when the stage failed.")
 
@@ -98,6 +80,7 @@ class Finish(Generic[ResultT]):
     chunks: Sequence[Chunk] | None = None
 
     def __call__(self, raw: Any) -> ResultT:
+        """Parse `raw` (a task's return value) into the result the caller asked for."""
         result = self.model.model_validate(raw)
         if isinstance(result, TwoStageResult):
             return result.model_copy(
@@ -116,54 +99,15 @@ def _finish(result: RerankResult, min_score: float | None, sent: Sequence[Candid
     return result.model_copy(update={"items": items})
 
 
-def translate(error: BaseException, job_id: str, timeout: float | None = None, broker_url: str | None = None) -> RerankError:
-    """Map what Celery, kombu or redis raised while waiting on `job_id` to our typed errors."""
-    if isinstance(error, RerankError):
-        return error
-    if isinstance(error, TaskRevokedError):
-        return JobCancelled(f"job {job_id} was cancelled before it finished")
-    if isinstance(error, (CeleryTimeoutError, TimeoutError)) and not isinstance(error, (ConnectionError, RedisTimeoutError)):
-        return RerankTimeout(
-            f"job {job_id} gave no result within {timeout}s; it may still finish: "
-            "check that workers consume the queue (rerank workers), or raise the timeout"
-        )
-    if isinstance(error, (OperationalError, ConnectionError, RedisConnectionError, RedisTimeoutError)):
-        where = maybe_sanitize_url(broker_url or "") or "the result backend"
-        return BrokerUnavailable(
-            f"lost the broker or result backend ({where}) while following job {job_id}: {error}; "
-            "check RERANK_BROKER_URL / RERANK_RESULT_BACKEND and that Redis is running"
-        )
-    return WorkerError(f"job {job_id} failed in the worker: {type(error).__name__}: {error}")
-
-
 class Handle(Generic[ResultT]):
-    """A submitted task or chain: wait for its typed result; the base of `RerankJob`.
+    """A submitted task or chain: wait for its typed result; the base of `RerankJob`."""
 
-    With a broker the work is already queued; in embedded mode `run` holds it and it runs in
-    this process the first time its result is asked for.
-    """
-
-    def __init__(
-        self,
-        app: Celery,
-        task_id: str,
-        finish: Finish[ResultT],
-        *,
-        run: Callable[[], Any] | None = None,
-        broker_url: str | None = None,
-    ) -> None:
+    def __init__(self, backend: WorkerBackend, task_id: str, finish: Finish[ResultT]) -> None:
+        """Follow `task_id` through `backend`; `finish` turns its raw result into the typed one."""
         self.id = task_id
-        self.app = app
+        self.backend = backend
         self.finish = finish
-        self._run = run
-        self._broker_url = broker_url
-        self._outcome: tuple[Any, BaseException | None] | None = None
-        self._cancelled = False
-
-    @property
-    def embedded(self) -> bool:
-        """True when the work runs in this process rather than on workers."""
-        return self._run is not None
+        self.final: Meta | None = None
 
     def result(self, timeout: float | None = None) -> ResultT:
         """Wait up to `timeout` seconds (None: forever) and return the result.
@@ -175,73 +119,43 @@ class Handle(Generic[ResultT]):
             RerankTimeout: no result within `timeout`; the job may still finish.
             BrokerUnavailable: the broker or result backend cannot be reached.
         """
-        if self.embedded:
-            value, error = self._run_here()
-        else:
-            try:
-                value, error = AsyncResult(self.id, app=self.app).get(timeout=timeout, propagate=True), None
-            except BaseException as e:  # noqa: BLE001 - translated and re-raised below
-                if not isinstance(e, Exception):
-                    raise
-                value, error = None, e
-        if error is not None:
-            raise translate(error, self.id, timeout, self._broker_url) from error
-        return self.finish(value)
+        for _ in completed([self], timeout, f"job {self.id}"):
+            pass
+        return self.decode()
 
-    def meta(self) -> dict[str, Any]:
-        """Return the final task's meta (``status``, ``result``) from the backend: one read, no waiting."""
-        if self.embedded:
-            return self._embedded_meta(self.id)
-        try:
-            return self.app.backend.get_task_meta(self.id, cache=False)
-        except Exception as e:
-            raise translate(e, self.id, broker_url=self._broker_url) from e
+    def ready(self) -> bool:
+        """True once the job finished (succeeded, failed or was cancelled); one read, no waiting."""
+        return self.final is not None or self.backend.meta(self.id)["status"] in READY_STATES
 
-    def result_from_meta(self, meta: dict[str, Any]) -> ResultT:
-        """Turn a ready meta (from `meta`) into the result, or raise its typed error."""
-        if self.embedded:
-            return self.result()
-        if meta["status"] == states.SUCCESS:
-            return self.finish(meta["result"])
-        raw = meta["result"]
-        error = raw if isinstance(raw, BaseException) else self.app.backend.exception_to_python(raw)
+    def decode(self) -> ResultT:
+        """Turn the final meta into the result, or raise the typed error it holds."""
+        if self.final is None:
+            raise RuntimeError(f"job {self.id} has not finished; call result() to wait for it")
+        status, raw = self.final["status"], self.final["result"]
+        if status == states.SUCCESS:
+            return self.finish(raw)
+        error = raw if isinstance(raw, BaseException) else self.backend.app.backend.exception_to_python(raw)
         if not isinstance(error, BaseException):
-            error = WorkerError(f"job {self.id} ended in state {meta['status']}: {meta['result']!r}")
-        raise translate(error, self.id, broker_url=self._broker_url) from error
-
-    def _run_here(self) -> tuple[Any, BaseException | None]:
-        with _embedded_lock:
-            if self._outcome is None:
-                if self._cancelled:
-                    self._outcome = (None, JobCancelled(f"job {self.id} was cancelled before it ran"))
-                else:
-                    try:
-                        self._outcome = (self._run().get(), None)
-                    except Exception as e:  # noqa: BLE001 - kept and raised by result()
-                        self._outcome = (None, e)
-            return self._outcome
-
-    def _embedded_meta(self, task_id: str) -> dict[str, Any]:
-        if self._outcome is None:
-            return {"status": states.REVOKED if self._cancelled else states.PENDING, "result": None}
-        value, error = self._outcome
-        if error is None:
-            return {"status": states.SUCCESS, "result": value}
-        status = states.REVOKED if isinstance(error, JobCancelled) else states.FAILURE
-        return {"status": status, "result": {"exc_type": type(error).__name__, "exc_message": str(error)}}
+            error = WorkerError(f"job {self.id} ended in state {status}: {raw!r}")
+        raise translate(error, f"job {self.id}") from error
 
 
 class RerankJob(Handle[TwoStageResult]):
-    """A two-stage job: `id`, `status()`, `progress()`, `result(timeout)`, `cancel()`.
+    """A two-stage job: `id`, `status()`, `progress()`, `result(timeout)`, `cancel()`."""
 
-    `index` is the job's position in its batch (None outside a batch).
-    """
-
-    def __init__(self, *args: Any, index: int | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        backend: WorkerBackend,
+        job_id: str,
+        finish: Finish[TwoStageResult],
+        *,
+        index: int | None = None,
+        request: TwoStageRequest | None = None,
+    ) -> None:
+        """Follow job `job_id`; `index` is its place in a batch, `request` what this process sent (if it did)."""
+        super().__init__(backend, job_id, finish)
         self.index = index
-        self._signature: Any = None  # the chain, until submit_many sends it in a group
-        self.request: Any = None  # the TwoStageRequest, when this process submitted the job
+        self.request = request
 
     def __repr__(self) -> str:
         return f"RerankJob(id={self.id!r}, index={self.index})"
@@ -255,13 +169,9 @@ class RerankJob(Handle[TwoStageResult]):
         """Return the job's state: PENDING, STARTED, SUCCESS, FAILURE or REVOKED."""
         return self.progress().state
 
-    def ready(self) -> bool:
-        """True once the job finished (succeeded, failed or was cancelled)."""
-        return self.meta()["status"] in READY_STATES
-
     def progress(self) -> JobProgress:
         """Read both stages' states and meta from the result backend (two reads, no waiting)."""
-        stages = [self._stage(stage, task_id) for stage, task_id in self.task_ids.items()]
+        stages = [_stage(stage, task_id, self.backend.meta(task_id)) for stage, task_id in self.task_ids.items()]
         return JobProgress(job_id=self.id, state=overall_state(stages), stages=stages, fraction=_fraction(stages))
 
     def cancel(self) -> bool:
@@ -270,42 +180,17 @@ class RerankJob(Handle[TwoStageResult]):
         A stage already running on a worker finishes (killing it would cost a model reload), but
         what follows it is dropped and `result()` raises `JobCancelled`.
         """
-        if self.embedded:
-            with _embedded_lock:
-                if self._outcome is not None:
-                    return False
-                self._cancelled = True
-                return True
-        try:
-            if self.ready():
-                return False
-            ids = list(self.task_ids.values())
-            self.app.control.revoke(ids)
-            # Record the cancellation now: a queued stage 2 is only marked by a worker when it
-            # arrives, which never happens if stage 1 was dropped, and other processes must see it.
-            for task_id in ids:
-                if self.app.backend.get_task_meta(task_id, cache=False)["status"] not in READY_STATES:
-                    self.app.backend.mark_as_revoked(task_id, "cancelled by the client")
-        except RerankError:
-            raise
-        except Exception as e:
-            raise translate(e, self.id, broker_url=self._broker_url) from e
+        if self.ready():
+            return False
+        self.backend.revoke(list(self.task_ids.values()))
         return True
 
-    def _stage(self, stage: str, task_id: str) -> StageProgress:
-        if self.embedded:
-            meta = self._embedded_meta(task_id)
-        else:
-            try:
-                meta = self.app.backend.get_task_meta(task_id, cache=False)
-            except Exception as e:
-                raise translate(e, self.id, broker_url=self._broker_url) from e
-        state, raw = meta["status"], meta.get("result")
-        info = raw if state not in READY_STATES and isinstance(raw, dict) else None
-        error = None
-        if state in states.PROPAGATE_STATES:
-            error = _describe(raw)
-        return StageProgress(stage=stage, task_id=task_id, state=state, info=info, error=error)
+
+def _stage(stage: str, task_id: str, meta: Meta) -> StageProgress:
+    state, raw = meta["status"], meta.get("result")
+    info = raw if state not in READY_STATES and isinstance(raw, dict) else None
+    error = _describe(raw) if state in states.PROPAGATE_STATES else None
+    return StageProgress(stage=stage, task_id=task_id, state=state, info=info, error=error)
 
 
 def _describe(raw: Any) -> str:
@@ -347,6 +232,7 @@ class RerankBatch:
     """Many two-stage jobs sent together: collect them in input order or as they complete."""
 
     def __init__(self, batch_id: str, jobs: list[RerankJob]) -> None:
+        """A batch named `batch_id` holding `jobs` in input order."""
         self.id = batch_id
         self.jobs = jobs
 
@@ -359,35 +245,13 @@ class RerankBatch:
     def __getitem__(self, index: int) -> RerankJob:
         return self.jobs[index]
 
-    def as_completed(self, timeout: float | None = None, *, poll: float = 0.05, max_poll: float = 0.5) -> Iterator[RerankJob]:
-        """Yield each job as soon as it finished; call `job.result()` on it (it no longer waits).
+    def as_completed(self, timeout: float | None = None) -> Iterator[RerankJob]:
+        """Yield each job as soon as it finished; `job.result()` then returns without waiting.
 
         Raises:
             RerankTimeout: `timeout` seconds passed with jobs unfinished; they may still finish.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pending = list(self.jobs)
-        delay = poll
-        while pending:
-            if pending[0].embedded:
-                job = pending.pop(0)
-                job._run_here()
-                yield job
-                continue
-            finished = ready_ids(pending[0].app, [job.id for job in pending])
-            for job in [job for job in pending if job.id in finished]:
-                pending.remove(job)
-                yield job
-            if not pending:
-                return
-            if deadline is not None and time.monotonic() >= deadline:
-                raise RerankTimeout(
-                    f"{len(pending)} of {len(self.jobs)} jobs of batch {self.id} gave no result within {timeout}s; "
-                    "they may still finish"
-                )
-            nap = delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic()))
-            time.sleep(nap)
-            delay = min(delay * 1.5, max_poll)
+        return completed(self.jobs, timeout, f"batch {self.id}")
 
     def results(self, timeout: float | None = None, *, return_exceptions: bool = False) -> list[Any]:
         """Return every job's result in input order.
@@ -395,24 +259,16 @@ class RerankBatch:
         With `return_exceptions` a failed (or, past `timeout`, unfinished) job gives its
         `RerankError` in its place instead of raising the first one.
         """
-        outcomes: dict[int, Any] = {}
+        outcomes = Outcomes(self.jobs, return_exceptions)
         try:
             for job in self.as_completed(timeout):
-                try:
-                    outcomes[job.index] = job.result(timeout=5)
-                except RerankError as e:
-                    if not return_exceptions:
-                        raise
-                    outcomes[job.index] = e
+                outcomes.add(job)
         except RerankTimeout as e:
-            if not return_exceptions:
-                raise
-            for job in self.jobs:
-                outcomes.setdefault(job.index, e)
-        return [outcomes[job.index] for job in self.jobs]
+            outcomes.timed_out(e)
+        return outcomes.in_order()
 
     def progress(self) -> BatchProgress:
-        """Count the batch's jobs by state (one backend read per job; nothing waits)."""
+        """Count the batch's jobs by state (two backend reads per job; nothing waits)."""
         counts: dict[str, int] = {}
         for job in self.jobs:
             state = job.status()
@@ -426,12 +282,12 @@ class RerankBatch:
         return sum(job.cancel() for job in self.jobs)
 
 
-def ready_ids(app: Celery, task_ids: Sequence[str]) -> set[str]:
-    """Return which of `task_ids` are finished, in one round trip where the backend allows it."""
-    backend = app.backend
-    try:
-        if hasattr(backend, "get_many"):
-            return {task_id for task_id, _ in backend.get_many(list(task_ids), interval=0, max_iterations=1)}
-        return {t for t in task_ids if backend.get_task_meta(t, cache=False)["status"] in READY_STATES}
-    except Exception as e:
-        raise translate(e, f"{len(task_ids)} jobs") from e
+def completed(handles: Iterable[Handle], timeout: float | None, what: str) -> Iterator[Any]:
+    """Yield `handles` as they finish, reading their backend and sleeping as the `Waiter` says."""
+    handles = list(handles)
+    waiter = Waiter(handles, timeout, what)
+    yield from waiter.ready
+    while waiter.pending:
+        yield from waiter.settle(handles[0].backend.finished(waiter.ids()))
+        if waiter.pending:
+            time.sleep(waiter.pause())

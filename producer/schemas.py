@@ -71,7 +71,7 @@ class DocumentsRequest(_Model):
         1,
         ge=1,
         le=MAX_WINDOWS,
-        description="Score up to this many windows of each text (the first is the seed's abstract) and keep the best.",
+        description="Score up to this many windows of each text (the first is the abstract) and keep the best.",
     )
 
     @model_validator(mode="after")

@@ -65,7 +65,7 @@ class Settings(BaseSettings):
         1,
         ge=1,
         le=32,
-        description="Stage 1 scores up to this many 1,500-character windows of each paper's text and keeps the best; 1 is the seed's abstract-only score.",
+        description="Stage 1 scores up to this many 1,500-character windows of each paper's text and keeps the best; 1 scores the abstract alone.",
     )
 
     # Fleet
@@ -83,11 +83,6 @@ class Settings(BaseSettings):
                 f"RERANK_TASK_TIME_LIMIT ({self.task_time_limit}s), or running tasks get delivered twice"
             )
         return self
-
-    @property
-    def embedded(self) -> bool:
-        """True when no broker is configured and tasks run in the calling process."""
-        return not self.broker_url
 
 
 @lru_cache(maxsize=1)

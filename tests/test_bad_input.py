@@ -20,9 +20,8 @@ import pytest
 from producer import InvalidRequest, RerankClient, RerankResult, Settings, WorkerError
 from producer.jobs import Finish, Handle
 from producer.names import TASK_CHUNKS, TASK_DOCUMENTS
-from tests.conftest import CORPUS
+from tests.helpers import CORPUS, QUERY
 
-QUERY = "apixaban in atrial fibrillation with chronic kidney disease"
 OK = {"id": "ok", "title": "Apixaban in CKD", "text": "Apixaban reduced major bleeding in dialysis patients."}
 OK_CHUNK = {"id": "c1", "doc_id": "ok", "title": "Apixaban in CKD", "text": "Apixaban reduced bleeding."}
 TEN_MB = "a" * 10_000_000
@@ -197,7 +196,7 @@ class Marker:
 
 
 @pytest.mark.integration
-def test_the_worker_refuses_messages_that_bypass_the_producer_and_serves_on(start_worker, redis_server, tiny_model, tmp_path, embedded_settings):
+def test_the_worker_refuses_messages_that_bypass_the_producer_and_serves_on(start_worker, redis_server, tiny_model, tmp_path, in_process_settings):
     # Given a worker on its own queue
     worker = start_worker("-Q", "hostile", name="hostile")
     worker.wait_until_loaded(processes=1)
@@ -223,15 +222,15 @@ def test_the_worker_refuses_messages_that_bypass_the_producer_and_serves_on(star
     # Then every malformed request fails in the worker with InvalidRequest and its reason, once
     for raw in WORKER_CORPUS:
         with pytest.raises(InvalidRequest, match=raw.message):
-            Handle(client.app, ids[raw.name], Finish(RerankResult)).result(timeout=30)
+            Handle(client.backend, ids[raw.name], Finish(RerankResult)).result(timeout=30)
     # an unknown task fails with a typed error naming it
     with pytest.raises(WorkerError, match=r"NotRegistered.*rerank.everything"):
-        Handle(client.app, unknown, Finish(RerankResult)).result(timeout=30)
+        Handle(client.backend, unknown, Finish(RerankResult)).result(timeout=30)
     # and what cannot be decoded is logged and dropped, never executed (pickle least of all),
     # but its task fails, so nobody waits on it until a timeout
     for name in undecodable:
         with pytest.raises(InvalidRequest, match=rf"message {ids[name]} could not be read and was dropped"):
-            Handle(client.app, ids[name], Finish(RerankResult)).result(timeout=30)
+            Handle(client.backend, ids[name], Finish(RerankResult)).result(timeout=30)
     log = worker.output()
     assert "Received invalid task message: Refusing to deserialize untrusted content of type pickle" in log
     assert not marker.exists(), "the worker unpickled a message"
@@ -247,7 +246,7 @@ def test_the_worker_refuses_messages_that_bypass_the_producer_and_serves_on(star
     # And the worker still serves correct results
     papers = [paper(i) for i in range(8)]
     served = client.two_stage(QUERY, papers, top_k_docs=3, timeout=30)
-    expected = RerankClient(embedded_settings).two_stage(QUERY, papers, top_k_docs=3)
+    expected = RerankClient(in_process_settings).two_stage(QUERY, papers, top_k_docs=3)
     assert [i.id for i in served.chunks.items] == [i.id for i in expected.chunks.items]
     assert [i.score for i in served.chunks.items] == pytest.approx([i.score for i in expected.chunks.items], abs=1e-5)
     assert served.documents.info.worker.startswith("hostile")

@@ -1,4 +1,4 @@
-"""Job handles, batches, min_score, documents and stage-1 windows: embedded and through Redis."""
+"""Job handles, batches, min_score, documents and stage-1 windows: in-process and through Redis."""
 
 from __future__ import annotations
 
@@ -8,18 +8,17 @@ import sys
 import pytest
 
 from producer import InvalidRequest, RerankClient, Settings
-from producer.chunking import text_windows
-from producer.jobs import JobCancelled, stage1_id
+from producer.formats import text_windows
+from producer import JobCancelled
+from producer.jobs import stage1_id
 from producer.schemas import Candidate, Chunk
-from tests.conftest import CORPUS
-from tests.reference import reference_logits, sigmoid
-from tests.test_pipeline import QUERY, candidates
-from worker.formats import document_passage
+from tests.helpers import CORPUS, QUERY, candidates, reference_logits, sigmoid
+from producer.formats import document_passage
 
 
-def test_min_score_and_documents_are_applied_client_side(embedded_settings):
+def test_min_score_and_documents_are_applied_client_side(in_process_settings):
     # Given a two-stage job whose chunk scores we know
-    client = RerankClient(embedded_settings)
+    client = RerankClient(in_process_settings)
     plain = client.two_stage(QUERY, candidates(8), top_k_docs=3)
     cut = sorted(item.score for item in plain.chunks.items)[len(plain.chunks.items) // 2]
     # When asked for documents and a threshold
@@ -35,11 +34,11 @@ def test_min_score_and_documents_are_applied_client_side(embedded_settings):
         client.rerank_documents(QUERY, candidates(2), min_score=1.5)
 
 
-def test_stage1_windows_keep_each_papers_best_window(embedded_settings, tiny_model):
+def test_stage1_windows_keep_each_papers_best_window(in_process_settings, tiny_model):
     # Given papers whose texts run far past the seed's 1,500-character abstract
     papers = [{"id": f"long{i}", "title": CORPUS[i], "text": " ".join((CORPUS * 3)[i * 10 : i * 10 + 40])} for i in range(3)]
     assert all(len(p["text"]) > 3000 for p in papers)
-    client = RerankClient(embedded_settings)
+    client = RerankClient(in_process_settings)
     # When stage 1 scores up to 3 windows of each
     result = client.rerank_documents(QUERY, papers, top_k=3, windows=3)
     # Then each paper's score is the best of its windows' reference scores
@@ -56,9 +55,9 @@ def test_stage1_windows_keep_each_papers_best_window(embedded_settings, tiny_mod
     assert [i.score for i in seed.items] == pytest.approx([first[i.id] for i in seed.items], abs=1e-5)
 
 
-def test_embedded_jobs_report_progress_and_can_be_cancelled_before_they_run(embedded_settings):
-    # Given embedded jobs, which run when their result is first asked for
-    client = RerankClient(embedded_settings)
+def test_in_process_jobs_report_progress_and_can_be_cancelled_before_they_run(in_process_settings):
+    # Given in-process jobs, which run when their result is first waited for
+    client = RerankClient(in_process_settings)
     batch = client.submit_many([{"query": QUERY, "candidates": candidates(4), "top_k_docs": 2} for _ in range(3)])
     assert batch.progress().states == {"PENDING": 3}
     # When one is cancelled before it runs

@@ -101,14 +101,14 @@ def test_the_producer_validates_before_queueing(redis_server):
 
 
 def test_stage1_messages_carry_only_the_text_stage1_reads():
-    from producer.client import _slim
+    from producer.formats import stage1_message
 
     # Given a paper with a long full text, chunks and metadata
     request = DocumentsRequest(
         query="q", candidates=[paper(1, text="x" * 20_000, chunks=[{"text": "c"}], metadata={"year": 2020})]
     )
     # When it is turned into a stage-1 message
-    sent = _slim(request)["candidates"][0]
+    sent = stage1_message(request)["candidates"][0]
     # Then only the 1,500 characters stage 1 scores travel (more with windows), nothing else
     assert len(sent["text"]) == 1500 and "chunks" not in sent and "metadata" not in sent
-    assert len(_slim(request.model_copy(update={"windows": 3}))["candidates"][0]["text"]) == 1500 + 2 * 1300
+    assert len(stage1_message(request.model_copy(update={"windows": 3}))["candidates"][0]["text"]) == 1500 + 2 * 1300

@@ -6,11 +6,9 @@ import pytest
 import torch
 
 from producer.errors import ModelLoadError
-from tests.conftest import CORPUS
-from tests.reference import reference_logits, sigmoid
+from tests.helpers import CORPUS, QUERY, reference_logits, sigmoid
 from worker.engine import CrossEncoderEngine
 
-QUERY = "apixaban versus rivaroxaban in chronic kidney disease"
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +55,8 @@ def test_rounded_batch_widths_keep_scores_and_stay_within_budget(tiny_model):
     assert scores.padded_tokens % 32 == 0
     assert scores.padded_tokens <= scores.batches * 512
     assert scores.probabilities == pytest.approx(sigmoid(reference_logits(tiny_model, QUERY, passages)), abs=1e-5)
-    assert rounded._width(1) == 32 and rounded._width(33) == 64 and rounded._width(rounded.max_length) == rounded.max_length
+    width = rounded._layout.width
+    assert width(1) == 32 and width(33) == 64 and width(rounded.max_length) == rounded.max_length
 
 
 def test_cuda_warm_up_runs_one_full_batch_at_every_rounded_width(tiny_model, monkeypatch):

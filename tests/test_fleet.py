@@ -15,15 +15,10 @@ import pytest
 
 from producer import RerankClient, Settings
 from producer.names import DEFAULT_QUEUE, queue_name, worker_queues
-from tests.conftest import CORPUS
+from tests.helpers import CORPUS, QUERY, ROOT, short_papers
 from worker.cli import build_parser, celery_argv, pinned_workers
 
-QUERY = "apixaban in atrial fibrillation with chronic kidney disease"
-ROOT = Path(__file__).parents[1]
 
-
-def papers(n: int, seed: int = 0) -> list[dict]:
-    return [{"id": f"p{seed}-{i}", "title": CORPUS[(seed + i) % len(CORPUS)], "text": CORPUS[(seed + 3 * i) % len(CORPUS)]} for i in range(n)]
 
 
 # Queues ---------------------------------------------------------------------------------------
@@ -56,14 +51,14 @@ def test_a_worker_takes_interactive_work_before_bulk_work(start_worker, redis_se
     def client(queue: str) -> RerankClient:
         return RerankClient(Settings(broker_url=redis_server.url, queue=queue, model=str(tiny_model)))
 
-    bulk = [client("prio.bulk").submit_documents(QUERY, papers(4, n), top_k=2) for n in range(6)]
-    interactive = [client("prio.interactive").submit_documents(QUERY, papers(4, n), top_k=2) for n in range(3)]
+    bulk = [client("prio.bulk").submit_documents(QUERY, short_papers(4, n), top_k=2) for n in range(6)]
+    interactive = [client("prio.interactive").submit_documents(QUERY, short_papers(4, n), top_k=2) for n in range(3)]
     # When one single-process worker consuming "interactive, then bulk" comes up
     start_worker("-Q", "prio.interactive,prio.bulk", name="prio").wait_until_loaded(processes=1)
     for handle in bulk + interactive:
         handle.result(timeout=60)
     # Then every interactive job finished before any bulk job (round robin would interleave them)
-    done = {h.id: h.app.AsyncResult(h.id).date_done for h in bulk + interactive}
+    done = {h.id: h.backend.app.AsyncResult(h.id).date_done for h in bulk + interactive}
     order = sorted(done, key=done.get)
     assert set(order[:3]) == {h.id for h in interactive}, order
 
@@ -138,7 +133,7 @@ def test_devices_starts_a_real_pinned_worker_and_the_parent_loads_no_torch(redis
     try:
         client = RerankClient(Settings(broker_url=redis_server.url, queue="pinned", model=str(tiny_model)))
         # When it serves a job
-        result = client.rerank_documents(QUERY, papers(5), top_k=2, timeout=120)
+        result = client.rerank_documents(QUERY, short_papers(5), top_k=2, timeout=120)
         # Then its child, named after the device, did the work, with no GPU visible
         assert result.info.worker.startswith("cpu@") and result.info.device == "cpu"
         child_pid = result.info.pid
@@ -168,7 +163,7 @@ def test_jobs_spread_over_three_workers_and_a_worker_that_joins_takes_jobs(start
         worker.wait_until_loaded(processes=1)
     client = RerankClient(Settings(broker_url=redis_server.url, queue="scale", model=str(tiny_model)))
     # When 60 jobs are sent at once
-    handles = [client.submit_documents(QUERY, papers(12, n), top_k=3) for n in range(60)]
+    handles = [client.submit_documents(QUERY, short_papers(12, n), top_k=3) for n in range(60)]
     split = collections.Counter(h.result(timeout=120).info.worker.split("@")[0] for h in handles)
     print(f"60 jobs over 3 workers: {dict(sorted(split.items()))}")
     # Then all three took a share
@@ -181,7 +176,7 @@ def test_jobs_spread_over_three_workers_and_a_worker_that_joins_takes_jobs(start
     while by_worker["joiner3"] < 3:
         assert time.monotonic() < deadline, f"the new worker took no jobs: {by_worker}\n{joiner.output()[-2000:]}"
         while len(pending) < 8:  # keep a backlog so that every worker always has something to take
-            pending.append(client.submit_documents(QUERY, papers(12, n), top_k=3))
+            pending.append(client.submit_documents(QUERY, short_papers(12, n), top_k=3))
             n += 1
         handle = pending.pop(0)
         by_worker[handle.result(timeout=120).info.worker.split("@")[0]] += 1

@@ -14,11 +14,13 @@ from pathlib import Path
 import pytest
 
 from producer import RerankClient, Settings
-from tests.conftest import CORPUS, free_port
+from tests.helpers import CORPUS, QUERY, free_port, skip_or_fail, wait_for
 
-pytest.importorskip("flower", reason="flower is not installed (pip install -e '.[test]')")
+try:
+    import flower  # noqa: F401
+except ImportError:
+    skip_or_fail("flower is not installed (pip install -e '.[test]')")
 
-QUERY = "apixaban in atrial fibrillation with chronic kidney disease"
 AUTH = "admin:s3cret"
 
 
@@ -72,15 +74,6 @@ class Flower:
         self._log.close()
 
 
-def eventually(check, timeout: float = 30, every: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(every)
-
-
 @pytest.mark.integration
 def test_flower_shows_workers_tasks_progress_queues_and_metrics(start_worker, redis_server, tiny_model, tmp_path):
     # Given Flower with basic auth, and one single-process worker that reports progress after every batch
@@ -103,14 +96,14 @@ def test_flower_shows_workers_tasks_progress_queues_and_metrics(start_worker, re
         name = done.documents.info.worker
 
         # Then Flower lists the worker, with our per-worker report among its stats
-        workers = eventually(lambda: flower.json(f"/api/workers?refresh=1&workername={name}").get(name))
+        workers = wait_for(lambda: flower.json(f"/api/workers?refresh=1&workername={name}").get(name), 30, "Flower to list the worker", interval=0.1)
         assert workers and workers["stats"]["rerank"]["model"] == str(tiny_model)
         assert workers["stats"]["rerank"]["tasks"] >= 2
         assert "flower" in {q["name"] for q in workers["active_queues"]}
         # And our task types, and each stage finished with its runtime
-        types = eventually(lambda: {"rerank.documents", "rerank.chunks"} <= set(flower.json("/api/task/types")["task-types"]))
+        types = wait_for(lambda: {"rerank.documents", "rerank.chunks"} <= set(flower.json("/api/task/types")["task-types"]), 30, "Flower to know both task types", interval=0.1)
         assert types
-        tasks = eventually(lambda: [t for t in flower.json("/api/tasks").values() if t["state"] == "SUCCESS"])
+        tasks = wait_for(lambda: [t for t in flower.json("/api/tasks").values() if t["state"] == "SUCCESS"], 30, "Flower to show succeeded tasks", interval=0.1)
         assert {t["name"] for t in tasks} == {"rerank.documents", "rerank.chunks"}
         assert all(t["runtime"] > 0 and t["worker"] == name for t in tasks)
         # (queued work is visible from "sent", before any worker takes it: task_send_sent_event)
@@ -126,18 +119,18 @@ def test_flower_shows_workers_tasks_progress_queues_and_metrics(start_worker, re
             states.append(json.loads(body)["state"] if status == 200 else None)
             return states[-1] == "PROGRESS"
 
-        progress = eventually(state, every=0.05)
+        progress = wait_for(state, 30, "Flower to show the task's progress", interval=0.05)
         waiting = [client.submit_documents(QUERY, papers, top_k=2) for _ in range(3)]
         # Then Flower shows its PROGRESS state live, and the backend's batches done of total
         assert progress, states
         # (its result endpoint reads the result backend, as the producer's job.progress() does)
-        assert eventually(lambda: flower.json(f"/api/task/result/{long_job.id}")["state"] == "PROGRESS", every=0.05)
+        assert wait_for(lambda: flower.json(f"/api/task/result/{long_job.id}")["state"] == "PROGRESS", 30, "the PROGRESS state in Flower's task result", interval=0.05)
         # And the queue length counts the three waiting jobs
-        lengths = eventually(lambda: {q["name"]: q["messages"] for q in flower.json("/api/queues/length")["active_queues"]}.get("flower") == 3, every=0.05)
+        lengths = wait_for(lambda: {q["name"]: q["messages"] for q in flower.json("/api/queues/length")["active_queues"]}.get("flower") == 3, 30, "Flower to count 3 queued messages", interval=0.05)
         assert lengths, flower.json("/api/queues/length")
         for handle in [long_job, *waiting]:
             handle.result(timeout=120)
-        assert eventually(lambda: {q["name"]: q["messages"] for q in flower.json("/api/queues/length")["active_queues"]}["flower"] == 0)
+        assert wait_for(lambda: {q["name"]: q["messages"] for q in flower.json("/api/queues/length")["active_queues"]}["flower"] == 0, 30, "the queue to drain", interval=0.1)
 
         # And /metrics (Prometheus) carries our tasks' events and runtimes
         metrics = flower.get("/metrics", auth=False)[1].decode()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from producer import RerankClient, Settings
-from tests.conftest import CORPUS, RedisServer, WorkerFleet
+from tests.helpers import CORPUS, RedisServer, WorkerFleet
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +34,7 @@ def for_job(n: int) -> tuple[str, list[dict]]:
     return query, [{**p, "id": f"j{n}-{p['id']}"} for p in papers]
 
 
-def test_a_thousand_jobs_from_eight_threads_all_arrive_right_and_once(tmp_path: Path, tiny_model: Path, embedded_settings):
+def test_a_thousand_jobs_from_eight_threads_all_arrive_right_and_once(tmp_path: Path, tiny_model: Path, in_process_settings):
     # Given 2 workers on a private Redis, and the right answer for each request template
     server = RedisServer(tmp_path)
     server.start("--appendonly", "no")
@@ -44,7 +44,7 @@ def test_a_thousand_jobs_from_eight_threads_all_arrive_right_and_once(tmp_path: 
         # Results expire by the setting of the worker that stores them, not the producer's.
         env = {"RERANK_RESULT_EXPIRES": str(RESULT_EXPIRES)}
         workers = [fleet.start("-c", "1", env=env, name="load"), fleet.start("-c", "1", env=env, name="load")]
-        reference = RerankClient(embedded_settings)
+        reference = RerankClient(in_process_settings)
         expected = {}
         for t in range(TEMPLATES):
             result = reference.two_stage(*template(t), top_k_docs=2)

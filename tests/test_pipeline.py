@@ -1,4 +1,4 @@
-"""Two-stage jobs end to end: in-process (embedded) and through Redis to real workers."""
+"""Two-stage jobs end to end: in-process and through Redis to real workers."""
 
 from __future__ import annotations
 
@@ -11,75 +11,32 @@ import time
 import pytest
 
 from producer import InvalidRequest, RerankClient, Settings
-from tests.conftest import CORPUS
-from tests.reference import reference_logits, sigmoid
-from worker.formats import chunk_passage, document_passage
+from tests.helpers import QUERY, candidates, check_two_stage
 
-QUERY = "apixaban in atrial fibrillation with chronic kidney disease"
-
-
-def candidates(n: int = 30) -> list[dict]:
-    papers = []
-    for i in range(n):
-        paper = {"id": f"p{i}", "title": CORPUS[i % len(CORPUS)], "text": " ".join(CORPUS[i : i + 6])}
-        if i % 2:
-            paper["chunks"] = [{"section": "Results", "text": CORPUS[(i + k) % len(CORPUS)]} for k in range(3)]
-        else:
-            paper["text"] += "\n\n## Discussion\n\n" + " ".join(CORPUS[i + 6 : i + 12])
-        papers.append(paper)
-    return papers
-
-
-def check_two_stage(client: RerankClient, model_dir, top_k_docs: int = 5):
-    papers = candidates()
-    result = client.two_stage(QUERY, papers, top_k_docs=top_k_docs, return_logits=True, timeout=60)
-    parsed = client._documents_request(QUERY, papers, top_k_docs, True).candidates
-
-    # Stage 1: the top_k_docs best papers by the reference scores, in descending order
-    expected = sigmoid(reference_logits(model_dir, QUERY, [document_passage(p) for p in parsed]))
-    best = sorted(range(len(parsed)), key=lambda i: -expected[i])[:top_k_docs]
-    assert [item.index for item in result.documents.items] == best
-    assert [item.score for item in result.documents.items] == pytest.approx([expected[i] for i in best], abs=1e-5)
-    assert result.documents.scored == len(papers)
-
-    # Stage 2: exactly the chunks of the kept papers were scored, sorted, with reference scores
-    pool = client.chunk_pool(parsed)
-    kept = {item.id for item in result.documents.items}
-    kept_chunks = [i for i, c in enumerate(pool) if c.doc_id in kept]
-    assert sorted(item.index for item in result.chunks.items) == kept_chunks
-    assert {item.doc_id for item in result.chunks.items} == kept
-    chunk_scores = sigmoid(reference_logits(model_dir, QUERY, [chunk_passage(pool[i]) for i in kept_chunks]))
-    by_index = dict(zip(kept_chunks, chunk_scores))
-    assert [item.score for item in result.chunks.items] == pytest.approx([by_index[item.index] for item in result.chunks.items], abs=1e-5)
-    scores = [item.score for item in result.chunks.items]
-    assert scores == sorted(scores, reverse=True)
-    return result
-
-
-def test_embedded_two_stage_matches_the_reference(embedded_settings, tiny_model):
-    result = check_two_stage(RerankClient(embedded_settings), tiny_model)
+def test_in_process_two_stage_matches_the_reference(in_process_settings, tiny_model):
+    result = check_two_stage(RerankClient(in_process_settings), tiny_model)
     assert result.documents.info.model_loads == 1
 
 
-def test_ties_keep_input_order_and_top_k_cuts(embedded_settings):
+def test_ties_keep_input_order_and_top_k_cuts(in_process_settings):
     # Given three identical papers between two different ones
     same = {"title": "Apixaban", "text": "Apixaban reduced bleeding in kidney disease."}
     papers = [{"id": "a", "title": "Panda", "text": "The giant panda is a bear."}] + [
         {"id": f"same{i}", **same} for i in range(3)
     ] + [{"id": "z", "title": "Stroke", "text": "Thrombectomy for stroke."}]
     # When ranked
-    result = RerankClient(embedded_settings).rerank_documents(QUERY, papers, top_k=5)
+    result = RerankClient(in_process_settings).rerank_documents(QUERY, papers, top_k=5)
     ids = [item.id for item in result.items]
     # Then the identical ones keep their input order and top_k bounds the list
     assert [i for i in ids if i.startswith("same")] == ["same0", "same1", "same2"]
-    assert RerankClient(embedded_settings).rerank_documents(QUERY, papers, top_k=2).items == result.items[:2]
+    assert RerankClient(in_process_settings).rerank_documents(QUERY, papers, top_k=2).items == result.items[:2]
 
 
 @pytest.mark.integration
-def test_redis_two_stage_matches_the_reference_and_the_embedded_path(shared_worker, redis_settings, embedded_settings, tiny_model):
+def test_redis_two_stage_matches_the_reference_and_the_in_process_path(shared_worker, redis_settings, in_process_settings, tiny_model):
     # Given a real worker consuming from Redis
     via_redis = check_two_stage(RerankClient(redis_settings), tiny_model)
-    in_process = RerankClient(embedded_settings).two_stage(QUERY, candidates(), top_k_docs=5, return_logits=True)
+    in_process = RerankClient(in_process_settings).two_stage(QUERY, candidates(), top_k_docs=5, return_logits=True)
     # Then the worker scored it, and both paths agree
     assert via_redis.documents.info.worker.startswith("shared0@")
     assert [i.id for i in via_redis.chunks.items] == [i.id for i in in_process.chunks.items]
@@ -91,12 +48,12 @@ def test_each_worker_process_loads_the_model_once(shared_worker, redis_settings)
     # Given a worker with two pool processes
     client = RerankClient(redis_settings)
     # When it serves many jobs
-    handles = [client.submit_two_stage(QUERY, candidates(8), top_k_docs=3) for _ in range(12)]
-    results = [h.get(timeout=60) for h in handles]
+    jobs = [client.submit(QUERY, candidates(8), top_k_docs=3) for _ in range(12)]
+    results = [job.result(timeout=60) for job in jobs]
     # Then every result came from a process that had loaded the model exactly once
-    infos = [r[stage]["info"] for r in results for stage in ("documents", "chunks")]
-    assert {info["model_loads"] for info in infos} == {1}
-    pids = {info["pid"] for info in infos}
+    infos = [stage.info for r in results for stage in (r.documents, r.chunks)]
+    assert {info.model_loads for info in infos} == {1}
+    pids = {info.pid for info in infos}
     loads = re.findall(r"model loaded: pid=(\d+)", shared_worker.output())
     assert len(loads) == 2 and len(set(loads)) == 2, "two pool processes, one load each"
     assert pids <= {int(p) for p in loads}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from producer.schemas import TwoStageResult
 from producer.settings import get_settings
-from tests.test_pipeline import QUERY, candidates
+from tests.helpers import QUERY, candidates
 
 README = (Path(__file__).parents[1] / "README.md").read_text()
 

@@ -15,14 +15,9 @@ import pytest
 from producer import RerankClient, Settings
 from producer.app import create_app
 from producer.names import PROGRESS_STATE, REPORT_COMMAND
-from tests.conftest import CORPUS
-
-QUERY = "apixaban in atrial fibrillation with chronic kidney disease"
-ROOT = Path(__file__).parents[1]
+from tests.helpers import CORPUS, QUERY, ROOT, short_papers, wait_for
 
 
-def papers(n: int, seed: int = 0) -> list[dict]:
-    return [{"id": f"r{seed}-{i}", "title": CORPUS[(seed + i) % len(CORPUS)], "text": CORPUS[(seed + 2 * i) % len(CORPUS)]} for i in range(n)]
 
 
 def report_cli(broker_url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -32,15 +27,6 @@ def report_cli(broker_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def wait_for(condition, timeout: float = 20):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.1)
-
-
 @pytest.mark.integration
 def test_a_worker_with_two_processes_reports_its_model_memory_and_work(start_worker, redis_server, tiny_model):
     # Given a worker with two pool processes on its own queue
@@ -48,7 +34,7 @@ def test_a_worker_with_two_processes_reports_its_model_memory_and_work(start_wor
     worker.wait_until_loaded(processes=2)
     client = RerankClient(Settings(broker_url=redis_server.url, queue="report", model=str(tiny_model)))
     # When it scores eight jobs of 7 papers each
-    handles = [client.submit_documents(QUERY, papers(7, n), top_k=3) for n in range(8)]
+    handles = [client.submit_documents(QUERY, short_papers(7, n), top_k=3) for n in range(8)]
     served = [h.result(timeout=60) for h in handles]
     app = create_app(Settings(broker_url=redis_server.url))
 
@@ -59,15 +45,14 @@ def test_a_worker_with_two_processes_reports_its_model_memory_and_work(start_wor
         body = replies[0][name] if replies else None
         return body if body and body["tasks"] == 8 else None
 
-    body = wait_for(report)
+    body = wait_for(report, 20, "a report with all 8 tasks counted", interval=0.1)
     # Then its report counts the work of both processes
-    assert body is not None, "no report with all 8 tasks counted"
     assert body["documents"] == 56 and body["pairs"] == 56
     assert body["documents_per_second"] > 0 and body["busy_seconds"] > 0
     assert {p["pid"] for p in body["processes"]} == {int(pid) for pid in re.findall(r"model loaded: pid=(\d+)", worker.output())}
     assert body["loaded_processes"] == 2 and all(p["alive"] for p in body["processes"])
     assert sum(p["tasks"] for p in body["processes"]) == 8
-    # And it describes the model each process serves, as the seed's explain_architecture did
+    # And it describes the model each process serves, its architecture
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     config = AutoConfig.from_pretrained(tiny_model)
@@ -78,7 +63,7 @@ def test_a_worker_with_two_processes_reports_its_model_memory_and_work(start_wor
     assert arch["layers"] == config.num_hidden_layers and arch["hidden_size"] == config.hidden_size
     assert arch["architectures"] == ["XLMRobertaForSequenceClassification"]
     assert "roberta: XLMRobertaModel" in arch["modules"]
-    # And its memory, as the seed's get_model_memory_usage did: RSS of each live process, no GPU here
+    # And its memory: RSS of each live process, no GPU here
     assert body["memory"]["rss_mb"] > 2 * 50 and body["memory"]["gpu_allocated_mb"] is None
     assert body["processes"][0]["memory"]["weights_mb"] == pytest.approx(parameters * 4 / 2**20, abs=0.01)
 

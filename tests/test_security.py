@@ -12,8 +12,7 @@ from kombu.serialization import dumps, loads
 
 from producer import BrokerUnavailable, RerankClient, Settings
 from producer.app import create_app
-from tests.conftest import RedisServer, WorkerFleet, need_binary
-from tests.test_pipeline import QUERY, candidates
+from tests.helpers import QUERY, RedisServer, WorkerFleet, candidates, need_binary
 
 
 def test_producer_and_worker_accept_json_only():

@@ -20,6 +20,9 @@ from worker.runtime import load_engine
 
 log = logging.getLogger(__name__)
 
+WORKER_RETRY = {"max_retries": 20, "interval_start": 0, "interval_step": 1, "interval_max": 1}
+"""Celery's own reconnect policy for the result backend, which workers keep (producers use less)."""
+
 settings = get_settings()
 app = create_app(settings)
 # Workers fetch from their queues in the order given (-Q), not round robin, so a worker that
@@ -28,6 +31,16 @@ app = create_app(settings)
 app.conf.broker_transport_options = {**app.conf.broker_transport_options, "queue_order_strategy": "priority"}
 # A task message the worker cannot read fails its result instead of vanishing (worker/consumer.py).
 app.conf.worker_consumer = "worker.consumer:RerankConsumer"
+# A task that finishes while Redis restarts would otherwise fail its job with a ConnectionError
+# when storing the result: retry result-backend writes for about 10 s (at most ~18 s: 20 tries,
+# jittered backoff up to 1 s). Only workers wait; producers report BrokerUnavailable instead.
+app.conf.update(
+    result_backend_transport_options={**app.conf.result_backend_transport_options, "retry_policy": WORKER_RETRY},
+    result_backend_always_retry=True,
+    result_backend_max_retries=20,
+    result_backend_base_sleep_between_retries_ms=50,
+    result_backend_max_sleep_between_retries_ms=1000,
+)
 
 
 class ModelCheck(bootsteps.StartStopStep):

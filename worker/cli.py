@@ -201,7 +201,7 @@ def report_main(argv: list[str]) -> int:
     from producer.settings import Settings
 
     settings = Settings()
-    if settings.embedded:
+    if not settings.broker_url:
         print("rerank-worker report: set RERANK_BROKER_URL (or --broker-url) to reach the workers", file=sys.stderr)
         return 2
     app = create_app(settings)

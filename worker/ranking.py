@@ -4,29 +4,33 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from producer.chunking import text_windows
+from producer.formats import chunk_passage, document_passage, text_windows
 from producer.schemas import ChunksRequest, DocumentsRequest, RankedItem, RerankResult, ScoringInfo
 from worker.engine import CrossEncoderEngine, Scores
-from worker.formats import ABSTRACT_CHARS, chunk_passage, document_passage
 from worker.runtime import model_loads
 
+OnBatch = Callable[[int, int], None]
 
-def rank_documents(engine: CrossEncoderEngine, request: DocumentsRequest, worker: str | None = None) -> RerankResult:
+
+def rank_documents(
+    engine: CrossEncoderEngine, request: DocumentsRequest, worker: str | None = None, on_batch: OnBatch | None = None
+) -> RerankResult:
     """Stage 1: score each paper's title and abstract and keep the best `top_k`.
 
     With `request.windows` > 1 a long text is scored window by window (the first window is the
-    seed's abstract) and each paper keeps its best window's logit.
+    abstract) and each paper keeps its best window's logit. `on_batch(done, total)` follows
+    the forward passes.
     """
     owners: list[int] = []
     passages: list[str] = []
     for n, paper in enumerate(request.candidates):
-        for window in text_windows(paper.text, request.windows, ABSTRACT_CHARS):
+        for window in text_windows(paper.text, request.windows):
             owners.append(n)
             passages.append(document_passage(paper.model_copy(update={"text": window})))
-    scored = engine.score(request.query, passages)
+    scored = engine.score(request.query, passages, on_batch)
     best = [float("-inf")] * len(request.candidates)
     for owner, logit in zip(owners, scored.logits):
         best[owner] = max(best[owner], logit)
@@ -43,11 +47,12 @@ def rank_chunks(
     request: ChunksRequest,
     kept_doc_ids: set[str] | None = None,
     worker: str | None = None,
+    on_batch: OnBatch | None = None,
 ) -> RerankResult:
     """Stage 2: score chunks, only those of `kept_doc_ids` when given; `index` points into `request.chunks`."""
     positions = [i for i, c in enumerate(request.chunks) if kept_doc_ids is None or c.doc_id in kept_doc_ids]
     chunks = [request.chunks[i] for i in positions]
-    scores = engine.score(request.query, [chunk_passage(c) for c in chunks])
+    scores = engine.score(request.query, [chunk_passage(c) for c in chunks], on_batch)
     items = _ranked(scores, [c.id for c in chunks], positions, request.top_k, request.return_logits, [c.doc_id for c in chunks])
     return RerankResult(
         stage="chunks", query=request.query, items=items, scored=len(chunks), info=_info(engine, scores, len(chunks), worker)

@@ -1,5 +1,4 @@
-"""What each worker serves and how busy it is: the seed's `explain_architecture` and
-`get_model_memory_usage`, made remote.
+"""What each worker serves and how busy it is: its model's architecture and memory, made remote.
 
 The model lives in the prefork pool processes, not in the parent process that answers remote
 control, so the report travels in two steps, which stays correct with `-c N`:
@@ -25,7 +24,6 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +31,7 @@ from celery import Task, bootsteps
 from celery.signals import task_postrun, task_prerun
 from celery.worker.control import inspect_command
 
-from producer.names import PROGRESS_STATE, REPORT_COMMAND, TASK_CHUNKS, TASK_DOCUMENTS
+from producer.names import REPORT_COMMAND, TASK_CHUNKS, TASK_DOCUMENTS
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +48,7 @@ _engine: Any = None
 
 
 def architecture(model: Any) -> dict[str, Any]:
-    """Summarise the model's architecture and size (the seed's `explain_architecture`)."""
+    """Summarise the model's architecture and size."""
     config = model.config
     parameters = sum(p.numel() for p in model.parameters())
     return {
@@ -69,7 +67,7 @@ def architecture(model: Any) -> dict[str, Any]:
 
 
 def memory(engine: Any) -> dict[str, Any]:
-    """Memory this process uses (the seed's `get_model_memory_usage`): weights, RSS, and GPU if any."""
+    """Memory this process uses: weights, resident set, and GPU memory if any."""
     import torch
 
     stats: dict[str, Any] = {"weights_mb": _static(engine)["weights_mb"], "rss_mb": rss_mb(os.getpid())}
@@ -155,54 +153,6 @@ def _task_finished(task_id: str | None = None, task: Task | None = None, retval:
             _counters["pairs"] += int(result.get("info", {}).get("pairs", 0))
     if _engine is not None:
         publish(*_engine)
-
-
-class BatchProgress:
-    """`on_batch` callback that records "batches done of total" as the task's PROGRESS state.
-
-    Writes at most once per `interval` seconds, so a short task writes nothing extra. The state
-    goes to the result backend (the producer's `job.progress()`, Flower's task result) and, as a
-    `task-progress` event, to Flower's live task view.
-    """
-
-    def __init__(self, task: Task, stage: str, interval: float) -> None:
-        self.task = task
-        self.stage = stage
-        self.interval = interval
-        self._last = time.monotonic()
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - self._last < self.interval or done >= total or self.task.request.is_eager:
-            return
-        self._last = now
-        meta = {"stage": self.stage, "done": done, "total": total}
-        self.task.update_state(state=PROGRESS_STATE, meta={**meta, "worker": self.task.request.hostname})
-        try:
-            # Event fields become attributes of Flower's task; "worker" there is the worker object.
-            self.task.send_event("task-progress", **meta)
-        except Exception:  # events are best effort; the backend already has the state
-            log.debug("could not send task-progress", exc_info=True)
-
-
-class ProgressEngine:
-    """An engine whose `score` reports each batch to `on_batch`; everything else is the engine's."""
-
-    def __init__(self, engine: Any, on_batch: Callable[[int, int], None]) -> None:
-        self._engine = engine
-        self._on_batch = on_batch
-
-    def score(self, query: str, passages: Any) -> Any:
-        """Score as the engine does, reporting batches done of total."""
-        return self._engine.score(query, passages, on_batch=self._on_batch)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
-
-
-def with_progress(engine: Any, task: Task, stage: str, interval: float) -> ProgressEngine:
-    """Wrap `engine` so scoring inside `task` reports its progress as task state."""
-    return ProgressEngine(engine, BatchProgress(task, stage, interval))
 
 
 # Parent side ---------------------------------------------------------------------------------

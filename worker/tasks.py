@@ -14,7 +14,7 @@ from producer.names import TASK_CHUNKS, TASK_DOCUMENTS
 from producer.schemas import ChunksRequest, DocumentsRequest, RerankResult
 from producer.validation import parse_request
 from worker import ranking
-from worker.report import with_progress
+from worker.progress import TaskProgress
 from worker.runtime import load_engine
 
 
@@ -51,7 +51,8 @@ def rerank_documents(self: Task, request: dict[str, Any]) -> dict[str, Any]:
     """Stage 1: rank candidate papers by title and abstract."""
     settings = settings_of(self.app)
     parsed = parse_request(DocumentsRequest, request, settings)
-    result = ranking.rank_documents(_engine(self, settings, "documents"), parsed, worker=self.request.hostname)
+    progress = TaskProgress(self, "documents", settings.progress_interval)
+    result = ranking.rank_documents(load_engine(settings), parsed, self.request.hostname, progress)
     return result.model_dump(mode="json")
 
 
@@ -60,18 +61,11 @@ def rerank_chunks(self: Task, stage1: dict[str, Any] | None = None, *, request: 
     """Stage 2: rank chunks; in a chain, only those of the papers stage 1 kept, returning both stages."""
     settings = settings_of(self.app)
     parsed = parse_request(ChunksRequest, request, settings)
-    engine = _engine(self, settings, "chunks")
-    if stage1 is None:
-        return ranking.rank_chunks(engine, parsed, worker=self.request.hostname).model_dump(mode="json")
-    documents = _stage1_result(stage1)
-    kept = {item.id for item in documents.items}
-    chunks = ranking.rank_chunks(engine, parsed, kept, worker=self.request.hostname)
-    return {"documents": documents.model_dump(mode="json"), "chunks": chunks.model_dump(mode="json")}
-
-
-def _engine(task: Task, settings: Any, stage: str) -> Any:
-    """The process's engine, reporting "batches done of total" as the task's PROGRESS state."""
-    return with_progress(load_engine(settings), task, stage, settings.progress_interval)
+    documents = None if stage1 is None else _stage1_result(stage1)
+    kept = None if documents is None else {item.id for item in documents.items}
+    progress = TaskProgress(self, "chunks", settings.progress_interval)
+    chunks = ranking.rank_chunks(load_engine(settings), parsed, kept, self.request.hostname, progress).model_dump(mode="json")
+    return chunks if documents is None else {"documents": documents.model_dump(mode="json"), "chunks": chunks}
 
 
 def _stage1_result(data: Any) -> RerankResult:

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from producer import RerankClient, Settings
-from tests.faults.conftest import (
+from tests.helpers import (
     FAST,
     QUERY,
     RELAXED,
@@ -17,7 +17,7 @@ from tests.faults.conftest import (
     deliveries,
     kill_running_child,
     kill_tree,
-    papers,
+    long_papers,
     report,
     started,
     wait_for,
@@ -39,7 +39,7 @@ def test_a_killed_pool_child_requeues_its_task_and_the_result_is_right(fleet, fa
     worker = fleet.start("-c", "1", env=RELAXED, name="child")
     worker.wait_until_loaded(processes=1)
     client = RerankClient(relaxed(fault_settings))
-    candidates = papers(2 * SLOW)
+    candidates = long_papers(2 * SLOW)
     handle = client.submit_documents(QUERY, candidates, top_k=10)
 
     # When its pool process is SIGKILLed mid-task
@@ -63,7 +63,7 @@ def test_a_killed_worker_s_task_goes_to_the_other_worker_after_the_visibility_ti
     first.wait_until_loaded(processes=1)
     second.wait_until_loaded(processes=1)
     client = RerankClient(fault_settings)
-    candidates = papers(SLOW)
+    candidates = long_papers(SLOW)
     handle = client.submit_documents(QUERY, candidates, top_k=10)
     meta = wait_for(lambda: started(client, handle.id), 30, "the task to start")
     busy, idle = (first, second) if meta["hostname"].startswith(first.log.stem + "@") else (second, first)
@@ -93,7 +93,7 @@ def test_a_warm_shutdown_mid_task_finishes_the_task_first(fleet, fault_settings,
     worker = fleet.start("-c", "1", env=RELAXED, name="warm")
     worker.wait_until_loaded(processes=1)
     client = RerankClient(relaxed(fault_settings))
-    candidates = papers(2 * SLOW)
+    candidates = long_papers(2 * SLOW)
     handle = client.submit_documents(QUERY, candidates, top_k=10)
     wait_for(lambda: started(client, handle.id), 30, "the task to start")
 

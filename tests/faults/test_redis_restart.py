@@ -8,19 +8,19 @@ import pytest
 
 from producer import RerankClient
 from producer.jobs import stage1_id
-from tests.faults.conftest import FAST, QUERY, assert_same_ranking, deliveries, papers, report, started, wait_for
+from tests.helpers import FAST, QUERY, assert_same_ranking, deliveries, long_papers, report, started, wait_for
 
 pytestmark = pytest.mark.integration
 
 
-def test_every_job_completes_across_a_redis_restart_and_the_worker_keeps_consuming(fleet, fault_redis, fault_settings, embedded_settings):
+def test_every_job_completes_across_a_redis_restart_and_the_worker_keeps_consuming(fleet, fault_redis, fault_settings, in_process_settings):
     # Given a worker, and 20 two-stage jobs in flight through a Redis with append-only persistence,
     # the first of them slow
     worker = fleet.start("-c", "1", env=FAST, name="restart")
     worker.wait_until_loaded(processes=1)
     client = RerankClient(fault_settings)
-    requests = {n: (f"{QUERY} #{n}", papers(20, tag=f"j{n}-")) for n in range(30)}
-    requests[0] = (requests[0][0], papers(200, tag="j0-"))  # one slow job, to be running during the outage
+    requests = {n: (f"{QUERY} #{n}", long_papers(20, tag=f"j{n}-")) for n in range(30)}
+    requests[0] = (requests[0][0], long_papers(200, tag="j0-"))  # one slow job, to be running during the outage
     jobs = {n: client.submit(query, candidates, top_k_docs=3) for n, (query, candidates) in list(requests.items())[:20]}
     wait_for(lambda: started(client, stage1_id(jobs[0].id)), 60, "the slow job to start")
 
@@ -38,7 +38,7 @@ def test_every_job_completes_across_a_redis_restart_and_the_worker_keeps_consumi
     for n, job in jobs.items():
         results[n] = job.result(timeout=90)
     recovery = time.monotonic() - restarted_at
-    reference = RerankClient(embedded_settings)
+    reference = RerankClient(in_process_settings)
     for n in (0, 19, 29):
         expected = reference.two_stage(*requests[n], top_k_docs=3)
         assert_same_ranking(results[n].chunks, [(i.id, i.score) for i in expected.chunks.items])

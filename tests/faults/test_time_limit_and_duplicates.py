@@ -13,8 +13,8 @@ from celery import chain
 from producer import RerankClient, Settings
 from producer.errors import RerankTimeout, TaskTimedOut
 from producer.names import TASK_CHUNKS, TASK_DOCUMENTS
-from tests.conftest import RedisServer, WorkerFleet, WorkerProcess
-from tests.faults.conftest import FAST, QUERY, TIME_LIMIT, VISIBILITY_TIMEOUT, assert_same_ranking, papers, report, wait_for
+from tests.helpers import RedisServer, WorkerFleet, WorkerProcess
+from tests.helpers import FAST, QUERY, TIME_LIMIT, VISIBILITY_TIMEOUT, assert_same_ranking, long_papers, report, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +44,7 @@ def test_a_task_past_its_time_limit_fails_as_a_typed_timeout_and_the_worker_serv
     client = RerankClient(settings)
     # Given a request that takes far longer than the 5 s time limit
     started = time.monotonic()
-    handle = client.submit_documents(QUERY, papers(OVERSIZED), top_k=5)
+    handle = client.submit_documents(QUERY, long_papers(OVERSIZED), top_k=5)
 
     # When the worker runs it, Then it is stopped at the soft limit and reported as TaskTimedOut
     with pytest.raises(TaskTimedOut, match=r"ran past its time limit \(RERANK_TASK_TIME_LIMIT=5s\)") as caught:
@@ -54,7 +54,7 @@ def test_a_task_past_its_time_limit_fails_as_a_typed_timeout_and_the_worker_serv
     assert "Soft time limit (4s) exceeded" in worker.output()
 
     # And the same pool process serves the next request correctly, without reloading the model
-    small = papers(5, tag="s")
+    small = long_papers(5, tag="s")
     result = client.rerank_documents(QUERY, small, top_k=3, timeout=30)
     assert_same_ranking(result, reference(QUERY, small, 3))
     assert result.info.model_loads == 1 and worker.output().count("model loaded:") == 1
@@ -63,12 +63,12 @@ def test_a_task_past_its_time_limit_fails_as_a_typed_timeout_and_the_worker_serv
     assert received == 1, "a timed-out task is not retried"
 
 
-def test_a_duplicate_delivery_of_a_two_stage_job_gives_the_same_result(limited, embedded_settings):
+def test_a_duplicate_delivery_of_a_two_stage_job_gives_the_same_result(limited, in_process_settings):
     worker, settings = limited
     client = RerankClient(settings)
     # Given a two-stage job whose messages are sent twice with the same task ids, as a
     # redelivery after a visibility timeout or a producer retry would do
-    candidates = papers(12, tag="d")
+    candidates = long_papers(12, tag="d")
     job_id = "duplicate-job"
     documents = client._documents_request(QUERY, candidates, 4, False)
     pool = client.chunk_pool(documents.candidates)
@@ -85,7 +85,7 @@ def test_a_duplicate_delivery_of_a_two_stage_job_gives_the_same_result(limited, 
 
     # Then the stored result is the one the first delivery gave, and both match the in-process result
     second = client.job(job_id).result(timeout=5)
-    expected = RerankClient(embedded_settings).two_stage(QUERY, candidates, top_k_docs=4)
+    expected = RerankClient(in_process_settings).two_stage(QUERY, candidates, top_k_docs=4)
     for stage in ("documents", "chunks"):
         ranking = [(i.id, i.score) for i in getattr(expected, stage).items]
         assert_same_ranking(getattr(first, stage), ranking)
