@@ -477,7 +477,7 @@ class _Scoring:
         self.planned += len(plan)
         # Slices not tokenized yet are counted at this request's batches per pair so far.
         remaining = self.expected - len(self.owner)
-        total = self.planned + -(-remaining * self.planned // len(self.owner))
+        total = self.planned + (-(-remaining * self.planned // len(self.owner)) if remaining > 0 and self.owner else 0)
         for batch in plan:
             logits, padded, runs = self.engine._forward_with_backoff([self.unique[i] for i in batch])
             self.logits.append(logits)

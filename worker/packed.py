@@ -84,10 +84,10 @@ def flash_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qu
 def sdpa_per_pair_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, queries: Segments, keys: Segments) -> torch.Tensor:
     """Reference attention for any device and dtype: one SDPA call per pair, no mask needed."""
     out = torch.empty_like(q)
+    # (1, heads, tokens, head_dim): SDPA's fused CPU kernel takes only 4-D inputs, 3-D ones get the slow math path.
+    heads_first = lambda x, start, end: x[start:end].transpose(0, 1).unsqueeze(0)  # noqa: E731
     for (qs, qe), (ks, ke) in zip(itertools.pairwise(queries.bounds), itertools.pairwise(keys.bounds)):
-        out[qs:qe] = F.scaled_dot_product_attention(
-            q[qs:qe].transpose(0, 1), k[ks:ke].transpose(0, 1), v[ks:ke].transpose(0, 1)
-        ).transpose(0, 1)
+        out[qs:qe] = F.scaled_dot_product_attention(heads_first(q, qs, qe), heads_first(k, ks, ke), heads_first(v, ks, ke))[0].transpose(0, 1)
     return out
 
 
