@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import pytest
 
-from producer import InvalidRequest, RerankClient, RerankResult, Settings, WorkerError
+from producer import InvalidRequest, RerankClient, RerankResult, Settings
 from producer.jobs import Finish, Handle
 from producer.names import TASK_CHUNKS, TASK_DOCUMENTS
 from tests.helpers import CORPUS, QUERY
@@ -223,8 +223,8 @@ def test_the_worker_refuses_messages_that_bypass_the_producer_and_serves_on(star
     for raw in WORKER_CORPUS:
         with pytest.raises(InvalidRequest, match=raw.message):
             Handle(client.backend, ids[raw.name], Finish(RerankResult)).result(timeout=30)
-    # an unknown task fails with a typed error naming it
-    with pytest.raises(WorkerError, match=r"NotRegistered.*rerank.everything"):
+    # an unknown task is refused, and fails with a typed error naming it
+    with pytest.raises(InvalidRequest, match=r"task 'rerank.everything' is not served here"):
         Handle(client.backend, unknown, Finish(RerankResult)).result(timeout=30)
     # and what cannot be decoded is logged and dropped, never executed (pickle least of all),
     # but its task fails, so nobody waits on it until a timeout
@@ -236,7 +236,7 @@ def test_the_worker_refuses_messages_that_bypass_the_producer_and_serves_on(star
     assert not marker.exists(), "the worker unpickled a message"
     assert log.count("Can't decode message body") == 2, "broken JSON and invalid UTF-8"
     assert "Traceback" not in log.split("Received invalid task message")[0], "invalid input is logged without tracebacks"
-    assert "Received and deleted unknown message" in log
+    assert "Refused message 'no-task-header': it has no `task` header" in log
     for name in [raw.name for raw in WORKER_CORPUS]:
         assert len(re.findall(rf"\[{ids[name]}\] received", log)) == 1, f"{name}: delivered more than once"
     with client.app.connection_for_write() as connection:

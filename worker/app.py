@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 from typing import Any
+from urllib.parse import urlsplit
 
 from billiard.process import current_process
 from celery import bootsteps
@@ -29,8 +30,12 @@ app = create_app(settings)
 # consumes `rerank.gpu.interactive,rerank,rerank.gpu.bulk` runs bulk work only when nothing
 # more urgent waits. This only changes how this worker reads; producers are unaffected.
 app.conf.broker_transport_options = {**app.conf.broker_transport_options, "queue_order_strategy": "priority"}
-# A task message the worker cannot read fails its result instead of vanishing (worker/consumer.py).
+# Only our tasks, well formed, reach Celery's task handling; the rest is dropped and, where it
+# has an id, failed (worker/consumer.py). On Redis, queue items that are not kombu messages are
+# dropped before kombu parses them (worker/transport.py).
 app.conf.worker_consumer = "worker.consumer:RerankConsumer"
+if urlsplit(settings.broker_url or "").scheme in ("redis", "rediss"):
+    app.conf.broker_transport = "worker.transport:Transport"
 # A task that finishes while Redis restarts would otherwise fail its job with a ConnectionError
 # when storing the result: retry result-backend writes for about 10 s (at most ~18 s: 20 tries,
 # jittered backoff up to 1 s). Only workers wait; producers report BrokerUnavailable instead.
