@@ -301,6 +301,7 @@ class RerankClient:
                 "chunks": self.chunk_pool(documents.candidates),
                 "top_k": top_k_chunks,
                 "return_logits": return_logits,
+                "candidate_ids": [c.id for c in documents.candidates],
             },
             self.settings,
         )

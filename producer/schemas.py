@@ -87,10 +87,17 @@ class ChunksRequest(_Model):
     chunks: list[Chunk] = Field(min_length=1)
     top_k: StrictInt | None = Field(None, ge=1)
     return_logits: StrictBool = False
+    candidate_ids: list[Identifier] | None = Field(
+        None,
+        description="In a two-stage job, the ids of the candidates stage 1 scored, in order: the stage-1 result "
+        "stage 2 receives must refer to these and nothing else.",
+    )
 
     @model_validator(mode="after")
     def _unique_ids(self) -> ChunksRequest:
         _reject_duplicates(c.id for c in self.chunks)
+        if self.candidate_ids is not None:
+            _reject_duplicates(self.candidate_ids)
         return self
 
 

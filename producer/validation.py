@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from producer.errors import InvalidRequest
-from producer.schemas import ChunksRequest, DocumentsRequest
+from producer.schemas import ChunksRequest, DocumentsRequest, RerankResult
 from producer.settings import Settings
 
 RequestT = TypeVar("RequestT", DocumentsRequest, ChunksRequest)
@@ -64,6 +64,7 @@ def check_limits(request: BaseModel, settings: Settings) -> None:
         _check_top_k(request.top_k)
     else:
         _check_count("chunks", len(request.chunks), settings.max_chunks, "RERANK_MAX_CHUNKS")
+        _check_count("candidate_ids", len(request.candidate_ids or ()), settings.max_candidates, "RERANK_MAX_CANDIDATES")
         if request.top_k is not None:
             _check_top_k(request.top_k)
     if isinstance(request, DocumentsRequest):
@@ -76,6 +77,37 @@ def check_limits(request: BaseModel, settings: Settings) -> None:
                 f"{settings.max_text_chars} (RERANK_MAX_TEXT_CHARS); split or trim it"
             )
         _check_characters(f"{field} of {item_id!r}", text)
+
+
+def check_stage1(stage1: Any, request: ChunksRequest) -> RerankResult:
+    """Parse the stage-1 result a chained stage 2 received and check it refers only to its own request.
+
+    A message straight from the queue may carry any "result": ids never sent, indexes out of
+    range, another query's ranking. Each item must be the candidate at its index, once.
+    """
+    try:
+        documents = RerankResult.model_validate(stage1)
+    except ValidationError as e:
+        raise InvalidRequest(f"stage 2 received something other than a stage-1 result: {_summarize(e)}") from e
+    candidates = request.candidate_ids
+    if candidates is None:
+        raise InvalidRequest("a chained stage-2 request must list the candidate_ids its stage-1 result refers to")
+    problem = None
+    if documents.stage != "documents" or documents.query != request.query:
+        problem = "it is not a stage-1 ranking of this request's query"
+    elif documents.scored != len(candidates) or len(documents.items) > len(candidates):
+        problem = f"it scored {documents.scored} candidates and kept {len(documents.items)}, but the request has {len(candidates)}"
+    elif len({item.id for item in documents.items}) != len(documents.items):
+        problem = "it lists a candidate more than once"
+    else:
+        strangers = [item for item in documents.items if not 0 <= item.index < len(candidates) or candidates[item.index] != item.id]
+        if strangers:
+            problem = f"item {strangers[0].id[:64]!r} at index {strangers[0].index} is not that candidate of this request"
+    if problem is None and not {c.doc_id for c in request.chunks} <= set(candidates):
+        problem = "some chunks belong to no candidate of this request"
+    if problem is not None:
+        raise InvalidRequest(f"stage 2 received a stage-1 result that does not belong to its request: {problem}")
+    return documents
 
 
 def _texts(request: BaseModel) -> Iterator[tuple[str, str, str]]:

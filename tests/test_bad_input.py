@@ -158,6 +158,17 @@ class Raw:
 
 VALID = {"query": QUERY, "candidates": [OK]}
 VALID_CHUNKS = {"query": QUERY, "chunks": [OK_CHUNK]}
+CHAINED = {**VALID_CHUNKS, "candidate_ids": ["ok", "other"]}
+INFO = {"model": "m", "device": "cpu", "dtype": "float32", "max_length": 512, "pairs": 2, "tokens": 9, "padded_tokens": 9,
+        "batches": 1, "tokenize_ms": 1.0, "forward_ms": 1.0, "pid": 1, "model_loads": 1}
+
+
+def stage1(*items: tuple[int, str], scored: int = 2, query: str = QUERY) -> dict[str, Any]:
+    """A stage-1 result as a forger would write it: (index, id) items."""
+    return {"stage": "documents", "query": query, "items": [{"index": i, "id": d, "score": 0.5} for i, d in items], "scored": scored, "info": INFO}
+
+
+FORGED_STAGE1 = r"stage 2 received a stage-1 result that does not belong to its request"
 WORKER_CORPUS = [
     Raw("no arguments", TASK_DOCUMENTS, (), {}, r"rerank.documents takes \(request\), but the message had 0 positional and \[\] keyword arguments: missing a required argument: 'request'"),
     Raw("an extra positional argument", TASK_DOCUMENTS, (VALID, "extra"), {}, r"too many positional arguments"),
@@ -173,6 +184,15 @@ WORKER_CORPUS = [
     Raw("control character", TASK_DOCUMENTS, ({**VALID, "query": "q\x00"},), {}, r"query contains a control character U\+0000"),
     Raw("lone surrogate", TASK_CHUNKS, (), {"request": {"query": QUERY, "chunks": [{**OK_CHUNK, "text": "\udfff"}]}}, r"lone surrogate U\+DFFF|chunks.0.text: Input should be a valid string, unable to parse raw data as a unicode string"),
     Raw("stage 1 result forged", TASK_CHUNKS, ({"stage": "documents", "items": "all"},), {"request": VALID_CHUNKS}, r"stage 2 received something other than a stage-1 result"),
+    Raw("stage 1 result without candidate ids", TASK_CHUNKS, (stage1((0, "ok")),), {"request": VALID_CHUNKS}, r"must list the candidate_ids"),
+    Raw("stage 1 result with an id never sent", TASK_CHUNKS, (stage1((0, "stranger")),), {"request": CHAINED}, FORGED_STAGE1 + r": item 'stranger' at index 0"),
+    Raw("stage 1 result with index 999", TASK_CHUNKS, (stage1((999, "ok")),), {"request": CHAINED}, FORGED_STAGE1 + r": item 'ok' at index 999"),
+    Raw("stage 1 result with index -1", TASK_CHUNKS, (stage1((-1, "other")),), {"request": CHAINED}, FORGED_STAGE1 + r": item 'other' at index -1"),
+    Raw("stage 1 result with a swapped index", TASK_CHUNKS, (stage1((1, "ok")),), {"request": CHAINED}, FORGED_STAGE1 + r": item 'ok' at index 1"),
+    Raw("stage 1 result listing a paper twice", TASK_CHUNKS, (stage1((0, "ok"), (0, "ok")),), {"request": CHAINED}, FORGED_STAGE1 + r": it lists a candidate more than once"),
+    Raw("stage 1 result of another query", TASK_CHUNKS, (stage1((0, "ok"), query="warfarin"),), {"request": CHAINED}, FORGED_STAGE1 + r": it is not a stage-1 ranking of this request's query"),
+    Raw("stage 1 result of another request's size", TASK_CHUNKS, (stage1((0, "ok"), scored=50),), {"request": CHAINED}, FORGED_STAGE1 + r": it scored 50 candidates"),
+    Raw("a chunk of a paper that is no candidate", TASK_CHUNKS, (stage1((0, "ok")),), {"request": {**CHAINED, "candidate_ids": ["ok", "z"], "chunks": [{**OK_CHUNK, "doc_id": "elsewhere"}]}}, FORGED_STAGE1 + r": some chunks belong to no candidate"),
 ]
 
 

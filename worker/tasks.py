@@ -11,8 +11,8 @@ from celery.exceptions import SoftTimeLimitExceeded
 from producer.app import settings_of
 from producer.errors import InvalidRequest, TaskTimedOut
 from producer.names import TASK_CHUNKS, TASK_DOCUMENTS
-from producer.schemas import ChunksRequest, DocumentsRequest, RerankResult
-from producer.validation import parse_request
+from producer.schemas import ChunksRequest, DocumentsRequest
+from producer.validation import check_stage1, parse_request
 from worker import ranking
 from worker.progress import TaskProgress
 from worker.runtime import load_engine
@@ -61,15 +61,8 @@ def rerank_chunks(self: Task, stage1: dict[str, Any] | None = None, *, request: 
     """Stage 2: rank chunks; in a chain, only those of the papers stage 1 kept, returning both stages."""
     settings = settings_of(self.app)
     parsed = parse_request(ChunksRequest, request, settings)
-    documents = None if stage1 is None else _stage1_result(stage1)
+    documents = None if stage1 is None else check_stage1(stage1, parsed)
     kept = None if documents is None else {item.id for item in documents.items}
     progress = TaskProgress(self, "chunks", settings.progress_interval)
     chunks = ranking.rank_chunks(load_engine(settings), parsed, kept, self.request.hostname, progress).model_dump(mode="json")
     return chunks if documents is None else {"documents": documents.model_dump(mode="json"), "chunks": chunks}
-
-
-def _stage1_result(data: Any) -> RerankResult:
-    try:
-        return RerankResult.model_validate(data)
-    except ValueError as e:
-        raise InvalidRequest(f"stage 2 received something other than a stage-1 result: {e}") from e
