@@ -32,7 +32,11 @@ DEFAULT_BATCH_TOKENS = {"cpu": 2048, "cuda": 32768}
 # warming each width at load) gave 116 ms and 112 ms (benchmarks/fresh_shapes.py). On a CPU
 # there is no such cost, and rounding would only add padding.
 DEFAULT_PAD_MULTIPLE = {"cpu": 1, "cuda": 64}
-# Passages per tokenized slice; later slices are tokenized while earlier ones run (0: all up front).
+# Passages per tokenized slice: later slices are tokenized on a thread while earlier ones run (0: all
+# up front). On CUDA the first forward then waits for one slice's tokens, not the request's (100 docs
+# took 18.9 ms to tokenize on an H200's host); 32 is unmeasured there yet (benchmarks/gpu_check.sh
+# times 0, 16, 32 and 64). On 2 CPU cores tokenizing is ~0.5% of the time and shares the cores:
+# slices were no faster there (minilm shape, benchmarks.attention), so a CPU tokenizes up front.
 DEFAULT_TOKENIZE_SLICE = {"cpu": 0, "cuda": 32}
 # RoBERTa-style position ids start after the padding index, so 514 positions hold 512 tokens.
 _POSITION_OFFSET = {"xlm-roberta": 2, "roberta": 2, "camembert": 2}
@@ -142,6 +146,8 @@ class PaddedForward:
         if self.uses_type_ids:
             inputs["token_type_ids"] = on_device[2]
         # Upcast before anything else: a half-precision logit saturates the sigmoid into ties.
+        # (transformers' SDPA mask check, `padding_mask.all()`, waits for the GPU once per padded
+        # batch; packed attention has no such wait.)
         return self.model(**inputs).logits[:, 0].float()
 
 
