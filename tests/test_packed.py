@@ -171,6 +171,18 @@ def test_tokenizing_ahead_in_slices_keeps_scores_dedup_and_progress(engines, mod
     assert all(total >= done for done, total in progress) and progress[-1][0] == progress[-1][1]
 
 
+def test_a_failing_batch_while_later_slices_are_tokenized_raises_at_once(engines, monkeypatch):
+    _, packed = engines
+    sliced = CrossEncoderEngine(packed.model, packed.tokenizer, name=packed.name, attention="packed", tokenize_slice=4)
+
+    def broken(pairs):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(sliced, "_forward_batch", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        sliced.score(QUERY, passages())
+
+
 def test_rerank_attention_packed_is_honoured_on_cpu(tiny_model, monkeypatch):
     # Given RERANK_ATTENTION=packed in a CPU worker's environment
     from producer import Settings

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -379,14 +380,15 @@ class CrossEncoderEngine:
         started = time.perf_counter()
         scoring = _Scoring(self, len(passages), on_batch)
         waited = 0.0
-        slices = self._tokenized_slices(query, list(passages))
-        while True:
-            asked = time.perf_counter()
-            pairs = next(slices, None)
-            waited += time.perf_counter() - asked
-            if pairs is None:
-                break
-            scoring.add(pairs)
+        # closing(): a failed batch cancels the slices not yet tokenized now, not when collected.
+        with contextlib.closing(self._tokenized_slices(query, list(passages))) as slices:
+            while True:
+                asked = time.perf_counter()
+                pairs = next(slices, None)
+                waited += time.perf_counter() - asked
+                if pairs is None:
+                    break
+                scoring.add(pairs)
         logits, padded, batches = scoring.finish()
         finished = time.perf_counter()
         return Scores(
