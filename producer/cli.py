@@ -16,7 +16,7 @@ from producer.errors import BrokerUnavailable, InvalidRequest, JobCancelled, Rer
 from producer.fleet import inspect_workers
 from producer.formats import chunk_pool
 from producer.jobs import JobProgress, RerankJob
-from producer.schemas import Candidate, TwoStageRequest, TwoStageResult
+from producer.schemas import MAX_WINDOWS, Candidate, TwoStageRequest, TwoStageResult
 from producer.settings import Settings
 
 EXIT_OK = 0
@@ -53,10 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="Run a two-stage job from a JSON file (query + candidates).")
     run.add_argument("job", type=Path, help='JSON: {"query": ..., "candidates": [...], "top_k_docs"?, "top_k_chunks"?}')
-    run.add_argument("--top-k-docs", type=int, help="Papers kept by stage 1 (default: the file's, else 20).")
-    run.add_argument("--top-k-chunks", type=int, help="Chunks returned by stage 2 (default: the file's, else all).")
+    run.add_argument("--top-k-docs", type=count, help="Papers kept by stage 1 (default: the file's, else 20).")
+    run.add_argument("--top-k-chunks", type=count, help="Chunks returned by stage 2 (default: the file's, else all).")
     _job_options(run)
-    run.add_argument("--timeout", type=float, default=600.0, help="Seconds to wait for the result.")
+    run.add_argument("--timeout", type=seconds, default=600.0, help="Seconds to wait for the result.")
     run.add_argument("--no-wait", action="store_true", help="Print the job id and exit; follow it with `rerank status`.")
     _json(run)
 
@@ -64,14 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("jobs", type=Path, help="JSONL: one job per line, each like the JSON file of `run`.")
     batch.add_argument("-o", "--output", default="-", help="Where to write one result per line, in input order (default: stdout).")
     _job_options(batch)
-    batch.add_argument("--timeout", type=float, default=3600.0, help="Seconds to wait for the whole batch.")
+    batch.add_argument("--timeout", type=seconds, default=3600.0, help="Seconds to wait for the whole batch.")
     batch.add_argument("--no-progress", action="store_true", help="No progress bar on stderr.")
     _json(batch, "Print the summary as JSON.")
 
     status = commands.add_parser("status", help="Show a job's state by id, and its result once done.")
     status.add_argument("job_id")
     status.add_argument("--wait", action="store_true", help="Wait for the result (up to --timeout).")
-    status.add_argument("--timeout", type=float, default=600.0)
+    status.add_argument("--timeout", type=seconds, default=600.0, help="Seconds to wait with --wait.")
     _json(status)
 
     cancel = commands.add_parser("cancel", help="Cancel (revoke) a job by id.")
@@ -79,14 +79,55 @@ def build_parser() -> argparse.ArgumentParser:
     _json(cancel)
 
     workers = commands.add_parser("workers", help="List the workers that answer, their queues and what they serve.")
-    workers.add_argument("--timeout", type=float, default=2.0, help="Seconds to wait for replies.")
+    workers.add_argument("--timeout", type=seconds, default=2.0, help="Seconds to wait for replies.")
     _json(workers)
     return parser
 
 
 def _job_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--min-score", type=float, help="Drop chunks scoring below this (0-1).")
-    parser.add_argument("--windows", type=int, help="Stage-1 windows per paper (default RERANK_STAGE1_WINDOWS).")
+    parser.add_argument("--min-score", type=score, help="Drop chunks scoring below this (0-1).")
+    parser.add_argument("--windows", type=windows, help=f"Stage-1 windows per paper, 1-{MAX_WINDOWS} (default RERANK_STAGE1_WINDOWS).")
+
+
+def count(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is less than 1")
+    return value
+
+
+def windows(text: str) -> int:
+    """An argparse type: a number of stage-1 windows."""
+    value = count(text)
+    if value > MAX_WINDOWS:
+        raise argparse.ArgumentTypeError(f"{value} is more than {MAX_WINDOWS}")
+    return value
+
+
+def score(text: str) -> float:
+    """An argparse type: a score between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"{text} is outside [0, 1]; scores are sigmoids")
+    return value
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive, finite number of seconds")
+    return value
 
 
 def _json(parser: argparse.ArgumentParser, text: str = "Print JSON instead of a table.") -> None:

@@ -14,7 +14,7 @@ from producer.backends import backend_for
 from producer.chunking import DEFAULT_MAX_CHARS
 from producer.errors import InvalidRequest, RerankError
 from producer.formats import chunk_pool, stage1_message
-from producer.jobs import Finish, Handle, RerankBatch, RerankJob, stage1_id
+from producer.jobs import STAGE1_SUFFIX, Finish, Handle, RerankBatch, RerankJob, stage1_id
 from producer.names import TASK_CHUNKS, TASK_DOCUMENTS
 from producer.schemas import (
     Candidate,
@@ -234,6 +234,7 @@ class RerankClient:
         submitted looks PENDING forever: Celery cannot tell it from a queued job.
         """
         self._need_durable_jobs("follow a job by id")
+        _check_job_id(job_id)
         documents = chunks = None
         if candidates is not None:
             documents = [Candidate.model_validate(c) if not isinstance(c, Candidate) else c for c in candidates]
@@ -325,7 +326,7 @@ class RerankClient:
     ) -> DocumentsRequest:
         data = {
             "query": query, "candidates": _as_list(candidates), "top_k": top_k, "return_logits": return_logits,
-            "windows": windows or self.settings.stage1_windows,
+            "windows": self.settings.stage1_windows if windows is None else windows,
         }
         return parse_request(DocumentsRequest, data, self.settings)
 
@@ -335,6 +336,14 @@ class RerankClient:
                 f"cannot {what} without a broker: in-process jobs are stored nowhere but in their handles; "
                 "set RERANK_BROKER_URL, or keep the handle that submit() returned"
             )
+
+
+def _check_job_id(job_id: Any) -> None:
+    if not isinstance(job_id, str) or not 0 < len(job_id) <= 255 or not job_id.isprintable():
+        raise InvalidRequest(f"{str(job_id)[:80]!r} is not a job id: ids are printable strings of 1 to 255 characters")
+    if job_id.endswith(STAGE1_SUFFIX):
+        job = job_id.removesuffix(STAGE1_SUFFIX)
+        raise InvalidRequest(f"{job_id!r} is the id of stage 1 of job {job!r}; follow the job by its own id")
 
 
 def _check_min_score(min_score: float | None) -> None:

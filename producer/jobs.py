@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from celery import states
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from producer.backends import Meta, WorkerBackend
-from producer.errors import RerankTimeout, WorkerError, translate
+from producer.errors import InvalidRequest, RerankTimeout, WorkerError, translate
 from producer.schemas import Candidate, Chunk, RerankResult, TwoStageRequest, TwoStageResult
 from producer.waiting import Outcomes, Waiter
 
@@ -133,7 +133,13 @@ class Handle(Generic[ResultT]):
             raise RuntimeError(f"job {self.id} has not finished; call result() to wait for it")
         status, raw = self.final["status"], self.final["result"]
         if status == states.SUCCESS:
-            return self.finish(raw)
+            try:
+                return self.finish(raw)
+            except ValidationError as e:
+                raise InvalidRequest(
+                    f"task {self.id} did not return a {self.finish.model.__name__}: it is not a job of this kind "
+                    "(a single-stage task followed as a two-stage job, or not ours)"
+                ) from e
         error = raw if isinstance(raw, BaseException) else self.backend.app.backend.exception_to_python(raw)
         if not isinstance(error, BaseException):
             error = WorkerError(f"job {self.id} ended in state {status}: {raw!r}")

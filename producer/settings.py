@@ -5,16 +5,23 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, model_validator
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producer.names import DEFAULT_QUEUE
 
 
+URL_SCHEMES = frozenset({"redis", "rediss", "amqp", "amqps", "pyamqp"})
+"""Brokers and result backends this service is built and tested for."""
+
+
 class Settings(BaseSettings):
     """Configuration for producers and workers; every field maps to ``RERANK_<NAME>``."""
 
-    model_config = SettingsConfigDict(env_prefix="RERANK_", extra="ignore", frozen=True)
+    # hide_input_in_errors: a bad URL must not be echoed back, since it may hold a password.
+    model_config = SettingsConfigDict(env_prefix="RERANK_", extra="ignore", frozen=True, hide_input_in_errors=True)
 
     # Transport
     broker_url: str | None = Field(
@@ -72,6 +79,25 @@ class Settings(BaseSettings):
     progress_interval: float = Field(
         1.0, ge=0.0, le=3600.0, description="Seconds between a running task's PROGRESS updates; 0 reports every batch."
     )
+
+    @field_validator("broker_url", "result_backend")
+    @classmethod
+    def _parseable_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises on a password that swallowed the port
+        except ValueError:
+            raise ValueError(
+                "is not a valid URL (not shown: it may hold a password); percent-encode any '#', '/', '?', '@' "
+                "or ':' in the password, e.g. with urllib.parse.quote(password, safe='')"
+            ) from None
+        if parts.scheme not in URL_SCHEMES:
+            raise ValueError(f"has scheme {parts.scheme!r}; use one of {', '.join(sorted(URL_SCHEMES))}")
+        if not parts.hostname:
+            raise ValueError("names no host (not shown: it may hold a password); percent-encode any '#', '/' or '?' in the password")
+        return url
 
     @model_validator(mode="after")
     def _visibility_outlasts_tasks(self) -> Settings:

@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from redis import Redis
+
+from tests.helpers import free_port
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "af_ckd_job.json"
 
@@ -115,3 +118,96 @@ def test_submit_then_check_by_id_and_list_workers(shared_worker, redis_server, t
 def test_status_of_a_job_that_never_ran_times_out_with_code_4(redis_server, tiny_model):
     completed = run_cli_redis("status", "no-such-job", "--wait", "--timeout", "1", model=tiny_model, broker=redis_server.url)
     assert completed.returncode == 4 and "no result within 1.0s" in completed.stderr
+
+
+# Edges: every bad option, file or id is an error with its exit code, nothing queued, no traceback
+
+JOB = json.loads(EXAMPLE.read_text())
+SMALL = {"query": JOB["query"], "candidates": JOB["candidates"][:3]}
+
+
+def cli(*args: str, broker: str, queue: str = "cli-edges", **env: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "RERANK_BROKER_URL": broker, "RERANK_QUEUE": queue, **env}
+    return subprocess.run([sys.executable, "-m", "producer.cli", *args], env=environment, capture_output=True, text=True, timeout=120)
+
+
+def files(tmp_path: Path) -> dict[str, Path]:
+    """Job files a careless user might pass."""
+    paths = {
+        "@job": tmp_path / "job.json", "@unknown-key": tmp_path / "unknown.json", "@not-utf8": tmp_path / "latin1.json",
+        "@empty": tmp_path / "empty.jsonl", "@blank": tmp_path / "blank.jsonl", "@batch": tmp_path / "jobs.jsonl",
+        "@batch-unknown-key": tmp_path / "unknown.jsonl", "@array": tmp_path / "array.json",
+        "@directory": tmp_path, "@missing": tmp_path / "nope.json",
+    }
+    paths["@job"].write_text(json.dumps(SMALL))
+    paths["@unknown-key"].write_text(json.dumps({**SMALL, "top_k": 3}))
+    paths["@not-utf8"].write_bytes(json.dumps(SMALL).encode().replace(b'"query": "', b'"query": "\xff', 1))
+    paths["@empty"].write_text("")
+    paths["@blank"].write_text("\n  \n")
+    paths["@batch"].write_text(json.dumps(SMALL) + "\n")
+    paths["@batch-unknown-key"].write_text(json.dumps({**SMALL, "priority": 1}) + "\n")
+    paths["@array"].write_text(json.dumps([SMALL]))
+    return paths
+
+
+INVALID = [
+    ("run", "@job", "--top-k-docs", "0"),
+    ("run", "@job", "--top-k-chunks", "0"),
+    ("run", "@job", "--top-k-docs", "-3"),
+    ("run", "@job", "--windows", "0"),
+    ("run", "@job", "--windows", "33"),
+    ("run", "@job", "--min-score", "5"),
+    ("run", "@job", "--min-score", "nan"),
+    ("run", "@job", "--timeout", "0"),
+    ("run", "@job", "--timeout", "inf"),
+    ("run", "@unknown-key"),
+    ("run", "@not-utf8"),
+    ("run", "@array"),
+    ("run", "@missing"),
+    ("batch", "@batch", "--min-score", "5"),
+    ("batch", "@batch", "--min-score", "nan"),
+    ("batch", "@batch", "--windows", "0"),
+    ("batch", "@empty"),
+    ("batch", "@blank"),
+    ("batch", "@not-utf8"),
+    ("batch", "@batch", "-o", "@directory"),
+    ("batch", "@batch", "-o", "/nonexistent/dir/out.jsonl"),
+    ("status", "JOB:documents"),
+    ("status", "bad\x01id"),
+    ("cancel", "JOB:documents"),
+]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("argv", INVALID, ids=[" ".join(a) for a in INVALID])
+def test_bad_options_files_and_ids_exit_2_and_queue_nothing(argv, redis_server, tmp_path):
+    paths = files(tmp_path)
+    args = [str(paths[a]) if a in paths else a.replace("JOB", "4f1c2b") for a in argv]
+    completed = cli(*args, broker=redis_server.url)
+    assert completed.returncode == 2, completed.stderr
+    assert "Traceback" not in completed.stderr and completed.stderr.strip()
+    assert Redis.from_url(redis_server.url).llen("cli-edges") == 0, "nothing was queued"
+
+
+def test_an_unknown_key_is_refused_by_run_and_batch_alike(redis_server, tmp_path):
+    paths = files(tmp_path)
+    run = cli("run", str(paths["@unknown-key"]), broker=redis_server.url)
+    batch = cli("batch", str(paths["@batch-unknown-key"]), "--json", broker=redis_server.url)
+    assert run.returncode == 2 and "top_k" in run.stderr and "Extra inputs are not permitted" in run.stderr
+    assert batch.returncode == 1 and "Extra inputs are not permitted" in batch.stdout + batch.stderr
+
+
+@pytest.mark.parametrize("argv", [("run", "@job"), ("batch", "@batch"), ("status", "JOB"), ("cancel", "JOB"), ("workers",)])
+def test_a_broker_that_is_down_exits_3_everywhere(argv, tmp_path):
+    paths = files(tmp_path)
+    args = [str(paths[a]) if a in paths else a.replace("JOB", "4f1c2b") for a in argv]
+    completed = cli(*args, broker=f"redis://127.0.0.1:{free_port()}/0")
+    assert completed.returncode == 3, completed.stderr
+    assert "cannot reach" in completed.stderr and "Traceback" not in completed.stderr
+
+
+@pytest.mark.parametrize("password", ["Zq7#x9", "Zq7/x9", "Zq7?x9", "Zq7#/?"])
+def test_a_password_with_special_characters_is_refused_without_showing_it(password, tmp_path):
+    completed = cli("run", str(files(tmp_path)["@job"]), broker=f"redis://:{password}@127.0.0.1:6379/0")
+    assert completed.returncode == 2 and "percent-encode" in completed.stderr
+    assert "Zq7" not in completed.stderr and "x9" not in completed.stderr
