@@ -47,10 +47,20 @@ def test_each_gpu_worker_reserves_the_gpu_it_sees(name):
     assert service["command"][service["command"].index("--device") + 1] == "cuda:0"
 
 
-def test_redis_persists_and_requires_a_password_and_flower_requires_auth():
+def test_redis_persists_never_evicts_and_requires_a_password_and_flower_requires_auth():
     redis_command = " ".join(COMPOSE["services"]["redis"]["command"])
     assert "--appendonly yes" in redis_command and "--requirepass" in redis_command
+    assert "--maxmemory-policy noeviction" in redis_command
     assert "FLOWER_BASIC_AUTH" in COMPOSE["services"]["flower"]["environment"]
+
+
+def test_no_password_reaches_a_command_line_outside_redis():
+    # Commands are readable by anyone on the host (/proc/<pid>/cmdline); URLs travel in the environment
+    for name, service in COMPOSE["services"].items():
+        if name == "redis":
+            continue
+        texts = [" ".join(service.get("command", []))] + [" ".join((service.get("healthcheck") or {}).get("test", []))]
+        assert not any("REDIS_PASSWORD" in t or "redis://" in t or "BROKER_URL" in t for t in texts), name
 
 
 def test_one_container_per_host_pins_one_worker_per_reserved_gpu():
@@ -69,6 +79,6 @@ def test_one_container_per_host_pins_one_worker_per_reserved_gpu():
 
 
 def test_flower_reads_the_result_backend_so_it_can_show_progress():
-    command = COMPOSE["services"]["flower"]["command"]
-    assert command[command.index("--result-backend") + 1] == command[command.index("--broker") + 1]
-    assert "flower" in command
+    flower = COMPOSE["services"]["flower"]
+    assert flower["environment"]["CELERY_RESULT_BACKEND"] == flower["environment"]["CELERY_BROKER_URL"]
+    assert "flower" in flower["command"]
