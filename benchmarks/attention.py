@@ -34,7 +34,7 @@ import torch
 from benchmarks.baselines import SeedReranker
 from benchmarks.corpus import QUERY, model_dir, papers, stage1_texts
 from benchmarks.run import gemm_peak_flops, kendall_tau, linear_flops_per_token, shape_of, top_overlap
-from worker.engine import CrossEncoderEngine, Scores, load_config_and_tokenizer, resolve_dtype
+from worker.engine import CrossEncoderEngine, Scores, check_model, resolve_dtype
 from worker.packed import Fusions, flash_varlen_usable
 from worker.synthetic import SHAPES
 
@@ -145,7 +145,7 @@ def main() -> None:
     reference_scores = reference.scores(QUERY, texts)
     del reference
 
-    config, tokenizer = load_config_and_tokenizer(path)
+    config, tokenizer = check_model(path)
     first = CrossEncoderEngine.load(path, device=args.device, dtype=dtype_name, attention="padded")
     model = first.model
     tokens = sum(len(p.input_ids) for p in first.tokenize(QUERY, texts))

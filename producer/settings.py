@@ -83,7 +83,7 @@ class Settings(BaseSettings):
     @field_validator("broker_url", "result_backend")
     @classmethod
     def _parseable_url(cls, url: str | None) -> str | None:
-        if url is None:
+        if not url:  # an empty variable is an unset one
             return None
         try:
             parts = urlsplit(url)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -160,3 +162,41 @@ def test_identical_pairs_get_identical_scores_and_are_computed_once(engine):
     scores = engine.score(QUERY, passages + passages[:5])
     assert scores.logits[10:] == scores.logits[:5]
     assert scores.padded_tokens == engine.score(QUERY, passages).padded_tokens
+
+
+# Long texts: only what max_length can use is tokenized, and the tokens are those of the whole text
+
+
+def full_ids(engine: CrossEncoderEngine, text: str) -> list[int]:
+    return engine._backend.encode(text, add_special_tokens=False).ids
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        " ".join(CORPUS) * 40,  # ~100,000 characters of prose
+        " " * 50_000 + " ".join(CORPUS[:30]),  # whitespace that normalizes away, then words
+        "\n\n".join(CORPUS) * 20,
+        "x" * 300 + " " + " ".join(CORPUS) * 10,  # a long token first
+    ],
+    ids=["prose", "leading-whitespace", "paragraphs", "long-first-word"],
+)
+def test_a_long_passage_is_cut_before_tokenizing_and_keeps_the_whole_texts_tokens(engine, text):
+    pair = engine.tokenize(QUERY, [text])[0]
+    query = full_ids(engine, QUERY)
+    budget = engine.max_length - len(query) - engine._template.specials
+    assert pair.input_ids[len(engine._template.prefix) + len(query) + len(engine._template.middle) :][:budget] == full_ids(engine, text)[:budget]
+    assert len(pair.input_ids) == min(engine.max_length, len(query) + engine._template.specials + len(full_ids(engine, text)))
+
+
+def test_tokenizing_time_does_not_grow_with_text_length(engine):
+    # Given 200 passages of 100,000 characters, and the same passages cut to 5,000
+    long = [f"{i} " + " ".join(CORPUS) * 40 for i in range(200)]
+    short = [text[:5000] for text in long]
+    timings = {}
+    for name, texts in (("short", short), ("long", long)):
+        started = time.perf_counter()
+        engine.tokenize(QUERY, texts)
+        timings[name] = time.perf_counter() - started
+    # Then the long ones take about as long as the short ones (whole, they would take 20x)
+    assert timings["long"] < 3 * timings["short"] + 0.05, timings

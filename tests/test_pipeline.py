@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from producer import InvalidRequest, RerankClient, Settings
-from tests.helpers import QUERY, candidates, check_two_stage
+from tests.helpers import CORPUS, QUERY, candidates, check_two_stage
 
 def test_in_process_two_stage_matches_the_reference(in_process_settings, tiny_model):
     result = check_two_stage(RerankClient(in_process_settings), tiny_model)
@@ -72,13 +74,50 @@ def test_a_stage1_failure_in_the_worker_surfaces_from_two_stage(start_worker, re
     assert len(client.two_stage(QUERY, candidates(3), top_k_docs=2, timeout=60).documents.items) == 2
 
 
+def broken_copies(model: Path, root: Path) -> dict[str, tuple[Path, str]]:
+    """Model folders a careless deployment produces, each with the line the worker must print."""
+    from worker.synthetic import build_cross_encoder
+
+    def copy(name: str) -> Path:
+        return Path(shutil.copytree(model, root / name))
+
+    cases = {"missing folder": (root / "missing-model", "Set RERANK_MODEL to a hub id")}
+    folder = copy("no-tokenizer")
+    (folder / "tokenizer.json").unlink()
+    cases["no tokenizer.json"] = (folder, "its tokenizer files are missing or belong to another model")
+    other = build_cross_encoder(root / "other", CORPUS[:20], vocab_size=120)
+    folder = copy("foreign-tokenizer")
+    shutil.copy(other / "tokenizer.json", folder / "tokenizer.json")
+    cases["another model's tokenizer"] = (folder, "its tokenizer files are missing or belong to another model")
+    folder = copy("no-weights")
+    (folder / "model.safetensors").unlink()
+    cases["no weights"] = (folder, "no weights in")
+    folder = copy("truncated-weights")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    cases["truncated weights"] = (folder, "cannot be read")
+    folder = copy("garbage-weights")
+    (folder / "model.safetensors").write_bytes(b"not a tensor file" * 64)
+    cases["garbage weights"] = (folder, "cannot be read")
+    return cases
+
+
 @pytest.mark.integration
-def test_a_bad_model_path_stops_the_worker_at_start_up(start_worker, tmp_path):
-    worker = start_worker(env={"RERANK_MODEL": str(tmp_path / "missing-model")}, name="bad")
-    started = time.monotonic()
-    assert worker.process.wait(timeout=60) != 0
-    assert time.monotonic() - started < 60
-    assert "Set RERANK_MODEL to a hub id" in worker.output()
+def test_a_broken_model_folder_stops_the_worker_at_start_up_with_exit_1_and_one_clear_line(start_worker, tiny_model, tmp_path):
+    # Given model folders with a part missing, foreign or damaged
+    cases = {name: ({"RERANK_MODEL": str(folder)}, line) for name, (folder, line) in broken_copies(tiny_model, tmp_path).items()}
+    # and a device that is not there, which only the pool process finds out when it loads the model
+    cases["a GPU that is not there"] = ({"RERANK_DEVICE": "cuda:0", "CUDA_VISIBLE_DEVICES": ""}, "model failed to load in pid")
+    for name, (env, line) in cases.items():
+        # When a worker is started on each
+        worker = start_worker(env=env, name="broken")
+        started = time.monotonic()
+        code = worker.process.wait(timeout=60)
+        # Then it stops before serving anything, with exit code 1 and the reason on one line
+        assert code == 1, f"{name}: exit {code}\n{worker.output()[-2000:]}"
+        assert time.monotonic() - started < 60
+        assert line in worker.output(), f"{name}:\n{worker.output()[-2000:]}"
+        assert "model loaded:" not in worker.output(), name
 
 
 @pytest.mark.integration

@@ -5,18 +5,19 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from multiprocessing.sharedctypes import RawValue
 from typing import Any
 from urllib.parse import urlsplit
 
 from billiard.process import current_process
 from celery import bootsteps
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_shutdown
 
 from producer.app import create_app
 from producer.errors import ModelLoadError
 from producer.settings import get_settings
 from worker import report, tasks  # noqa: F401  (registers the tasks and the report command)
-from worker.engine import load_config_and_tokenizer
+from worker.engine import check_model
 from worker.runtime import load_engine
 
 log = logging.getLogger(__name__)
@@ -48,16 +49,20 @@ app.conf.update(
 )
 
 
+# Set by a pool process that could not load the model; shared memory, inherited by every fork.
+_load_failed = RawValue("b", 0)
+
+
 class ModelCheck(bootsteps.StartStopStep):
-    """Fails worker start-up, before any pool process forks, when the model cannot be resolved."""
+    """Stops the worker with exit code 1, before any pool process forks, when the model cannot serve."""
 
     requires = {"celery.worker.components:Hub"}
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
-        """Resolve config and tokenizer in the parent: no weights, no CUDA."""
+        """Check the model in the parent (config, tokenizer, weight files): no tensors loaded, no CUDA."""
         super().__init__(parent, **kwargs)
         try:
-            load_config_and_tokenizer(settings.model, settings.model_revision)
+            check_model(settings.model, settings.model_revision, settings.max_length)
         except ModelLoadError as e:
             log.critical("%s", e)
             raise SystemExit(f"rerank-worker: {e}") from e
@@ -65,6 +70,13 @@ class ModelCheck(bootsteps.StartStopStep):
 
 app.steps["worker"].add(ModelCheck)
 app.steps["worker"].add(report.ReportStep)
+
+
+@worker_shutdown.connect
+def _exit_1_after_a_failed_load(sender: Any = None, **_: Any) -> None:
+    """Make the exit code say that a pool process failed to load the model, so a process manager restarts the worker."""
+    if _load_failed.value and sender is not None:
+        sender.exitcode = 1
 
 
 @worker_process_init.connect
@@ -78,5 +90,6 @@ def _load_model_in_process(**_: Any) -> None:
         # consuming tasks it cannot score; stop the whole worker instead.
         log.critical("model failed to load in pid %d; stopping the worker", os.getpid(), exc_info=True)
         if current_process().name != "MainProcess":
+            _load_failed.value = 1
             os.kill(os.getppid(), signal.SIGTERM)
         os._exit(1)

@@ -235,11 +235,15 @@ def main(argv: list[str] | None = None) -> None:
     # Imported only now: the app reads its settings from the environment set above.
     from pydantic import ValidationError
 
+    from celery.bin.celery import celery
+
     try:
-        from worker.app import app, settings
+        from worker.app import settings
     except ValidationError as e:
         sys.exit(f"rerank-worker: invalid settings: {e}")
-    app.worker_main(celery_argv(args, passthrough, settings.queue, settings.device))
+    # `celery -A worker.app worker …` itself: app.worker_main and app.start drop the worker's exit
+    # code, so a worker that stops on an error would exit 0 and no process manager would restart it.
+    celery.main(["-A", "worker.app", *celery_argv(args, passthrough, settings.queue, settings.device)], prog_name="rerank-worker")
 
 
 if __name__ == "__main__":

@@ -10,9 +10,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Protocol
 
 import torch
+from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -39,6 +41,9 @@ DEFAULT_PAD_MULTIPLE = {"cpu": 1, "cuda": 64}
 # times 0, 16, 32 and 64). On 2 CPU cores tokenizing is ~0.5% of the time and shares the cores:
 # slices were no faster there (minilm shape, benchmarks.attention), so a CPU tokenizes up front.
 DEFAULT_TOKENIZE_SLICE = {"cpu": 0, "cuda": 32}
+# Characters read per token a pair still needs; tokenizers average 3-6 characters per token on
+# prose, and a cut that yields too few tokens is widened (CrossEncoderEngine._passage_ids).
+CHARS_PER_TOKEN = 8
 # RoBERTa-style position ids start after the padding index, so 514 positions hold 512 tokens.
 _POSITION_OFFSET = {"xlm-roberta": 2, "roberta": 2, "camembert": 2}
 
@@ -206,6 +211,15 @@ class PairTemplate:
         return len(self.prefix) + len(self.middle) + len(self.suffix)
 
 
+def _head(text: str, chars: int) -> str:
+    """The first `chars` characters of `text`, ending before a whitespace when one is in the second half, so no word is cut."""
+    if len(text) <= chars:
+        return text
+    head = text[:chars]
+    space = max(head.rfind(" "), head.rfind("\n"), head.rfind("\t"))
+    return head[:space] if space > chars // 2 else head
+
+
 def _find(haystack: list[int], needle: list[int], start: int) -> int:
     """Index of the first occurrence of `needle` in `haystack` from `start`, or -1."""
     for i in range(start, len(haystack) - len(needle) + 1):
@@ -291,13 +305,7 @@ class CrossEncoderEngine:
         torch_dtype = resolve_dtype(dtype, device)
         if torch_dtype == torch.bfloat16 and device == "cpu" and not cpu_has_native_bf16():
             log.warning("bf16 requested on a CPU without AVX512-BF16 or AMX: expect it to be several times slower than fp32")
-        config, tokenizer = load_config_and_tokenizer(name_or_path, revision)
-        limit = usable_length(config, tokenizer)
-        if max_length > limit:
-            raise ModelLoadError(
-                f"RERANK_MAX_LENGTH={max_length} exceeds what {name_or_path} can read ({limit} tokens); "
-                f"set RERANK_MAX_LENGTH to {limit} or less"
-            )
+        _, tokenizer = check_model(name_or_path, revision, max_length)
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
                 name_or_path, revision=revision, dtype=torch_dtype, attn_implementation="sdpa"
@@ -345,10 +353,30 @@ class CrossEncoderEngine:
         head = template.prefix + query_ids + template.middle
         head_types = template.prefix_types + [template.query_type] * len(query_ids) + template.middle_types
         pairs = []
-        for encoded in self._encode_batch(list(passages), add_special_tokens=False):
-            ids = encoded.ids[:budget]
+        for ids in self._passage_ids(passages, budget):
+            ids = ids[:budget]
             pairs.append(EncodedPair(head + ids + template.suffix, head_types + [template.passage_type] * len(ids) + template.suffix_types))
         return pairs
+
+    def _passage_ids(self, passages: Sequence[str], budget: int) -> list[list[int]]:
+        """Token ids of each passage's first `budget` tokens or more, without tokenizing text past them.
+
+        Tokenizing runs in Rust, where a task's soft time limit cannot interrupt it, so a 100,000-
+        character passage must not be tokenized whole to keep its first 500 tokens. Each passage
+        is cut at a word boundary after CHARS_PER_TOKEN characters per needed token; the tokens
+        before the cut are those of the whole text. A cut that yields too few tokens (long
+        tokens, whitespace runs) is widened fourfold until it yields enough or covers the text.
+        """
+        chars = (budget + 1) * CHARS_PER_TOKEN
+        heads = [_head(text, chars) for text in passages]
+        ids = [encoded.ids for encoded in self._encode_batch(heads, add_special_tokens=False)]
+        for n, text in enumerate(passages):
+            wider = chars
+            while len(ids[n]) < budget and len(heads[n]) < len(text):
+                wider *= 4
+                heads[n] = _head(text, wider)
+                ids[n] = self._backend.encode(heads[n], add_special_tokens=False).ids
+        return ids
 
     @torch.inference_mode()
     def forward(
@@ -508,8 +536,12 @@ class _Scoring:
         return by_unique[torch.tensor(self.owner)].tolist(), self.padded, self.batches
 
 
-def load_config_and_tokenizer(name_or_path: str, revision: str | None = None) -> tuple[AutoConfig, PreTrainedTokenizerBase]:
-    """Load the config and tokenizer (no weights, no CUDA) and check the model is a cross-encoder."""
+def check_model(name_or_path: str, revision: str | None = None, max_length: int | None = None) -> tuple[AutoConfig, PreTrainedTokenizerBase]:
+    """Load the config and tokenizer and check, without loading weights or touching CUDA, that the model can serve.
+
+    It must be a one-logit cross-encoder whose tokenizer belongs to it, whose local weights are
+    whole, and which reads `max_length` tokens. Workers run this before their pool starts.
+    """
     try:
         config = AutoConfig.from_pretrained(name_or_path, revision=revision)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
@@ -523,7 +555,45 @@ def load_config_and_tokenizer(name_or_path: str, revision: str | None = None) ->
             f"{name_or_path!r} has {config.num_labels} output labels; a re-ranker needs exactly one "
             "relevance logit (a cross-encoder such as BAAI/bge-reranker-v2-m3)"
         )
+    # Without its tokenizer files transformers builds a stand-in with a handful of tokens, which
+    # turns every word into <unk>; a tokenizer with more tokens than the embedding has rows
+    # produces ids the model cannot look up. Vocabularies are sometimes padded, never halved.
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and not vocab // 2 <= len(tokenizer) <= vocab:
+        raise ModelLoadError(
+            f"the tokenizer of {name_or_path!r} has {len(tokenizer)} tokens but the model's embedding has {vocab}: "
+            "its tokenizer files are missing or belong to another model; put this model's tokenizer.json "
+            "(and sentencepiece.bpe.model or vocab.txt) next to its config.json"
+        )
+    limit = usable_length(config, tokenizer)
+    if max_length is not None and max_length > limit:
+        raise ModelLoadError(
+            f"RERANK_MAX_LENGTH={max_length} exceeds what {name_or_path} can read ({limit} tokens); "
+            f"set RERANK_MAX_LENGTH to {limit} or less"
+        )
+    check_weights(name_or_path)
     return config, tokenizer
+
+
+def check_weights(name_or_path: str) -> None:
+    """In a local model directory, check that weights exist and that safetensors files are whole (headers only, no tensors read).
+
+    A hub id is left to `from_pretrained`, which downloads and checks what it fetches.
+    """
+    directory = Path(name_or_path)
+    if not directory.is_dir():
+        return
+    safetensors = sorted(directory.glob("*.safetensors"))
+    if not safetensors and not any(directory.glob("pytorch_model*.bin")):
+        raise ModelLoadError(
+            f"no weights in {name_or_path!r}: expected model.safetensors (or its shards, or pytorch_model.bin) next to config.json"
+        )
+    for path in safetensors:
+        try:
+            with safe_open(str(path), "pt") as weights:
+                weights.keys()
+        except (SafetensorError, OSError) as e:
+            raise ModelLoadError(f"the weights file {path} cannot be read ({e}); download it again") from e
 
 
 def cpu_has_native_bf16() -> bool:
