@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 from celery.exceptions import TaskRevokedError
 from kombu.exceptions import OperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
@@ -62,6 +62,11 @@ def translate(error: BaseException, what: str, url: str | None = None) -> Rerank
         return error
     if isinstance(error, TaskRevokedError):
         return JobCancelled(f"{what}: the job was cancelled before it finished")
+    if isinstance(error, OutOfMemoryError) or "used memory > 'maxmemory'" in str(error):
+        return BrokerUnavailable(
+            f"{what}: Redis at {redact(url)} is out of memory (used memory is above its maxmemory) and refuses "
+            "new jobs: free memory or raise maxmemory, and keep maxmemory-policy at noeviction"
+        )
     # Celery raises a bare RuntimeError when it cannot subscribe to a result in the backend.
     if isinstance(error, _UNREACHABLE) or (isinstance(error, RuntimeError) and "result store" in str(error)):
         return BrokerUnavailable(

@@ -17,7 +17,9 @@ from producer.app import create_app
 from producer.errors import ModelLoadError
 from producer.settings import get_settings
 from worker import report, tasks  # noqa: F401  (registers the tasks and the report command)
+from worker.backend import backend_url
 from worker.engine import check_model
+from worker.eviction import EvictionCheck
 from worker.runtime import load_engine
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,9 @@ app.conf.broker_transport_options = {**app.conf.broker_transport_options, "queue
 app.conf.worker_consumer = "worker.consumer:RerankConsumer"
 if urlsplit(settings.broker_url or "").scheme in ("redis", "rediss"):
     app.conf.broker_transport = "worker.transport:Transport"
+# A full Redis refusing a state write is retried like a lost connection (worker/backend.py).
+if urlsplit(app.conf.result_backend or "").scheme in ("redis", "rediss"):
+    app.conf.result_backend = backend_url(app.conf.result_backend)
 # A task that finishes while Redis restarts would otherwise fail its job with a ConnectionError
 # when storing the result: retry result-backend writes for about 10 s (at most ~18 s: 20 tries,
 # jittered backoff up to 1 s). Only workers wait; producers report BrokerUnavailable instead.
@@ -69,6 +74,7 @@ class ModelCheck(bootsteps.StartStopStep):
 
 
 app.steps["worker"].add(ModelCheck)
+app.steps["worker"].add(EvictionCheck)
 app.steps["worker"].add(report.ReportStep)
 
 

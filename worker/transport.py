@@ -1,11 +1,13 @@
-"""kombu's Redis transport, refusing queue items that are not well-formed kombu messages.
+"""kombu's Redis transport, hardened against what a shared Redis can throw at a worker.
 
 kombu reads each item it pops from a Redis list as a JSON envelope (body, headers, properties)
 and builds its message from it without checking; an item that is not JSON, or an envelope with a
 field of the wrong type, raises inside the worker's event loop, which Celery treats as an
 unrecoverable error: one `LPUSH` could stop a worker, and every worker after it. Such items are
-logged and dropped here. Workers on a `redis://` or `rediss://` broker use this transport
-(`worker/app.py`); it changes nothing else.
+logged and dropped here. And a Redis at its `maxmemory` refuses the writes that record a message
+as delivered or acknowledged; instead of stopping, the worker logs it and the message stays in
+Redis's unacknowledged set, to be delivered again after the visibility timeout. Workers on a
+`redis://` or `rediss://` broker use this transport (`worker/app.py`); it changes nothing else.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import binascii
 import logging
 from typing import Any
 
-from kombu.transport import redis
+from kombu.transport import redis, virtual
+from redis.exceptions import OutOfMemoryError
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +57,44 @@ def envelope_refusal(envelope: Any) -> str | None:
     return None
 
 
+FULL = (
+    "Redis is out of memory (used memory is above its maxmemory): free memory or raise maxmemory; "
+    "until then workers cannot record their work"
+)
+
+
+class QoS(redis.QoS):
+    """kombu's Redis QoS, going on when a full Redis refuses to record a delivery or an acknowledgement."""
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        """Record `message` as delivered; if Redis is full, only in this process (it is lost if this worker dies)."""
+        try:
+            super().append(message, delivery_tag)
+        except OutOfMemoryError:
+            log.warning("%s; message %s is held only by this worker until it is acknowledged", FULL, delivery_tag)
+            virtual.QoS.append(self, message, delivery_tag)
+
+    def ack(self, delivery_tag: str) -> None:
+        """Acknowledge; if Redis is full, the message stays unacknowledged there and is delivered again later."""
+        try:
+            self._remove_from_indices(delivery_tag).execute()
+        except OutOfMemoryError:
+            log.warning("%s; message %s stays unacknowledged and is delivered again after the visibility timeout", FULL, delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        """Reject as kombu does; if Redis is full, as `ack` does."""
+        try:
+            super().reject(delivery_tag, requeue)
+        except OutOfMemoryError:
+            log.warning("%s; message %s stays unacknowledged and is delivered again after the visibility timeout", FULL, delivery_tag)
+            virtual.QoS.ack(self, delivery_tag)
+
+
 class Channel(redis.Channel):
-    """A Redis channel that drops what it pops when it is not JSON."""
+    """A Redis channel that drops what it pops when it is not JSON, and survives a full Redis."""
+
+    QoS = QoS
 
     def _brpop_read(self, **options: Any) -> Any:
         try:
