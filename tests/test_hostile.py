@@ -17,7 +17,8 @@ from redis import Redis
 from producer import InvalidRequest, RerankClient, RerankResult, Settings
 from producer.jobs import Finish, Handle
 from producer.names import TASK_CHUNKS, TASK_DOCUMENTS
-from tests.helpers import QUERY, RedisServer, WorkerFleet, WorkerProcess, short_papers, wait_for
+from tests.helpers import QUERY, RedisServer, WorkerFleet, WorkerProcess, children, report, short_papers, wait_for
+from worker.report import rss_mb
 
 pytestmark = pytest.mark.integration
 
@@ -169,3 +170,33 @@ def test_a_hostile_message_is_dropped_and_the_worker_serves_the_next_job_within_
             Handle(client.backend, case.task_id, Finish(RerankResult)).result(timeout=5)
     assert worker.process.poll() is None, "the worker is still running"
 
+
+
+def rejected_messages_leave_memory_flat(start_worker, redis_server, tiny_model, count: int) -> None:
+    """Send `count` 60 MB messages the worker must reject; its pool process must not grow past the first few."""
+    worker = start_worker("-Q", "hostile-big", name="big")
+    worker.wait_until_loaded(processes=1)
+    client = RerankClient(Settings(broker_url=redis_server.url, queue="hostile-big", model=str(tiny_model)))
+    (child,) = children(worker.process.pid)
+    oversized = {"query": QUERY, "candidates": [{"id": "x", "title": "t", "text": "a" * 60_000_000}]}
+    sizes = []
+    for _ in range(count):
+        task = client.app.send_task(TASK_DOCUMENTS, args=(oversized,), queue="hostile-big")
+        with pytest.raises(InvalidRequest, match="RERANK_MAX_TEXT_CHARS"):
+            Handle(client.backend, task.id, Finish(RerankResult)).result(timeout=60)
+        sizes.append(rss_mb(child))
+    report("rejected 60 MB messages", count=count, rss_mb_first=sizes[0], rss_mb_after_3=sizes[2], rss_mb_last=sizes[-1], rss_mb_max=max(sizes))
+    # One rejected request may still be in memory (the last failure's cycle is collected after
+    # the next one); beyond that, memory stays flat
+    assert max(sizes[3:]) - sizes[2] <= 50 + 120, sizes
+    assert sizes[-1] - sizes[2] <= 50, sizes
+    assert worker.process.poll() is None and len(client.rerank_documents(QUERY, short_papers(2), top_k=1, timeout=10).items) == 1
+
+
+def test_rejected_60_mb_messages_leave_memory_flat(start_worker, redis_server, tiny_model):
+    rejected_messages_leave_memory_flat(start_worker, redis_server, tiny_model, count=8)
+
+
+@pytest.mark.slow
+def test_a_hundred_rejected_60_mb_messages_leave_memory_flat(start_worker, redis_server, tiny_model):
+    rejected_messages_leave_memory_flat(start_worker, redis_server, tiny_model, count=100)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import inspect
 from typing import Any
 
-from celery import Task, shared_task
+from celery import Task, shared_task, states
 from celery.exceptions import SoftTimeLimitExceeded
 
 from producer.app import settings_of
@@ -44,6 +45,16 @@ class RerankTask(Task):
                 f"{self.name} ran past its time limit (RERANK_TASK_TIME_LIMIT={limit}s) and was stopped; "
                 "send fewer or shorter texts per request, or raise the limit"
             ) from e
+
+    def after_return(self, status: str, *_: Any) -> None:
+        """After a failure, collect what the failure before it left in reference cycles.
+
+        Celery keeps a failed task's exception, traceback and frames in a reference cycle, and
+        the frames hold the request: a rejected 60 MB message stayed in memory until a rare full
+        collection (115 MB per message, growing). Collecting after each failure bounds it at one.
+        """
+        if status != states.SUCCESS:
+            gc.collect()
 
 
 @shared_task(name=TASK_DOCUMENTS, bind=True, base=RerankTask)
