@@ -17,7 +17,7 @@ from redis import Redis
 from producer import InvalidRequest, RerankClient, RerankResult, Settings
 from producer.jobs import Finish, Handle
 from producer.names import TASK_CHUNKS, TASK_DOCUMENTS
-from tests.helpers import QUERY, RedisServer, WorkerFleet, WorkerProcess, children, report, short_papers, wait_for
+from tests.helpers import QUERY, RedisServer, WorkerFleet, WorkerProcess, children, long_papers, report, short_papers, started, wait_for
 from worker.report import rss_mb
 
 pytestmark = pytest.mark.integration
@@ -200,3 +200,29 @@ def test_rejected_60_mb_messages_leave_memory_flat(start_worker, redis_server, t
 @pytest.mark.slow
 def test_a_hundred_rejected_60_mb_messages_leave_memory_flat(start_worker, redis_server, tiny_model):
     rejected_messages_leave_memory_flat(start_worker, redis_server, tiny_model, count=100)
+
+
+def test_no_remote_control_command_stops_throttles_or_reshapes_the_worker(hostile):
+    worker, client, redis = hostile
+    name = client.rerank_documents(QUERY, short_papers(2), top_k=1, timeout=5).info.worker
+    # Given a slow job running on the worker
+    running = client.submit_documents(QUERY, long_papers(600), top_k=2)
+    wait_for(lambda: started(client, running.id), 30, "the slow job to start")
+    control = client.app.control
+    # When every command that could stop, throttle or reshape it is broadcast
+    control.revoke(running.id, terminate=True, signal="SIGKILL")
+    control.shutdown(destination=[name])
+    control.broadcast("terminate", arguments={"signal": "SIGKILL", "task_id": running.id}, destination=[name])
+    control.cancel_consumer(QUEUE, destination=[name])
+    control.rate_limit(TASK_DOCUMENTS, "1/h", destination=[name])
+    control.time_limit(TASK_DOCUMENTS, soft=1, hard=1, destination=[name])
+    control.pool_grow(8, destination=[name])
+    control.pool_shrink(1, destination=[name])
+    control.autoscale(8, 1, destination=[name])
+    # Then the running job was not killed, the worker still serves at its speed, with one pool process
+    assert worker.process.poll() is None
+    assert len(client.rerank_documents(QUERY, short_papers(3, seed=9), top_k=2, timeout=5).items) == 2
+    assert len(children(worker.process.pid)) == 1
+    assert "refused to terminate" in worker.output()
+    assert worker.output().count("model loaded:") == 1
+    assert len(running.result(timeout=60).items) == 2

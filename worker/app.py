@@ -18,6 +18,7 @@ from producer.errors import ModelLoadError
 from producer.settings import get_settings
 from worker import report, tasks  # noqa: F401  (registers the tasks and the report command)
 from worker.backend import backend_url
+from worker.control import restrict_remote_control
 from worker.engine import check_model
 from worker.eviction import EvictionCheck
 from worker.runtime import load_engine
@@ -73,6 +74,7 @@ class ModelCheck(bootsteps.StartStopStep):
             raise SystemExit(f"rerank-worker: {e}") from e
 
 
+restrict_remote_control()
 app.steps["worker"].add(ModelCheck)
 app.steps["worker"].add(EvictionCheck)
 app.steps["worker"].add(report.ReportStep)
