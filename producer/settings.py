@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     )
     max_length: int = Field(512, ge=16, le=8192, description="Tokens per query+passage pair.")
     max_batch_tokens: int | None = Field(
-        None, ge=256, le=4_194_304, description="Padded tokens per forward pass (batch x longest); unset: 2048 on CPU, 32768 on CUDA."
+        None, ge=256, le=4_194_304, description="Tokens per forward pass (with padded attention, padding included: batch x longest); unset: 2048 on CPU, 32768 on CUDA."
     )
     pad_multiple: int | None = Field(
         None, ge=1, le=512, description="Round each batch's width up to a multiple of this; unset: 64 on CUDA, 1 (no rounding) on CPU."

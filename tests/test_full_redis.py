@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -13,28 +15,25 @@ from tests.helpers import FAST, QUERY, RedisServer, WorkerFleet, long_papers, sh
 pytestmark = pytest.mark.integration
 
 
-def fill(redis: Redis) -> int:
-    """Write filler keys until Redis refuses even a 100-byte one; return how many it took."""
-    n = 0
-    for size in (1_000_000, 10_000, 100):
-        try:
-            while True:
-                redis.set(f"filler{n}", b"x" * size)
-                n += 1
-        except Exception:  # noqa: BLE001 - the OOM refusal is what we wait for
-            pass
-    return n
+@contextmanager
+def full(redis: Redis) -> Iterator[None]:
+    """Make Redis refuse every write for want of memory, then free it.
 
-
-def free(redis: Redis) -> None:
-    for key in list(redis.scan_iter("filler*")) + list(redis.scan_iter("pre*")):
-        redis.delete(key)
+    A maxmemory of one byte is always exceeded: Redis's used memory breathes by megabytes as
+    connection buffers are freed, so filling it to the brink would not hold it full.
+    """
+    original = redis.config_get("maxmemory")["maxmemory"]
+    redis.config_set("maxmemory", 1)
+    try:
+        yield
+    finally:
+        redis.config_set("maxmemory", original)
 
 
 @pytest.fixture
 def small_redis(tmp_path: Path):
     server = RedisServer(tmp_path)
-    server.start("--maxmemory", "30mb", "--maxmemory-policy", "noeviction")
+    server.start("--maxmemory", "100mb", "--maxmemory-policy", "noeviction")
     yield server
     server.stop()
 
@@ -46,30 +45,24 @@ def test_a_full_redis_keeps_the_worker_up_and_the_job_completes_once_memory_is_f
         worker = fleet.start("-Q", "full", env=FAST, name="full")
         worker.wait_until_loaded(processes=1)
         client = RerankClient(Settings(broker_url=small_redis.url, queue="full", model=str(tiny_model), task_time_limit=5, visibility_timeout=10))
-        # Given Redis nearly full, and a job running long enough to be caught by the rest of the filling
-        for n in range(22):
-            redis.set(f"pre{n}", b"x" * 1_000_000)
+        # Given a job running long enough (a few seconds) to be caught by the filling
         job = client.submit_documents(QUERY, long_papers(1000), top_k=2)
         wait_for(lambda: started(client, job.id), 30, "the job to start")
-        # When Redis is filled until it refuses every write (its used memory breathes, so fill again
-        # until a submit meets it full)
-        refusal = None
-        for _ in range(10):
-            fill(redis)
-            try:
+        # When Redis is full: it refuses every write
+        with full(redis):
+            # Then a producer is told Redis is out of memory, not that it cannot be reached
+            with pytest.raises(BrokerUnavailable, match="is out of memory") as refusal:
                 client.submit_documents(QUERY, short_papers(2), top_k=1)
-            except BrokerUnavailable as e:
-                refusal = e
-                break
-        # Then a producer is told Redis is out of memory, not that it cannot be reached
-        assert refusal is not None and "is out of memory" in str(refusal) and "cannot reach" not in str(refusal)
-        # And the worker stays up, says why it cannot store the result, and keeps the message unacknowledged
-        wait_for(lambda: "Redis is out of memory" in worker.output(), 30, "the worker to log that Redis is full")
-        assert worker.process.poll() is None, worker.output()[-3000:]
-        # When memory is freed, Then the job completes (on redelivery if its first result could not be stored)
-        free(redis)
+            assert "cannot reach" not in str(refusal.value)
+            # And the worker stays up, retries storing the result saying why, and when it gives up
+            # (after about 10-18 s) keeps the message unacknowledged instead of stopping
+            wait_for(lambda: "Redis is out of memory" in worker.output(), 30, "the worker to log that Redis is full")
+            wait_for(lambda: "stays unacknowledged" in worker.output(), 60, "the worker to give up acknowledging")
+            assert worker.process.poll() is None, worker.output()[-3000:]
+        # When memory is freed, Then the message comes back after the visibility timeout and the job completes
         result = job.result(timeout=60)
         assert len(result.items) == 2
+        assert worker.output().count(f"Task rerank.documents[{job.id}] received") == 2, "delivered again, once"
         # And the worker serves new jobs
         assert len(client.rerank_documents(QUERY, short_papers(3), top_k=2, timeout=30).items) == 2
         assert worker.process.poll() is None and "Unrecoverable error" not in worker.output()

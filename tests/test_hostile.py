@@ -198,6 +198,7 @@ def test_rejected_60_mb_messages_leave_memory_flat(start_worker, redis_server, t
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_a_hundred_rejected_60_mb_messages_leave_memory_flat(start_worker, redis_server, tiny_model):
     rejected_messages_leave_memory_flat(start_worker, redis_server, tiny_model, count=100)
 

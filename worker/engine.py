@@ -24,22 +24,15 @@ from worker.packed import Fusions, PackedForward, flash_varlen_usable, unsupport
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Padded tokens per forward pass. On a CPU small batches stay in cache and pad less: on 2 cores
-# (base shape, benchmarks/sweep.py) 2048 tokens scored 100 docs in 31.5 s against 33.4 s at 4096
-# and 36.8 s at 16384, and 100 chunks in 20.6 s against 23.0 s and 27.3 s; 1024 was no faster.
-# GPUs need large batches to fill their cores (on an H200, 16k-64k were within noise).
+# Tokens per forward pass: small batches stay in a CPU's caches, GPUs need large ones to fill
+# their cores (measured in benchmarks/sweep.py; README, Benchmarks).
 DEFAULT_BATCH_TOKENS = {"cpu": 2048, "cuda": 32768}
-# Batch widths are rounded up to a multiple of this. On CUDA a batch width never seen before is
-# slow: a fresh H200 worker (v2-m3 shape) took a median 187 ms, and up to 1.6 s, for its first
-# twelve 100-doc requests against 113 ms for the same requests again; rounding to 64 (and
-# warming each width at load) gave 116 ms and 112 ms (benchmarks/fresh_shapes.py). On a CPU
-# there is no such cost, and rounding would only add padding.
+# Batch widths (padded attention) round up to a multiple of this: a GPU is slow the first time it
+# meets a shape, so CUDA workers see few and warm them all at load (benchmarks/fresh_shapes.py).
 DEFAULT_PAD_MULTIPLE = {"cpu": 1, "cuda": 64}
-# Passages per tokenized slice: later slices are tokenized on a thread while earlier ones run (0: all
-# up front). On CUDA the first forward then waits for one slice's tokens, not the request's (100 docs
-# took 18.9 ms to tokenize on an H200's host); 32 is unmeasured there yet (benchmarks/gpu_check.sh
-# times 0, 16, 32 and 64). On 2 CPU cores tokenizing is ~0.5% of the time and shares the cores:
-# slices were no faster there (minilm shape, benchmarks.attention), so a CPU tokenizes up front.
+# Passages per tokenized slice: later slices are tokenized on a thread while earlier ones run, so
+# a GPU's first forward waits for one slice's tokens, not the request's; 0 tokenizes up front,
+# as a CPU should, where tokenizing shares the cores it would hide behind.
 DEFAULT_TOKENIZE_SLICE = {"cpu": 0, "cuda": 32}
 # Characters read per token a pair still needs; tokenizers average 3-6 characters per token on
 # prose, and a cut that yields too few tokens is widened (CrossEncoderEngine._passage_ids).

@@ -103,6 +103,7 @@ def process_report(engine: Any, settings: Any) -> dict[str, Any]:
         "device": str(engine.device),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "dtype": str(engine.dtype).removeprefix("torch."),
+        "attention": engine.attention,
         "max_length": engine.max_length,
         "max_batch_tokens": engine.max_batch_tokens,
         "architecture": _static(engine)["architecture"],
@@ -206,6 +207,7 @@ def worker_report(hostname: str | None = None) -> dict[str, Any]:
         "device": first.get("device"),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "dtype": first.get("dtype"),
+        "attention": first.get("attention"),
         "max_length": first.get("max_length"),
         "parameters": first.get("architecture", {}).get("parameters"),
         "architecture": first.get("architecture"),
@@ -264,7 +266,7 @@ def format_report(name: str, report: dict[str, Any]) -> str:
         f"  model: {report.get('model')}  revision: {report.get('revision') or '-'}",
         f"  path: {report.get('path')}",
         f"  device: {report.get('device')}  CUDA_VISIBLE_DEVICES: {report.get('cuda_visible_devices')!r}"
-        f"  dtype: {report.get('dtype')}  max_length: {report.get('max_length')}",
+        f"  dtype: {report.get('dtype')}  attention: {report.get('attention')}  max_length: {report.get('max_length')}",
         f"  architecture: {', '.join(arch.get('architectures', []))} ({arch.get('model_type')}), "
         f"{arch.get('layers')} layers, hidden {arch.get('hidden_size')}, {arch.get('attention_heads')} heads, "
         f"vocab {arch.get('vocab_size')}, {arch.get('max_position_embeddings')} positions",

@@ -70,11 +70,10 @@ def test_a_duplicate_delivery_of_a_two_stage_job_gives_the_same_result(limited, 
     # redelivery after a visibility timeout or a producer retry would do
     candidates = long_papers(12, tag="d")
     job_id = "duplicate-job"
-    documents = client._documents_request(QUERY, candidates, 4, False)
-    pool = client.chunk_pool(documents.candidates)
+    documents, chunks = client._two_stage_requests(QUERY, candidates, 4, None, False, None)
     job = chain(
         client.app.signature(TASK_DOCUMENTS, args=(documents.model_dump(mode="json"),), immutable=True, task_id=f"{job_id}:documents"),
-        client.app.signature(TASK_CHUNKS, kwargs={"request": {"query": QUERY, "chunks": [c.model_dump(mode="json") for c in pool]}}, task_id=job_id),
+        client.app.signature(TASK_CHUNKS, kwargs={"request": chunks.model_dump(mode="json")}, task_id=job_id),
     )
     job.apply_async()
     first = client.job(job_id).result(timeout=30)
