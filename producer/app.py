@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import ssl
+import time
 from typing import Any
 from urllib.parse import urlsplit
 from weakref import WeakKeyDictionary
 
 from celery import Celery
+from celery.signals import before_task_publish
 
-from producer.names import TASK_CHUNKS, TASK_DOCUMENTS
+from producer.names import SENT_AT_HEADER, TASK_CHUNKS, TASK_DOCUMENTS
 from producer.settings import Settings
 
 _settings_by_app: WeakKeyDictionary[Celery, Settings] = WeakKeyDictionary()
@@ -77,6 +79,18 @@ def create_app(settings: Settings) -> Celery:
     )
     _settings_by_app[app] = settings
     return app
+
+
+@before_task_publish.connect
+def _stamp_sent_time(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    """Stamp each of our task messages with the time it is published, in producers and in workers sending stage 2.
+
+    Neither Celery nor kombu's Redis transport records when a message was queued: workers read
+    this header for their queue-wait metric and `rerank metrics` for the age of a queue's oldest
+    message.
+    """
+    if headers is not None and headers.get("task") in (TASK_DOCUMENTS, TASK_CHUNKS):
+        headers[SENT_AT_HEADER] = time.time()
 
 
 def _verified_tls(url: str | None) -> dict[str, Any] | None:

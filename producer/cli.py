@@ -81,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     workers = commands.add_parser("workers", help="List the workers that answer, their queues and what they serve.")
     workers.add_argument("--timeout", type=seconds, default=2.0, help="Seconds to wait for replies.")
     _json(workers)
+
+    metrics = commands.add_parser(
+        "metrics", help="Serve Prometheus metrics of the queues: messages waiting and the oldest one's age."
+    )
+    metrics.add_argument("--port", type=port, default=9808, help="Port to serve /metrics on (default 9808).")
+    metrics.add_argument("--queues", help="Comma-separated queues (default: every queue the models' workers consume).")
+    metrics.add_argument("--models", help="Comma-separated models whose queues to watch (default: RERANK_MODEL).")
+    metrics.add_argument("--once", action="store_true", help="Print the metrics once and exit instead of serving them.")
     return parser
 
 
@@ -119,6 +127,14 @@ def score(text: str) -> float:
     return value
 
 
+def port(text: str) -> int:
+    """A TCP port, 1-65535."""
+    value = count(text)
+    if value > 65_535:
+        raise argparse.ArgumentTypeError(f"{text} is not a TCP port (1-65535)")
+    return value
+
+
 def seconds(text: str) -> float:
     """An argparse type: a positive, finite number of seconds."""
     try:
@@ -142,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as e:
         print(f"rerank: invalid settings: {e}", file=sys.stderr)
         return EXIT_INVALID
-    command = {"run": _run, "batch": _batch, "status": _status, "cancel": _cancel, "workers": _workers}[args.command]
+    command = {"run": _run, "batch": _batch, "status": _status, "cancel": _cancel, "workers": _workers, "metrics": _metrics}[args.command]
     try:
         return command(args, settings)
     except RerankError as e:
@@ -373,6 +389,32 @@ def _workers(args: argparse.Namespace, settings: Settings) -> int:
     if not workers:
         print(f"rerank: no worker answered within {args.timeout}s on {settings.queue!r}'s broker", file=sys.stderr)
         return EXIT_FAILED
+    return EXIT_OK
+
+
+def _metrics(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.metrics import default_queues, registry_for
+
+    if not settings.broker_url:
+        raise InvalidRequest("no RERANK_BROKER_URL: there are no queues to watch")
+    models = [m.strip() for m in (args.models or "").split(",") if m.strip()]
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else default_queues(settings, models)
+    try:
+        registry = registry_for(RerankClient(settings).app, queues)
+    except ImportError as e:
+        raise InvalidRequest(str(e)) from e
+    from prometheus_client import generate_latest, start_http_server
+
+    if args.once:
+        sys.stdout.write(generate_latest(registry).decode())
+        return EXIT_OK
+    server, _ = start_http_server(args.port, registry=registry)
+    print(f"rerank metrics: serving {len(queues)} queues on :{args.port}/metrics: {', '.join(queues)}", file=sys.stderr, flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.shutdown()
     return EXIT_OK
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery, chain, uuid
@@ -12,10 +13,10 @@ from pydantic import ValidationError
 from producer.app import create_app
 from producer.backends import backend_for
 from producer.chunking import DEFAULT_MAX_CHARS
-from producer.errors import InvalidRequest, RerankError
+from producer.errors import InvalidRequest, RerankError, WorkerError
 from producer.formats import chunk_pool, stage1_message
-from producer.jobs import STAGE1_SUFFIX, Finish, Handle, RerankBatch, RerankJob, stage1_id
-from producer.names import TASK_CHUNKS, TASK_DOCUMENTS
+from producer.jobs import STAGE1_SUFFIX, Finish, Handle, RerankBatch, RerankJob, ResultT, stage1_id
+from producer.names import DEFAULT_MODEL, TASK_CHUNKS, TASK_DOCUMENTS, model_slug
 from producer.schemas import (
     Candidate,
     Chunk,
@@ -89,7 +90,7 @@ class RerankClient:
         request = self._documents_request(query, candidates, top_k, return_logits, windows)
         _check_min_score(min_score)
         signature = self.app.signature(TASK_DOCUMENTS, args=(stage1_message(request),), queue=self.settings.queue)
-        return self._send(signature, Finish(RerankResult, min_score, request.candidates if return_documents else None))
+        return self._send(signature, self._finish(RerankResult, min_score, request.candidates if return_documents else None))
 
     def rerank_chunks(
         self,
@@ -129,7 +130,7 @@ class RerankClient:
         )
         _check_min_score(min_score)
         signature = self.app.signature(TASK_CHUNKS, kwargs={"request": request.model_dump(mode="json")}, queue=self.settings.queue)
-        return self._send(signature, Finish(RerankResult, min_score, chunks=request.chunks if return_documents else None))
+        return self._send(signature, self._finish(RerankResult, min_score, chunks=request.chunks if return_documents else None))
 
     # Two-stage jobs
 
@@ -239,13 +240,13 @@ class RerankClient:
         if candidates is not None:
             documents = [Candidate.model_validate(c) if not isinstance(c, Candidate) else c for c in candidates]
             chunks = self.chunk_pool(documents)
-        return RerankJob(self.backend, job_id, Finish(TwoStageResult, min_score, documents, chunks))
+        return RerankJob(self.backend, job_id, self._finish(TwoStageResult, min_score, documents, chunks))
 
     def batch(self, batch_id: str) -> RerankBatch:
         """Return the batch `batch_id` sent by `submit_many` in any process (while its results have not expired)."""
         self._need_durable_jobs("follow a batch by id")
         job_ids = self.backend.restore(batch_id)
-        jobs = [RerankJob(self.backend, job_id, Finish(TwoStageResult), index=n) for n, job_id in enumerate(job_ids)]
+        jobs = [RerankJob(self.backend, job_id, self._finish(TwoStageResult), index=n) for n, job_id in enumerate(job_ids)]
         return RerankBatch(batch_id, jobs)
 
     def chunk_pool(self, candidates: Iterable[Candidate]) -> list[Chunk]:
@@ -271,7 +272,7 @@ class RerankClient:
             raise InvalidRequest(f"{where}{e}") from e
         except ValidationError as e:
             raise InvalidRequest(f"{where}invalid TwoStageRequest: {e}") from e
-        finish = Finish(
+        finish = self._finish(
             TwoStageResult,
             request.min_score,
             documents.candidates if return_documents else None,
@@ -279,6 +280,9 @@ class RerankClient:
         )
         job = RerankJob(self.backend, uuid(), finish, index=index, request=request)
         return job, self._chain(documents, chunks, job.id)
+
+    def _finish(self, *args: Any, **kwargs: Any) -> Finish:
+        return ScoredBy(*args, **kwargs, expected_model=self.settings.model)
 
     def _send(self, signature: Signature, finish: Finish) -> Handle:
         task_id = signature.freeze().id
@@ -336,6 +340,26 @@ class RerankClient:
                 f"cannot {what} without a broker: in-process jobs are stored nowhere but in their handles; "
                 "set RERANK_BROKER_URL, or keep the handle that submit() returned"
             )
+
+
+@dataclass(frozen=True)
+class ScoredBy(Finish[ResultT]):
+    """Finishes a result like `Finish`, and raises `WorkerError` when a stage was scored by another model than asked."""
+
+    expected_model: str = DEFAULT_MODEL
+
+    def __call__(self, raw: Any) -> ResultT:
+        """Parse `raw`, then check that every stage names the expected model."""
+        result = super().__call__(raw)
+        for stage in (result.documents, result.chunks) if isinstance(result, TwoStageResult) else (result,):
+            if model_slug(stage.info.model) != model_slug(self.expected_model):
+                raise WorkerError(
+                    f"the {stage.stage} stage was scored by {stage.info.model!r} (worker {stage.info.worker}), not by "
+                    f"{self.expected_model!r} as asked (RERANK_MODEL): a worker serving another model consumes the queue "
+                    "this job went to; leave RERANK_QUEUE unset so each model has its own queues, or set the same "
+                    "RERANK_MODEL on producers and workers"
+                )
+        return result
 
 
 def _check_job_id(job_id: Any) -> None:

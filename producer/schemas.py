@@ -126,6 +126,7 @@ class ScoringInfo(_Model):
     """How and where a result was computed."""
 
     model: str
+    revision: str | None = Field(None, description="The hub commit of the model weights that scored this; None for a local directory outside a hub cache.")
     device: str
     dtype: str
     attention: str | None = Field(None, description="`packed` or `padded`: how the forward pass laid out the batch's tokens.")

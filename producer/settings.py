@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from producer.names import DEFAULT_QUEUE
+from producer.names import DEFAULT_MODEL, model_queue
 
 
 URL_SCHEMES = frozenset({"redis", "rediss", "amqp", "amqps", "pyamqp"})
@@ -28,10 +28,16 @@ class Settings(BaseSettings):
         None, description="Celery broker URL; unset runs every task inside the calling process."
     )
     result_backend: str | None = Field(None, description="Result backend URL; defaults to the broker URL.")
-    queue: str = Field(DEFAULT_QUEUE, min_length=1, description="Queue producers send to and workers consume.")
+    queue: str = Field(
+        "",
+        min_length=1,
+        description="Queue producers send to and workers consume (besides their model's interactive and bulk queues); "
+        "unset: the model's own queue, `rerank.<model slug>`.",
+    )
+
 
     # Model
-    model: str = Field("BAAI/bge-reranker-v2-m3", min_length=1, description="Hub id or local directory.")
+    model: str = Field(DEFAULT_MODEL, min_length=1, description="Hub id or local directory: what workers serve and producers ask for.")
     model_revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="`cpu` or `cuda:N`.")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
@@ -79,6 +85,22 @@ class Settings(BaseSettings):
     progress_interval: float = Field(
         1.0, ge=0.0, le=3600.0, description="Seconds between a running task's PROGRESS updates; 0 reports every batch."
     )
+    metrics_port: int | None = Field(
+        None, ge=1, le=65_535, description="Port a worker serves Prometheus metrics on (`/metrics`); unset: no metrics."
+    )
+    heartbeat_file: str | None = Field(
+        None, min_length=1, description="File a worker touches every few seconds while its event loop runs (a liveness probe reads it); unset: none."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _queue_of_the_model(cls, data: Any) -> Any:
+        # Unset (or empty) RERANK_QUEUE routes to the model's own queue, so a job is only ever
+        # taken by a worker serving the model it asks for; an explicit queue wins, as before.
+        if isinstance(data, dict) and not data.get("queue"):
+            data = {**data, "queue": model_queue(str(data.get("model") or DEFAULT_MODEL))}
+        return data
+
 
     @field_validator("broker_url", "result_backend")
     @classmethod

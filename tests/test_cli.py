@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
+from producer import Settings
 from tests.helpers import free_port
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "af_ckd_job.json"
@@ -110,7 +111,7 @@ def test_submit_then_check_by_id_and_list_workers(shared_worker, redis_server, t
     workers = run_cli_redis("workers", "--json", model=tiny_model, broker=redis_server.url)
     assert workers.returncode == 0, workers.stderr
     shared = [w for w in json.loads(workers.stdout) if w["name"].startswith("shared0@")]
-    assert len(shared) == 1 and "rerank" in shared[0]["queues"] and shared[0]["processes"] == 2
+    assert len(shared) == 1 and Settings(model=str(tiny_model)).queue in shared[0]["queues"] and shared[0]["processes"] == 2
     assert {"rerank.documents", "rerank.chunks"} <= set(shared[0]["registered"])
 
 

@@ -29,7 +29,8 @@ def test_worker_commands_use_our_entry_point_and_real_options(name):
     assert command[0] == "rerank-worker" and scripts["rerank-worker"] == "worker.cli:main"
     args, unknown = build_parser().parse_known_args(command[1:])
     assert unknown == []
-    assert args.concurrency == 1, "one process per device"
+    # One process per device: a GPU worker leaves -c to rerank-worker (one process either way)
+    assert args.concurrency in ((None, 1) if args.device.startswith("cuda") else (1,)), "one process per device"
     assert args.hostname == f"{service['environment']['WORKER_NAME']}@%h"
     env = service["environment"]
     fields = {f"RERANK_{name.upper()}" for name in Settings.model_fields}
@@ -82,3 +83,24 @@ def test_flower_reads_the_result_backend_so_it_can_show_progress():
     flower = COMPOSE["services"]["flower"]
     assert flower["environment"]["CELERY_RESULT_BACKEND"] == flower["environment"]["CELERY_BROKER_URL"]
     assert "flower" in flower["command"]
+
+
+def test_prometheus_scrapes_every_worker_and_the_queue_exporter_on_their_real_ports():
+    # Given the Prometheus config the compose file mounts
+    prometheus = COMPOSE["services"]["prometheus"]
+    (mount,) = [v for v in prometheus["volumes"] if v.endswith("/etc/prometheus/prometheus.yml:ro")]
+    config = yaml.safe_load((ROOT / mount.split(":")[0]).read_text())
+    targets = {t for job in config["scrape_configs"] for group in job["static_configs"] for t in group["targets"]}
+    # Then each worker service is scraped on the port its settings serve metrics on
+    for name, service in WORKERS.items():
+        port = Settings(metrics_port=service["environment"]["RERANK_METRICS_PORT"]).metrics_port
+        assert f"{name}:{port}" in targets
+    # And the exporter is our `rerank metrics`, scraped on the port it serves
+    from producer.cli import build_parser as rerank_parser
+
+    exporter = COMPOSE["services"]["queue-metrics"]
+    args = rerank_parser().parse_args(exporter["command"][1:])
+    assert exporter["command"][0] == "rerank" and args.command == "metrics"
+    assert f"queue-metrics:{args.port}" in targets
+    assert exporter["environment"]["RERANK_MODEL"] == WORKERS["worker-cpu"]["environment"]["RERANK_MODEL"], "the same queues"
+    assert {t.split(":")[0] for t in targets} <= set(COMPOSE["services"])

@@ -24,23 +24,28 @@ from worker.cli import build_parser, celery_argv, pinned_workers
 # Queues ---------------------------------------------------------------------------------------
 
 
-def test_queue_names_by_device_class_and_priority():
-    assert queue_name("gpu") == "rerank.gpu.interactive"
-    assert queue_name("cpu", "bulk") == "rerank.cpu.bulk"
+def test_queue_names_by_model_device_class_and_priority():
+    model = "BAAI/bge-reranker-v2-m3"
+    assert queue_name("gpu", model=model) == "rerank.baai-bge-reranker-v2-m3.gpu.interactive"
+    assert queue_name("cpu", "bulk", model=model) == "rerank.baai-bge-reranker-v2-m3.cpu.bulk"
     with pytest.raises(ValueError, match="unknown priority 'urgent'"):
-        queue_name("gpu", "urgent")
+        queue_name("gpu", "urgent", model=model)
     with pytest.raises(ValueError, match="unknown device class 'tpu'"):
-        queue_name("tpu")
-    # A worker consumes its class's interactive queue, the shared queue, then its class's bulk queue
-    assert worker_queues("cuda:1") == ["rerank.gpu.interactive", DEFAULT_QUEUE, "rerank.gpu.bulk"]
-    assert worker_queues("cpu", "mine") == ["rerank.cpu.interactive", "mine", "rerank.cpu.bulk"]
+        queue_name("tpu", model=model)
+    # A worker consumes its model's and class's interactive queue, the shared queue, then its bulk queue
+    assert worker_queues("cuda:1") == [
+        "rerank.baai-bge-reranker-v2-m3.gpu.interactive", "rerank.baai-bge-reranker-v2-m3", "rerank.baai-bge-reranker-v2-m3.gpu.bulk"
+    ]
+    # RERANK_QUEUE, when set, replaces the shared queue only
+    assert worker_queues("cpu", "mine", "org/small") == ["rerank.org-small.cpu.interactive", "mine", "rerank.org-small.cpu.bulk"]
 
 
 def test_rerank_worker_names_itself_after_its_device_and_consumes_its_class_queues():
     args, rest = build_parser().parse_known_args(["--device", "cuda:3"])
-    argv = celery_argv(args, rest, DEFAULT_QUEUE, "cuda:3")
+    settings = Settings(model="org/small")
+    argv = celery_argv(args, rest, settings.queue, "cuda:3", settings.model)
     assert "--hostname=gpu3@%h" in argv
-    assert "--queues=rerank.gpu.interactive,rerank,rerank.gpu.bulk" in argv
+    assert "--queues=rerank.org-small.gpu.interactive,rerank.org-small,rerank.org-small.gpu.bulk" in argv
     args, rest = build_parser().parse_known_args(["-Q", "only-this"])
     assert "--queues=only-this" in celery_argv(args, rest, DEFAULT_QUEUE, "cpu")
 
@@ -67,7 +72,7 @@ def test_a_worker_takes_interactive_work_before_bulk_work(start_worker, redis_se
 
 
 def test_each_device_gets_its_own_pinned_worker_named_after_it():
-    plan = pinned_workers("cuda:0,cuda:1,cuda:3,cpu", ["-c", "1", "-n", "ignored@%h"])
+    plan = pinned_workers("cuda:0,cuda:1,cuda:3,cpu", ["-c", "1", "-n", "ignored@%h"], environ={})
     assert [w.hostname for w in plan] == ["gpu0@%h", "gpu1@%h", "gpu3@%h", "cpu@%h"]
     # Each GPU worker sees exactly its GPU, which it then calls cuda:0; the CPU worker sees none
     assert [w.env["CUDA_VISIBLE_DEVICES"] for w in plan] == ["0", "1", "3", ""]
@@ -76,6 +81,9 @@ def test_each_device_gets_its_own_pinned_worker_named_after_it():
         args, unknown = build_parser().parse_known_args(worker.argv)
         assert unknown == [] and args.device == worker.env["RERANK_DEVICE"] and args.hostname == worker.hostname
         assert args.devices is None, "children must not start children"
+    # Each serves its metrics on its own port and beats its own heartbeat file
+    plan = pinned_workers("cuda:0,cpu", [], environ={"RERANK_METRICS_PORT": "9809", "RERANK_HEARTBEAT_FILE": "/tmp/hb"})
+    assert [(w.env["RERANK_METRICS_PORT"], w.env["RERANK_HEARTBEAT_FILE"]) for w in plan] == [("9809", "/tmp/hb.gpu0"), ("9810", "/tmp/hb.cpu")]
     with pytest.raises(SystemExit, match="lists a device twice"):
         pinned_workers("cuda:0,cuda:0", [])
     with pytest.raises(SystemExit, match="not 'gpu1'"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from multiprocessing.sharedctypes import RawValue
 from typing import Any
 from urllib.parse import urlsplit
@@ -16,11 +17,12 @@ from celery.signals import worker_process_init, worker_shutdown
 from producer.app import create_app
 from producer.errors import ModelLoadError
 from producer.settings import get_settings
-from worker import report, tasks  # noqa: F401  (registers the tasks and the report command)
+from worker import metrics, report, tasks  # noqa: F401  (registers the tasks and the report command)
 from worker.backend import backend_url
 from worker.control import restrict_remote_control
 from worker.engine import check_model
 from worker.eviction import EvictionCheck
+from worker.health import HeartbeatStep
 from worker.runtime import load_engine
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ WORKER_RETRY = {"max_retries": 20, "interval_start": 0, "interval_step": 1, "int
 settings = get_settings()
 app = create_app(settings)
 # Workers fetch from their queues in the order given (-Q), not round robin, so a worker that
-# consumes `rerank.gpu.interactive,rerank,rerank.gpu.bulk` runs bulk work only when nothing
+# consumes `rerank.<model>.gpu.interactive,rerank.<model>,rerank.<model>.gpu.bulk` runs bulk work only when nothing
 # more urgent waits. This only changes how this worker reads; producers are unaffected.
 app.conf.broker_transport_options = {**app.conf.broker_transport_options, "queue_order_strategy": "priority"}
 # Only our tasks, well formed, reach Celery's task handling; the rest is dropped and, where it
@@ -78,6 +80,8 @@ restrict_remote_control()
 app.steps["worker"].add(ModelCheck)
 app.steps["worker"].add(EvictionCheck)
 app.steps["worker"].add(report.ReportStep)
+app.steps["worker"].add(metrics.MetricsStep)
+app.steps["worker"].add(HeartbeatStep)
 
 
 @worker_shutdown.connect
@@ -91,7 +95,9 @@ def _exit_1_after_a_failed_load(sender: Any = None, **_: Any) -> None:
 def _load_model_in_process(**_: Any) -> None:
     """Load the model in each pool process (after fork, so the parent never touches CUDA)."""
     try:
+        started = time.perf_counter()
         engine = load_engine(settings)
+        metrics.model_loaded(engine, time.perf_counter() - started)
         report.publish(engine, settings)
     except Exception:
         # Celery logs and ignores exceptions from signal handlers, which would leave a worker

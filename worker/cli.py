@@ -3,6 +3,7 @@
     rerank-worker --device cuda:0              one worker, named gpu0@%h
     rerank-worker --devices cuda:0,cuda:1,cpu  one pinned worker process per listed device
     rerank-worker report [--json]              print every worker's model and throughput report
+    rerank-worker alive [--max-age S]          liveness probe: exit 0 if the worker's heartbeat is fresh
 
 This module never imports torch: the `--devices` supervisor starts each worker as a fresh
 process (not a fork) with CUDA_VISIBLE_DEVICES set before the worker imports anything.
@@ -17,11 +18,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from producer.names import REPORT_COMMAND, worker_queues
+from producer.names import DEFAULT_MODEL, REPORT_COMMAND, worker_queues
 
 _ENV_OPTIONS = {
     "broker_url": "RERANK_BROKER_URL",
@@ -53,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch-tokens", type=int, help="Padded tokens per forward pass (RERANK_MAX_BATCH_TOKENS).")
     parser.add_argument(
         "-Q", "--queues",
-        help="Comma-separated queues to consume, most urgent first (default: rerank.<gpu|cpu>.interactive, "
-        "RERANK_QUEUE, rerank.<gpu|cpu>.bulk).",
+        help="Comma-separated queues to consume, most urgent first (default: rerank.<model>.<gpu|cpu>.interactive, "
+        "RERANK_QUEUE or rerank.<model>, rerank.<model>.<gpu|cpu>.bulk).",
     )
     parser.add_argument("-c", "--concurrency", type=int, default=1, help="Pool processes, each with its own model copy.")
     parser.add_argument("-n", "--hostname", help="Worker name; default <device>@%%h, e.g. gpu0@host.")
@@ -69,14 +70,14 @@ def default_hostname(device: str) -> str:
     return "cpu@%h"
 
 
-def celery_argv(args: argparse.Namespace, passthrough: list[str], queue: str, device: str) -> list[str]:
+def celery_argv(args: argparse.Namespace, passthrough: list[str], queue: str, device: str, model: str = DEFAULT_MODEL) -> list[str]:
     """Translate our options into `celery worker` arguments (prefork pool: it alone requeues killed tasks)."""
     return [
         "worker",
         "--pool=prefork",
         f"--concurrency={args.concurrency}",
         f"--hostname={args.hostname or default_hostname(device)}",
-        f"--queues={args.queues or ','.join(worker_queues(device, queue))}",
+        f"--queues={args.queues or ','.join(worker_queues(device, queue, model))}",
         f"--loglevel={args.loglevel}",
         "--task-events",
         *passthrough,
@@ -96,11 +97,13 @@ class PinnedWorker:
     argv: list[str]
 
 
-def pinned_workers(devices: str, argv: list[str]) -> list[PinnedWorker]:
+def pinned_workers(devices: str, argv: list[str], environ: Mapping[str, str] = os.environ) -> list[PinnedWorker]:
     """Plan one worker per listed device: `cuda:N` sees only GPU N (as its cuda:0), `cpu` sees none.
 
     `argv` is this command's arguments without `--devices`; each child gets them plus its own
-    `--device` and `--hostname`, so any `--device`/`-n` the user gave is overridden.
+    `--device` and `--hostname`, so any `--device`/`-n` the user gave is overridden. With
+    RERANK_METRICS_PORT=P in `environ`, the Nth worker serves its metrics on P+N, and with
+    RERANK_HEARTBEAT_FILE=F each touches its own F.gpuN or F.cpu.
     """
     names = [d.strip() for d in devices.split(",") if d.strip()]
     if not names:
@@ -117,6 +120,10 @@ def pinned_workers(devices: str, argv: list[str]) -> list[PinnedWorker]:
         else:
             raise SystemExit(f"rerank-worker: --devices takes cpu or cuda:N, not {device!r}")
         env = {"CUDA_VISIBLE_DEVICES": visible, "RERANK_DEVICE": inside}
+        if environ.get("RERANK_METRICS_PORT", "").isdigit():
+            env["RERANK_METRICS_PORT"] = str(int(environ["RERANK_METRICS_PORT"]) + len(plan))
+        if environ.get("RERANK_HEARTBEAT_FILE"):
+            env["RERANK_HEARTBEAT_FILE"] = f"{environ['RERANK_HEARTBEAT_FILE']}.{hostname.partition('@')[0]}"
         plan.append(PinnedWorker(device, hostname, env, [*argv, "--device", inside, "--hostname", hostname]))
     return plan
 
@@ -225,6 +232,10 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["report"]:
         sys.exit(report_main(argv[1:]))
+    if argv[:1] == ["alive"]:
+        from worker.health import alive_main
+
+        sys.exit(alive_main(argv[1:]))
     args, passthrough = build_parser().parse_known_args(argv)
     if args.devices:
         sys.exit(supervise(pinned_workers(args.devices, _strip_devices(argv))))
@@ -243,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"rerank-worker: invalid settings: {e}")
     # `celery -A worker.app worker …` itself: app.worker_main and app.start drop the worker's exit
     # code, so a worker that stops on an error would exit 0 and no process manager would restart it.
-    celery.main(["-A", "worker.app", *celery_argv(args, passthrough, settings.queue, settings.device)], prog_name="rerank-worker")
+    celery.main(["-A", "worker.app", *celery_argv(args, passthrough, settings.queue, settings.device, settings.model)], prog_name="rerank-worker")
 
 
 if __name__ == "__main__":

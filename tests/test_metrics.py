@@ -1,0 +1,241 @@
+"""Prometheus metrics: a live worker's figures add up to the jobs it ran; the queue exporter sees
+each queue's depth and its oldest message's age; the liveness heartbeat."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import redis
+
+from producer import RerankClient, Settings
+from producer.metrics import QueueCollector, default_queues, read_queues
+from producer.names import TASK_CHUNKS, TASK_DOCUMENTS, model_slug, queue_name
+from tests.helpers import QUERY, candidates, free_port, short_papers, skip_or_fail, wait_for
+
+prometheus_client = pytest.importorskip("prometheus_client", reason="pip install -e '.[worker]'")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def parse(text: str) -> Samples:
+    """Every sample of a Prometheus text page, by name and sorted labels."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value for family in text_string_to_metric_families(text) for s in family.samples
+    }
+
+
+def scrape(port: int) -> Samples:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return parse(response.read().decode())
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """Sum of the samples called `name` whose labels include `labels` (0 when there are none)."""
+    return sum(v for (n, ls), v in samples.items() if n == name and labels.items() <= dict(ls).items())
+
+
+def names(samples: Samples) -> set[str]:
+    return {n for n, _ in samples}
+
+
+# A worker's own metrics ----------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_a_worker_serves_metrics_that_add_up_to_the_jobs_it_ran(start_worker, redis_server, tiny_model, tmp_path):
+    # Given jobs queued while no worker runs: three stage-1 jobs and two two-stage jobs
+    client = RerankClient(Settings(broker_url=redis_server.url, queue="metrics", model=str(tiny_model)))
+    handles = [client.submit_documents(QUERY, short_papers(6 + n, n), top_k=3) for n in range(3)]
+    jobs = [client.submit(QUERY, candidates(8), top_k_docs=3) for _ in range(2)]
+    time.sleep(1.0)
+    # When a worker with two pool processes, metrics on and a heartbeat file, comes up and runs them
+    port, heartbeat = free_port(), tmp_path / "heartbeat"
+    worker = start_worker(
+        "-c", "2", "-Q", "metrics", name="metrics",
+        env={"RERANK_METRICS_PORT": str(port), "RERANK_HEARTBEAT_FILE": str(heartbeat)},
+    )
+    results = [h.result(timeout=120) for h in handles]
+    two_stage = [job.result(timeout=120) for job in jobs]
+    stage1 = results + [r.documents for r in two_stage]
+    stage2 = [r.chunks for r in two_stage]
+    name = stage1[0].info.worker
+    # Then the scrape (task_postrun counts just after the result is stored) adds up to the results
+    samples = wait_for(
+        lambda: (s := scrape(port)) and value(s, "rerank_tasks_total", state="SUCCESS") == 7 and s, 30, "7 tasks in the metrics"
+    )
+    for task, ranked in ((TASK_DOCUMENTS, stage1), (TASK_CHUNKS, stage2)):
+        labels = {"worker": name, "task": task}
+        assert value(samples, "rerank_tasks_total", state="SUCCESS", **labels) == len(ranked)
+        assert value(samples, "rerank_documents_total", **labels) == sum(r.scored for r in ranked)
+        assert value(samples, "rerank_pairs_total", **labels) == sum(r.info.pairs for r in ranked)
+        assert value(samples, "rerank_tokens_total", **labels) == sum(r.info.tokens for r in ranked)
+        assert value(samples, "rerank_padded_tokens_total", **labels) == sum(r.info.padded_tokens for r in ranked)
+        assert value(samples, "rerank_batches_total", **labels) == sum(r.info.batches for r in ranked)
+        forward = sum(r.info.forward_ms for r in ranked) / 1000
+        assert value(samples, "rerank_forward_seconds_total", **labels) == pytest.approx(forward, abs=1e-5)
+        tokenize = sum(r.info.tokenize_ms for r in ranked) / 1000
+        assert value(samples, "rerank_tokenize_seconds_total", **labels) == pytest.approx(tokenize, abs=1e-5)
+        padded = sum(r.info.padded_tokens for r in ranked)
+        share = 1 - sum(r.info.tokens for r in ranked) / padded
+        assert value(samples, "rerank_padded_token_share", **labels) == pytest.approx(share)
+        assert value(samples, "rerank_batch_fill_ratio_count", **labels) == len(ranked)
+        assert value(samples, "rerank_task_seconds_count", **labels) == len(ranked)
+        assert value(samples, "rerank_queue_wait_seconds_count", **labels) == len(ranked)
+    # Every stage-1 message waited at least the second before the worker was started
+    assert value(samples, "rerank_queue_wait_seconds_sum", task=TASK_DOCUMENTS) >= 1.0 * len(stage1)
+    # Both pool processes loaded the model once, and both count in the totals
+    assert value(samples, "rerank_model_load_seconds_count", worker=name, model=str(tiny_model)) == 2
+    assert value(samples, "rerank_model_load_seconds_sum", worker=name) > 0
+    model = {"worker": name, "model": str(tiny_model), "slug": model_slug(str(tiny_model)), "device": "cpu", "dtype": "float32"}
+    assert value(samples, "rerank_model_info", **model) == 1
+    # A CPU worker has no GPU memory to report, and nothing ran out of memory
+    assert not {"rerank_gpu_memory_allocated_bytes", "rerank_gpu_memory_reserved_bytes", "rerank_oom_splits_total"} & names(samples)
+    # The heartbeat is fresh while the worker runs, and gone once it stopped
+    probe = [sys.executable, "-m", "worker.cli", "alive", "--max-age", "30", "--file", str(heartbeat)]
+    assert subprocess.run(probe, capture_output=True, timeout=60).returncode == 0
+    worker.stop()
+    assert not heartbeat.exists()
+    assert subprocess.run(probe, capture_output=True, timeout=60).returncode == 1
+
+
+def test_a_stale_heartbeat_fails_the_liveness_probe(tmp_path, capsys):
+    from worker.health import alive_main
+
+    heartbeat = tmp_path / "heartbeat"
+    heartbeat.touch()
+    assert alive_main(["--file", str(heartbeat), "--max-age", "60"]) == 0
+    os.utime(heartbeat, (time.time() - 300, time.time() - 300))
+    assert alive_main(["--file", str(heartbeat), "--max-age", "60"]) == 1
+    assert "last heartbeat 300s ago" in capsys.readouterr().err
+
+
+def test_out_of_memory_splits_are_counted_from_the_engines_own_warning(tiny_model, monkeypatch):
+    import torch
+
+    from worker import metrics
+    from worker.engine import CrossEncoderEngine
+
+    # Given metrics on and an engine whose forward pass runs out of memory on any batch over 4 pairs
+    monkeypatch.setattr(metrics, "_metrics", metrics.WorkerMetrics())
+    engine = CrossEncoderEngine.load(str(tiny_model), max_batch_tokens=65536)
+    metrics.model_loaded(engine, 0.25)
+    real_forward, calls = engine._forward_batch, []
+
+    def forward_with_small_memory(pairs):
+        calls.append(len(pairs))
+        if len(pairs) > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_forward(pairs)
+
+    monkeypatch.setattr(engine, "_forward_batch", forward_with_small_memory)
+    try:
+        # When it scores 20 passages
+        engine.score(QUERY, [p["text"] for p in short_papers(20)])
+        # Then every batch that was split counts once
+        splits = metrics._metrics.oom_splits.labels(metrics._hostname)._value.get()
+        assert splits == len([n for n in calls if n > 4]) >= 3
+        assert metrics._metrics.model_load.labels(metrics._hostname, str(tiny_model))._sum.get() == 0.25
+    finally:
+        import logging
+
+        for handler in list(logging.getLogger("worker.engine").handlers):
+            if isinstance(handler, metrics._OutOfMemorySplits):
+                logging.getLogger("worker.engine").removeHandler(handler)
+
+
+# The queue exporter ---------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_the_queue_exporter_reports_each_queues_depth_and_its_oldest_messages_age(redis_server):
+    # Given a model nobody serves, and `rerank metrics` watching its queues
+    model = "org/exporter-test"
+    settings = Settings(broker_url=redis_server.url, model=model)
+    bulk = queue_name("gpu", "bulk", model=model)
+    port = free_port()
+    env = {**os.environ, "RERANK_BROKER_URL": redis_server.url, "RERANK_MODEL": model}
+    exporter = subprocess.Popen([sys.executable, "-m", "producer.cli", "metrics", "--port", str(port)], env=env, stderr=subprocess.PIPE)
+    try:
+        empty = wait_for(lambda: _try_scrape(port), 30, "the exporter to serve")
+        assert value(empty, "rerank_broker_up") == 1
+        for queue in default_queues(settings):
+            assert value(empty, "rerank_queue_messages", queue=queue) == 0
+            assert value(empty, "rerank_queue_oldest_message_age_seconds", queue=queue) == 0
+        # When three jobs go to the model's queue, and 1.5 s later two to its GPU bulk queue
+        shared_client, bulk_client = RerankClient(settings), RerankClient(Settings(broker_url=redis_server.url, model=model, queue=bulk))
+        sent = time.time()
+        for n in range(3):
+            shared_client.submit_documents(QUERY, short_papers(3, n), top_k=1)
+        time.sleep(1.5)
+        for n in range(2):
+            bulk_client.submit_documents(QUERY, short_papers(3, n))
+        samples = scrape(port)
+        elapsed = time.time() - sent
+        # Then it counts them per queue, and the oldest message's age is the time since it was sent
+        assert value(samples, "rerank_queue_messages", queue=settings.queue) == 3
+        assert value(samples, "rerank_queue_messages", queue=bulk) == 2
+        assert 1.5 <= value(samples, "rerank_queue_oldest_message_age_seconds", queue=settings.queue) <= elapsed
+        assert 0 <= value(samples, "rerank_queue_oldest_message_age_seconds", queue=bulk) <= elapsed - 1.5
+        assert value(samples, "rerank_queue_messages", queue=queue_name("cpu", model=model)) == 0
+    finally:
+        exporter.terminate()
+        exporter.wait(timeout=30)
+        redis.Redis.from_url(redis_server.url).delete(*default_queues(settings))
+
+
+def _try_scrape(port: int) -> Samples | None:
+    try:
+        return scrape(port)
+    except OSError:
+        return None
+
+
+def test_the_exporter_says_when_it_cannot_reach_the_broker():
+    # Given a broker URL nothing listens on
+    app = RerankClient(Settings(broker_url=f"redis://127.0.0.1:{free_port()}/0")).app
+    registry = prometheus_client.CollectorRegistry()
+    registry.register(QueueCollector(app, ["q"]))
+    # Then a scrape answers, with the broker down and no queue figures
+    samples = parse(prometheus_client.generate_latest(registry).decode())
+    assert value(samples, "rerank_broker_up") == 0 and "rerank_queue_messages" not in names(samples)
+
+
+RABBITMQ_URL = os.environ.get("RERANK_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+@pytest.mark.integration
+def test_queue_depth_on_rabbitmq_comes_from_a_passive_declare(redis_server):
+    from kombu import Connection
+
+    try:
+        Connection(RABBITMQ_URL, connect_timeout=2).ensure_connection(max_retries=1)
+    except Exception:  # noqa: BLE001 - any failure to connect means no RabbitMQ here
+        skip_or_fail(f"no RabbitMQ at {RABBITMQ_URL} (set RERANK_TEST_AMQP_URL)")
+    # Given two jobs sent through RabbitMQ to a queue nobody consumes
+    settings = Settings(broker_url=RABBITMQ_URL, result_backend=redis_server.url, model="org/amqp-depth", queue=f"depth-{time.time_ns()}")
+    client = RerankClient(settings)
+    for n in range(2):
+        client.submit_documents(QUERY, short_papers(3, n))
+    try:
+        # Then the depth is 2, a queue never declared is 0, and no age is claimed (RabbitMQ cannot peek)
+        depths = {d.queue: d for d in read_queues(client.app, [settings.queue, "never-declared-queue", settings.queue])}
+        assert depths[settings.queue].messages == 2 and depths[settings.queue].oldest_age is None
+        assert depths["never-declared-queue"].messages == 0
+    finally:
+        with client.app.connection_for_write() as connection:
+            connection.default_channel.queue_delete(settings.queue)
+
+
+def test_default_queues_cover_gpu_and_cpu_workers_of_each_model():
+    settings = Settings(model="org/a")
+    assert default_queues(settings) == [
+        "rerank.org-a.gpu.interactive", "rerank.org-a", "rerank.org-a.gpu.bulk", "rerank.org-a.cpu.interactive", "rerank.org-a.cpu.bulk"
+    ]
+    both = default_queues(settings, ["org/a", "org/b"])
+    assert len(both) == 10 and "rerank.org-b" in both and all(isinstance(q, str) for q in both)
