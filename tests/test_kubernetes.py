@@ -18,9 +18,13 @@ from producer.cli import build_parser as rerank_parser
 from producer.metrics import default_queues
 from producer.names import model_slug, worker_queues
 from producer.settings import Settings
+from tests.helpers import skip_or_fail
 from worker.cli import build_parser as worker_parser
 
-kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install -e '.[test]'")
+try:
+    import kubernetes_validate
+except ImportError:
+    skip_or_fail("kubernetes-validate is not installed (pip install -e '.[test]')")
 
 ROOT = Path(__file__).parents[1]
 KUBE = ROOT / "deploy" / "kubernetes"
@@ -45,10 +49,10 @@ def _merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
 
 
 def build(directory: Path) -> list[dict[str, Any]]:
-    """Resources of a kustomization: `resources` (files and directories), `namespace`, and
-    strategic-merge `patches` that merge maps or delete a resource (`$patch: delete`)."""
+    """Resources of a kustomization: `resources` (files and directories), `namespace`, `images`
+    (name and tag), and strategic-merge `patches` that merge maps or delete a resource (`$patch: delete`)."""
     kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    assert set(kustomization) <= {"apiVersion", "kind", "namespace", "resources", "patches"}, "build() would ignore a feature"
+    assert set(kustomization) <= {"apiVersion", "kind", "namespace", "resources", "patches", "images"}, "build() would ignore a feature"
     resources: list[dict[str, Any]] = []
     for entry in kustomization.get("resources", []):
         path = (directory / entry).resolve()
@@ -62,6 +66,11 @@ def build(directory: Path) -> list[dict[str, Any]]:
             resources.remove(matches[0])
         else:
             _merge(matches[0], {k: v for k, v in patch.items() if k not in ("apiVersion", "kind", "metadata")})
+    for image in kustomization.get("images", []):
+        for resource in resources:
+            for c in resource.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+                if c["image"].split(":")[0] == image["name"]:
+                    c["image"] = f"{image.get('newName', image['name'])}:{image['newTag']}"
     if "namespace" in kustomization:
         for resource in resources:
             if resource["kind"] not in CLUSTER_SCOPED:

@@ -17,8 +17,11 @@ from producer.metrics import QueueCollector, default_queues, read_queues
 from producer.names import TASK_CHUNKS, TASK_DOCUMENTS, model_slug, queue_name
 from tests.helpers import QUERY, candidates, free_port, short_papers, skip_or_fail, wait_for
 
-prometheus_client = pytest.importorskip("prometheus_client", reason="pip install -e '.[worker]'")
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+try:
+    import prometheus_client
+    from prometheus_client.parser import text_string_to_metric_families
+except ImportError:
+    skip_or_fail("prometheus-client is not installed (pip install -e '.[worker]')")
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

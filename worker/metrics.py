@@ -66,7 +66,9 @@ class WorkerMetrics:
         self.documents = Counter("rerank_documents", "Inputs scored: papers in stage 1, chunks in stage 2.", per_task)
         self.pairs = Counter("rerank_pairs", "Query-passage pairs scored (stage-1 windows count one each).", per_task)
         self.tokens = Counter("rerank_tokens", "Tokens of the scored pairs, padding excluded.", per_task)
-        self.padded_tokens = Counter("rerank_padded_tokens", "Tokens the forward passes computed, padding included.", per_task)
+        self.padded_tokens = Counter(
+            "rerank_padded_tokens", "Tokens the forward passes computed, padding included, a repeated passage once.", per_task
+        )
         self.batches = Counter("rerank_batches", "Forward passes (batches).", per_task)
         self.forward_seconds = Counter("rerank_forward_seconds", "Seconds spent in forward passes.", per_task)
         self.tokenize_seconds = Counter("rerank_tokenize_seconds", "Seconds spent tokenizing.", per_task)
@@ -224,7 +226,9 @@ class WorkerCollector:
                     padded[key] = sample.value
             yield family
         share = GaugeMetricFamily(
-            "rerank_padded_token_share", "Share of computed tokens that were padding, since the worker started.", labels=["worker", "task"]
+            "rerank_padded_token_share",
+            "1 - tokens / padded tokens since the worker started: the padding share, exact when no passage repeats in a request.",
+            labels=["worker", "task"],
         )
         for key, total in sorted(padded.items()):
             if total > 0:
