@@ -24,11 +24,14 @@ def _free_port() -> int:
 
 @contextmanager
 def running_system(
-    model: Path, device: str, dtype: str, max_batch_tokens: int | None, worker_log: Path | None = None
+    model: Path, device: str, dtype: str, max_batch_tokens: int | None, worker_log: Path | None = None,
+    tasks_in_hand: int = 1, env: dict[str, str] | None = None,
 ) -> Iterator[RerankClient]:
-    """Start Redis and one worker (prefork, one process) and yield a client bound to them.
+    """Start Redis and one worker and yield a client bound to them.
 
-    The worker logs to `worker_log` when given (kept afterwards), else to a scratch file.
+    One task at a time on one prefork process, or, with `tasks_in_hand` > 1, the batching mode:
+    one process on the threads pool. The worker logs to `worker_log` when given (kept
+    afterwards), else to a scratch file; `env` adds RERANK_* settings.
     """
     redis_binary = shutil.which("redis-server")
     if redis_binary is None:
@@ -42,20 +45,25 @@ def running_system(
     url = f"redis://127.0.0.1:{port}/0"
     log_path = worker_log or workdir / "worker.log"
     log = log_path.open("wb")
-    env = {**os.environ, "RERANK_BROKER_URL": url, "RERANK_MODEL": str(model), "RERANK_DEVICE": device, "RERANK_DTYPE": dtype}
+    settings = Settings(broker_url=url, model=str(model))
+    environment = {
+        **os.environ, "RERANK_BROKER_URL": url, "RERANK_MODEL": str(model), "RERANK_DEVICE": device, "RERANK_DTYPE": dtype,
+        "RERANK_BATCH_TASKS": str(tasks_in_hand), **(env or {}),
+    }
     if max_batch_tokens:
-        env["RERANK_MAX_BATCH_TOKENS"] = str(max_batch_tokens)
+        environment["RERANK_MAX_BATCH_TOKENS"] = str(max_batch_tokens)
     # The same options `rerank-worker` passes, on an app that also has a no-op task (benchmarks.noop_worker).
-    command = [sys.executable, "-m", "celery", "-A", "benchmarks.noop_worker", "worker", "--pool=prefork",
-               "--concurrency=1", "--hostname=bench@%h", "--queues=rerank", "--task-events", "--loglevel=INFO"]
-    worker = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    pool = ["--pool=threads", f"--concurrency={tasks_in_hand}"] if tasks_in_hand > 1 else ["--pool=prefork", "--concurrency=1"]
+    command = [sys.executable, "-m", "celery", "-A", "benchmarks.noop_worker", "worker", *pool,
+               "--hostname=bench@%h", f"--queues={settings.queue}", "--task-events", "--loglevel=INFO"]
+    worker = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 600
         while "model loaded:" not in log_path.read_text(errors="replace"):
             if worker.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(log_path.read_text(errors="replace"))
             time.sleep(0.2)
-        yield RerankClient(Settings(broker_url=url, model=str(model)))
+        yield RerankClient(settings)
     finally:
         worker.terminate()
         worker.wait(timeout=60)

@@ -35,7 +35,6 @@ class Settings(BaseSettings):
         "unset: the model's own queue, `rerank.<model slug>`.",
     )
 
-
     # Model
     model: str = Field(DEFAULT_MODEL, min_length=1, description="Hub id or local directory: what workers serve and producers ask for.")
     model_revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
@@ -56,6 +55,13 @@ class Settings(BaseSettings):
         "`padded`: pairs padded to the batch's longest; unset: packed where the variable-length kernel exists (CUDA), else padded.",
     )
     torch_threads: int | None = Field(None, ge=1, le=512, description="Intra-op threads per worker process.")
+    batch_tasks: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="Tasks a worker holds at once and scores in shared forward passes (one process, Celery's threads pool); "
+        "1: one task at a time per prefork process; unset: 8 on CUDA, 1 on CPU.",
+    )
 
     # Reliability
     task_time_limit: int = Field(300, ge=5, le=86_400, description="Seconds before a task is killed.")
@@ -101,6 +107,10 @@ class Settings(BaseSettings):
             data = {**data, "queue": model_queue(str(data.get("model") or DEFAULT_MODEL))}
         return data
 
+    @property
+    def tasks_in_hand(self) -> int:
+        """Tasks a worker holds at once: RERANK_BATCH_TASKS, else 8 on CUDA (batching) and 1 on CPU."""
+        return self.batch_tasks or (8 if self.device.startswith("cuda") else 1)
 
     @field_validator("broker_url", "result_backend")
     @classmethod

@@ -76,12 +76,34 @@ class ModelCheck(bootsteps.StartStopStep):
             raise SystemExit(f"rerank-worker: {e}") from e
 
 
+class BatchingLoad(bootsteps.StartStopStep):
+    """With several tasks in hand: one process on Celery's threads pool, a thread per task, the model loaded here once."""
+
+    requires = {"worker.report:ReportStep", "worker.metrics:MetricsStep"}
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        """Check the pool fits RERANK_BATCH_TASKS, then load the model and start the device thread before consuming."""
+        super().__init__(parent, **kwargs)
+        tasks = settings.tasks_in_hand
+        threads = "thread" in parent.pool_cls.__module__
+        if tasks > 1 and not (threads and parent.concurrency == tasks):
+            raise SystemExit(
+                f"rerank-worker: RERANK_BATCH_TASKS={tasks} batches tasks in one process: start it with rerank-worker, "
+                f"or with celery worker -P threads -c {tasks}"
+            )
+        if tasks == 1 and threads:
+            raise SystemExit("rerank-worker: one task at a time runs on the prefork pool (-P prefork); set RERANK_BATCH_TASKS to batch on threads")
+        if tasks > 1:
+            _load_model()
+
+
 restrict_remote_control()
 app.steps["worker"].add(ModelCheck)
 app.steps["worker"].add(EvictionCheck)
 app.steps["worker"].add(report.ReportStep)
 app.steps["worker"].add(metrics.MetricsStep)
 app.steps["worker"].add(HeartbeatStep)
+app.steps["worker"].add(BatchingLoad)
 
 
 @worker_shutdown.connect
@@ -91,14 +113,18 @@ def _exit_1_after_a_failed_load(sender: Any = None, **_: Any) -> None:
         sender.exitcode = 1
 
 
+def _load_model() -> None:
+    started = time.perf_counter()
+    engine = load_engine(settings)
+    metrics.model_loaded(engine, time.perf_counter() - started)
+    report.publish(engine, settings)
+
+
 @worker_process_init.connect
 def _load_model_in_process(**_: Any) -> None:
     """Load the model in each pool process (after fork, so the parent never touches CUDA)."""
     try:
-        started = time.perf_counter()
-        engine = load_engine(settings)
-        metrics.model_loaded(engine, time.perf_counter() - started)
-        report.publish(engine, settings)
+        _load_model()
     except Exception:
         # Celery logs and ignores exceptions from signal handlers, which would leave a worker
         # consuming tasks it cannot score; stop the whole worker instead.

@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Comma-separated queues to consume, most urgent first (default: rerank.<model>.<gpu|cpu>.interactive, "
         "RERANK_QUEUE or rerank.<model>, rerank.<model>.<gpu|cpu>.bulk).",
     )
-    parser.add_argument("-c", "--concurrency", type=int, default=1, help="Pool processes, each with its own model copy.")
+    parser.add_argument(
+        "-c", "--concurrency", type=int, help="Prefork pool processes, each with its own model copy (default 1; not with batching)."
+    )
     parser.add_argument("-n", "--hostname", help="Worker name; default <device>@%%h, e.g. gpu0@host.")
     parser.add_argument("-l", "--loglevel", default="INFO")
     return parser
@@ -70,12 +72,28 @@ def default_hostname(device: str) -> str:
     return "cpu@%h"
 
 
-def celery_argv(args: argparse.Namespace, passthrough: list[str], queue: str, device: str, model: str = DEFAULT_MODEL) -> list[str]:
-    """Translate our options into `celery worker` arguments (prefork pool: it alone requeues killed tasks)."""
+def celery_argv(
+    args: argparse.Namespace, passthrough: list[str], queue: str, device: str, model: str = DEFAULT_MODEL, tasks_in_hand: int = 1
+) -> list[str]:
+    """Translate our options into `celery worker` arguments.
+
+    One task at a time: the prefork pool, which alone requeues a task whose process was killed and
+    enforces hard time limits. Batching (`tasks_in_hand` > 1): one process, Celery's threads pool
+    with a thread per task in hand, all feeding one device thread (worker/batching.py).
+    """
+    if tasks_in_hand > 1 and args.concurrency is not None:
+        raise SystemExit(
+            f"rerank-worker: -c/--concurrency sets prefork processes, but this worker batches {tasks_in_hand} tasks in one "
+            "process (RERANK_BATCH_TASKS); set RERANK_BATCH_TASKS instead, or RERANK_BATCH_TASKS=1 for -c"
+        )
+    pool = (
+        ["--pool=threads", f"--concurrency={tasks_in_hand}"]
+        if tasks_in_hand > 1
+        else ["--pool=prefork", f"--concurrency={args.concurrency or 1}"]
+    )
     return [
         "worker",
-        "--pool=prefork",
-        f"--concurrency={args.concurrency}",
+        *pool,
         f"--hostname={args.hostname or default_hostname(device)}",
         f"--queues={args.queues or ','.join(worker_queues(device, queue, model))}",
         f"--loglevel={args.loglevel}",
@@ -254,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"rerank-worker: invalid settings: {e}")
     # `celery -A worker.app worker …` itself: app.worker_main and app.start drop the worker's exit
     # code, so a worker that stops on an error would exit 0 and no process manager would restart it.
-    celery.main(["-A", "worker.app", *celery_argv(args, passthrough, settings.queue, settings.device, settings.model)], prog_name="rerank-worker")
+    celery.main(["-A", "worker.app", *celery_argv(args, passthrough, settings.queue, settings.device, settings.model, settings.tasks_in_hand)], prog_name="rerank-worker")
 
 
 if __name__ == "__main__":

@@ -334,7 +334,7 @@ class CrossEncoderEngine:
     def _warm_widths(self) -> None:
         filler = self._pad_id + 1
         for rows, width in self._layout.warm_shapes(self.max_length, self.max_batch_tokens):
-            self._forward_with_backoff([EncodedPair([filler] * width, [0] * width)] * rows)
+            self.run_batch([EncodedPair([filler] * width, [0] * width)] * rows)
 
     def tokenize(self, query: str, passages: Sequence[str]) -> list[EncodedPair]:
         """Encode pairs, capping the query at 3/4 of max_length and truncating only passages."""
@@ -451,7 +451,7 @@ class CrossEncoderEngine:
         for i in order:
             n = len(pairs[i].input_ids)
             # The first pair of a batch is its longest, since `order` is sorted by length.
-            if batches and self._layout.batch_tokens(len(pairs[batches[-1][0]].input_ids), len(batches[-1]) + 1, total + n) <= self.max_batch_tokens:
+            if batches and self.batch_tokens(len(pairs[batches[-1][0]].input_ids), len(batches[-1]) + 1, total + n) <= self.max_batch_tokens:
                 batches[-1].append(i)
                 total += n
             else:
@@ -459,7 +459,14 @@ class CrossEncoderEngine:
                 total = n
         return batches
 
-    def _forward_with_backoff(self, pairs: list[EncodedPair]) -> tuple[torch.Tensor, int, int]:
+    def batch_tokens(self, longest: int, count: int, total: int) -> int:
+        """Tokens a batch of `count` pairs takes in this attention layout (padding included where there is any)."""
+        return self._layout.batch_tokens(longest, count, total)
+
+    @torch.inference_mode()
+    def run_batch(self, pairs: Sequence[EncodedPair]) -> tuple[torch.Tensor, int, int]:
+        """Forward one planned batch: fp32 logits left on the device, tokens it took, passes run (a batch out of memory is split in two, recursively)."""
+        pairs = list(pairs)
         lengths = [len(p.input_ids) for p in pairs]
         try:
             return self._forward_batch(pairs), self._layout.batch_tokens(max(lengths), len(pairs), sum(lengths)), 1
@@ -470,8 +477,8 @@ class CrossEncoderEngine:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             half = len(pairs) // 2
-            first = self._forward_with_backoff(pairs[:half])
-            second = self._forward_with_backoff(pairs[half:])
+            first = self.run_batch(pairs[:half])
+            second = self.run_batch(pairs[half:])
             return torch.cat([first[0], second[0]]), first[1] + second[1], first[2] + second[2]
 
     def _forward_batch(self, pairs: list[EncodedPair]) -> torch.Tensor:
@@ -508,7 +515,7 @@ class _Scoring:
         remaining = self.expected - len(self.owner)
         total = self.planned + (-(-remaining * self.planned // len(self.owner)) if remaining > 0 and self.owner else 0)
         for batch in plan:
-            logits, padded, runs = self.engine._forward_with_backoff([self.unique[i] for i in batch])
+            logits, padded, runs = self.engine.run_batch([self.unique[i] for i in batch])
             self.logits.append(logits)
             self.rows.extend(batch)
             self.padded += padded

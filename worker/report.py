@@ -126,7 +126,7 @@ def publish(engine: Any, settings: Any) -> None:
     try:
         data = json.dumps(process_report(engine, settings))
         target = _report_dir / f"{os.getpid()}.json"
-        scratch = target.with_suffix(".tmp")
+        scratch = target.with_suffix(f".{threading.get_ident()}.tmp")  # one per thread: batching workers publish from several
         scratch.write_text(data)
         os.replace(scratch, target)  # readers never see half a file
     except OSError:

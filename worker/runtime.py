@@ -10,24 +10,25 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from producer.settings import Settings
+from worker.batching import BatchingScorer
 from worker.engine import CrossEncoderEngine
 
 log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
-_engine: CrossEncoderEngine | None = None
+_engine: CrossEncoderEngine | BatchingScorer | None = None
 _loads = 0
 
 
-def load_engine(settings: Settings) -> CrossEncoderEngine:
-    """Load the model described by `settings` into this process, once."""
+def load_engine(settings: Settings) -> CrossEncoderEngine | BatchingScorer:
+    """Load the model described by `settings` into this process, once; with several tasks in hand, behind one device thread."""
     global _engine, _loads
     with _lock:
         if _engine is None:
             hf_logging.disable_progress_bar()
             if settings.torch_threads:
                 torch.set_num_threads(settings.torch_threads)
-            _engine = CrossEncoderEngine.load(
+            engine = CrossEncoderEngine.load(
                 settings.model,
                 revision=settings.model_revision,
                 device=settings.device,
@@ -37,11 +38,13 @@ def load_engine(settings: Settings) -> CrossEncoderEngine:
                 pad_multiple=settings.pad_multiple,
                 attention=settings.attention,
             )
+            tasks = settings.tasks_in_hand
+            _engine = BatchingScorer(engine, settings.task_time_limit) if tasks > 1 else engine
             _loads += 1
             log.info(
-                "model loaded: pid=%d model=%s device=%s dtype=%s attention=%s max_length=%d loads=%d",
-                os.getpid(), settings.model, settings.device, str(_engine.dtype).removeprefix("torch."),
-                _engine.attention, settings.max_length, _loads,
+                "model loaded: pid=%d model=%s device=%s dtype=%s attention=%s max_length=%d tasks_in_hand=%d loads=%d",
+                os.getpid(), settings.model, settings.device, str(engine.dtype).removeprefix("torch."),
+                engine.attention, settings.max_length, tasks, _loads,
             )
         return _engine
 

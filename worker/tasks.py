@@ -27,6 +27,13 @@ class RerankTask(Task):
     throws = (InvalidRequest,)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        global _failed_before
+        if _failed_before:
+            # Celery keeps a failed task's exception, traceback and frames in a reference cycle,
+            # and the frames hold the request: a rejected 60 MB message stayed in memory until a
+            # rare full collection (+115 MB per message). Collected here, the next task after it.
+            _failed_before = False
+            gc.collect()
         # A message sent straight to the queue may carry any arguments: refuse them by name
         # instead of letting Python raise a bare TypeError from the call.
         signature = inspect.signature(self.run)
@@ -47,14 +54,13 @@ class RerankTask(Task):
             ) from e
 
     def after_return(self, status: str, *_: Any) -> None:
-        """After a failure, collect what the failure before it left in reference cycles.
-
-        Celery keeps a failed task's exception, traceback and frames in a reference cycle, and
-        the frames hold the request: a rejected 60 MB message stayed in memory until a rare full
-        collection (115 MB per message, growing). Collecting after each failure bounds it at one.
-        """
+        """Remember a failure, whose reference cycles the next task collects."""
+        global _failed_before
         if status != states.SUCCESS:
-            gc.collect()
+            _failed_before = True
+
+
+_failed_before = False
 
 
 @shared_task(name=TASK_DOCUMENTS, bind=True, base=RerankTask)
