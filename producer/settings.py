@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     attention: Literal["packed", "padded"] | None = Field(
         None,
         description="`packed`: a batch's pairs as one unpadded token stream (variable-length attention); "
-        "`padded`: pairs padded to the batch's longest; unset: packed where the variable-length kernel exists (CUDA), else padded.",
+        "`padded`: pairs padded to the batch's longest; unset: packed on CPU and on CUDA with variable-length FlashAttention, else padded.",
     )
     torch_threads: int | None = Field(None, ge=1, le=512, description="Intra-op threads per worker process.")
     batch_tasks: int | None = Field(

@@ -79,7 +79,7 @@ def test_a_job_is_followed_and_collected_from_another_process(shared_worker, red
     # When another process knows only its id
     code = (
         "import sys, json; from producer import RerankClient, Settings; "
-        f"job = RerankClient(Settings(broker_url={redis_settings.broker_url!r})).job(sys.argv[1]); "
+        f"job = RerankClient(Settings(broker_url={redis_settings.broker_url!r}, model={redis_settings.model!r})).job(sys.argv[1]); "
         "p = job.progress(); r = job.result(timeout=30); "
         "print(json.dumps([p.state, [s.state for s in p.stages], [s.task_id for s in p.stages], [i.id for i in r.chunks.items]]))"
     )

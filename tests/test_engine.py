@@ -48,7 +48,7 @@ def test_token_budget_splits_batches_without_changing_scores(tiny_model):
 
 def test_rounded_batch_widths_keep_scores_and_stay_within_budget(tiny_model):
     # Given an engine that rounds batch widths up to a multiple of 32, as CUDA workers do with 64
-    rounded = CrossEncoderEngine.load(str(tiny_model), max_batch_tokens=512, pad_multiple=32)
+    rounded = CrossEncoderEngine.load(str(tiny_model), max_batch_tokens=512, pad_multiple=32, attention="padded")
     passages = passages_of_mixed_length()
     # When it scores
     scores = rounded.score(QUERY, passages)
@@ -63,7 +63,7 @@ def test_rounded_batch_widths_keep_scores_and_stay_within_budget(tiny_model):
 
 def test_cuda_warm_up_runs_one_full_batch_at_every_rounded_width(tiny_model, monkeypatch):
     # Given an engine that rounds widths to 128 with a 1024-token budget (CUDA warms up this way)
-    rounded = CrossEncoderEngine.load(str(tiny_model), max_batch_tokens=1024, pad_multiple=128)
+    rounded = CrossEncoderEngine.load(str(tiny_model), max_batch_tokens=1024, pad_multiple=128, attention="padded")
     shapes = []
     real_forward = rounded._forward_batch
     monkeypatch.setattr(rounded, "_forward_batch", lambda pairs: shapes.append((len(pairs), len(pairs[0].input_ids))) or real_forward(pairs))

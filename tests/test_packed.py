@@ -198,9 +198,9 @@ def test_rerank_attention_packed_is_honoured_on_cpu(tiny_model, monkeypatch):
     assert isinstance(engine._layout, PackedForward) and engine._layout.kernel == "sdpa_per_pair"
 
 
-def test_unset_attention_is_padded_on_cpu(tiny_model):
+def test_unset_attention_is_packed_on_cpu(tiny_model):
     engine = CrossEncoderEngine.load(str(tiny_model))
-    assert engine.attention == "padded"
+    assert engine.attention == "packed"
 
 
 def test_packed_refuses_an_architecture_it_cannot_run_and_names_the_fix(tiny_model):

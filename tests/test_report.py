@@ -58,7 +58,7 @@ def test_a_worker_with_two_processes_reports_its_model_memory_and_work(start_wor
     config = AutoConfig.from_pretrained(tiny_model)
     parameters = sum(p.numel() for p in AutoModelForSequenceClassification.from_pretrained(tiny_model).parameters())
     assert body["model"] == str(tiny_model) and body["device"] == "cpu" and body["dtype"] == "float32"
-    assert body["max_length"] == 512 and body["parameters"] == parameters and body["attention"] == "padded"
+    assert body["max_length"] == 512 and body["parameters"] == parameters and body["attention"] == "packed"
     arch = body["architecture"]
     assert arch["layers"] == config.num_hidden_layers and arch["hidden_size"] == config.hidden_size
     assert arch["architectures"] == ["XLMRobertaForSequenceClassification"]

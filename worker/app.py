@@ -94,7 +94,11 @@ class BatchingLoad(bootsteps.StartStopStep):
         if tasks == 1 and threads:
             raise SystemExit("rerank-worker: one task at a time runs on the prefork pool (-P prefork); set RERANK_BATCH_TASKS to batch on threads")
         if tasks > 1:
-            _load_model()
+            try:
+                _load_model()
+            except Exception as e:
+                log.critical("model failed to load in pid %d; stopping the worker", os.getpid(), exc_info=True)
+                raise SystemExit(f"rerank-worker: the model failed to load: {e}") from e
 
 
 restrict_remote_control()

@@ -151,15 +151,21 @@ class PaddedForward:
 
 
 def resolve_attention(requested: str | None, model: torch.nn.Module, device: torch.device) -> str:
-    """The attention setting to use: unset is `packed` where variable-length FlashAttention can run this model, else `padded`."""
+    """The attention setting to use when unset: `packed` where it is faster, else `padded`.
+
+    Packed is faster on CUDA with variable-length FlashAttention and on a CPU (no padding to
+    compute; README, Benchmarks), but not on a GPU without that kernel, where its reference
+    attention runs pair by pair. A model the packed encoder cannot run is served padded.
+    """
     if requested is not None:
         return requested
     config = model.config
     flash = flash_varlen_usable(device, next(model.parameters()).dtype, config.hidden_size // config.num_attention_heads)
+    wanted = flash or device.type == "cpu"
     reason = unsupported_reason(model)
-    if flash and reason is not None:
+    if wanted and reason is not None:
         log.warning("packed attention cannot run this model (%s); using padded attention", reason)
-    return "packed" if flash and reason is None else "padded"
+    return "packed" if wanted and reason is None else "padded"
 
 
 @dataclass(frozen=True)
