@@ -3,6 +3,8 @@ worker processes, and the fault helpers that kill them. Fixtures live in conftes
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import re
 import shutil
@@ -11,6 +13,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -329,3 +333,63 @@ def assert_same_ranking(result: Any, expected: list[tuple[str, float]]) -> None:
 def report(test: str, **figures: Any) -> None:
     """Print what a fault test did and saw; pytest -s (or -rP) shows it."""
     print(f"\n[fault] {test}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
+
+
+# Flower ---------------------------------------------------------------------------------------
+
+
+FLOWER_AUTH = "admin:s3cret"
+
+
+class Flower:
+    """`celery flower` on a free port with basic auth, against the test Redis."""
+
+    def __init__(self, broker_url: str, log: Path) -> None:
+        self.port = free_port()
+        self._log = log.open("wb")
+        self.log = log
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "--broker", broker_url, "--result-backend", broker_url, "flower", f"--port={self.port}",
+             "--address=127.0.0.1", f"--basic-auth={FLOWER_AUTH}", "--inspect-timeout=3000"],
+            stdout=self._log, stderr=subprocess.STDOUT,
+        )
+
+    def get(self, path: str, auth: bool = True) -> tuple[int, bytes]:
+        """GET `path`, with basic auth unless `auth` is False; the status and the body."""
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}")
+        if auth:
+            request.add_header("Authorization", "Basic " + base64.b64encode(FLOWER_AUTH.encode()).decode())
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def json(self, path: str) -> Any:
+        """GET `path` and parse its JSON body; fail unless the status is 200."""
+        status, body = self.get(path)
+        assert status == 200, (path, status, body[:300])
+        return json.loads(body)
+
+    def wait_until_up(self, timeout: float = 30) -> None:
+        """Block until Flower answers its health check."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log.read_text(errors="replace")
+            try:
+                if self.get("/healthcheck", auth=False)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"flower did not start:\n{self.log.read_text(errors='replace')}")
+
+    def stop(self) -> None:
+        """Stop Flower."""
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()

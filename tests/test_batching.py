@@ -8,8 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from producer import TaskTimedOut
-from tests.helpers import CORPUS
+from producer import InvalidRequest, RerankClient, Settings, TaskTimedOut
+from producer.jobs import stage1_id
+from producer.names import TASK_DOCUMENTS
+from tests.helpers import CORPUS, QUERY, Flower, candidates, wait_for
 from worker.batching import BatchingScorer
 from worker.engine import CrossEncoderEngine
 
@@ -113,3 +115,40 @@ def test_identical_pairs_are_scored_once_and_empty_requests_return_at_once(engin
     twice = scorer.score(QUERIES[0], [CORPUS[2], CORPUS[3], CORPUS[2]])
     assert twice.logits[0] == twice.logits[2]
     assert scorer.score(QUERIES[0], []).logits == []
+
+
+# Through Redis, on a real batching worker ------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_a_batching_worker_scores_concurrent_jobs_as_alone_fails_a_bad_one_alone_and_flower_sees_each(
+    start_worker, redis_server, tiny_model, in_process_settings, tmp_path
+):
+    # Given a worker holding four tasks at once, and Flower watching it
+    worker = start_worker("-Q", "batching", env={"RERANK_BATCH_TASKS": "4", "RERANK_ATTENTION": "packed"}, name="batch")
+    worker.wait_until_loaded(processes=1)
+    assert "(thread)" in worker.output() and worker.output().count("model loaded:") == 1
+    flower = Flower(redis_server.url, tmp_path / "flower.log")
+    try:
+        flower.wait_until_up()
+        client = RerankClient(Settings(broker_url=redis_server.url, queue="batching", model=str(tiny_model)))
+        # When eight two-stage jobs with different queries arrive together, with a malformed message among them
+        queries = [f"{QUERY} ({CORPUS[n][:40]})" for n in range(8)]
+        jobs = [client.submit(q, candidates(6 + n), top_k_docs=3) for n, q in enumerate(queries)]
+        bad = client.app.send_task(TASK_DOCUMENTS, args=({"query": QUERY, "candidates": candidates(2), "colour": "red"},), queue="batching")
+        results = [job.result(timeout=120) for job in jobs]
+        # Then each job gets the scores it gets alone, and the bad one fails alone with its reason
+        reference = RerankClient(in_process_settings)
+        for n, result in enumerate(results):
+            alone = reference.two_stage(queries[n], candidates(6 + n), top_k_docs=3)
+            assert [i.id for i in result.chunks.items] == [i.id for i in alone.chunks.items]
+            assert [i.score for i in result.chunks.items] == pytest.approx([i.score for i in alone.chunks.items], abs=1e-6)
+        with pytest.raises(InvalidRequest, match="colour: Extra inputs are not permitted"):
+            client.job(bad.id).result(timeout=30)
+        # And Flower lists every task with its own state
+        ids = {job.id: "SUCCESS" for job in jobs} | {stage1_id(job.id): "SUCCESS" for job in jobs} | {bad.id: "FAILURE"}
+        tasks = wait_for(lambda: (t := flower.json("/api/tasks")) and all(t.get(i, {}).get("state") == s for i, s in ids.items()) and t,
+                         30, "Flower to list every task with its state", interval=0.2)
+        assert {tasks[i]["worker"] for i in ids} == {results[0].documents.info.worker}
+    finally:
+        flower.stop()

@@ -2,77 +2,16 @@
 
 from __future__ import annotations
 
-import base64
+import importlib.util
 import json
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
 
 from producer import RerankClient, Settings
-from tests.helpers import CORPUS, QUERY, free_port, skip_or_fail, wait_for
+from tests.helpers import CORPUS, QUERY, Flower, skip_or_fail, wait_for
 
-try:
-    import flower  # noqa: F401
-except ImportError:
+if importlib.util.find_spec("flower") is None:
     skip_or_fail("flower is not installed (pip install -e '.[test]')")
-
-AUTH = "admin:s3cret"
-
-
-class Flower:
-    """`celery flower` on a free port with basic auth, against the test Redis."""
-
-    def __init__(self, broker_url: str, log: Path) -> None:
-        self.port = free_port()
-        self._log = log.open("wb")
-        self.log = log
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "--broker", broker_url, "--result-backend", broker_url, "flower", f"--port={self.port}",
-             "--address=127.0.0.1", f"--basic-auth={AUTH}", "--inspect-timeout=3000"],
-            stdout=self._log, stderr=subprocess.STDOUT,
-        )
-
-    def get(self, path: str, auth: bool = True) -> tuple[int, bytes]:
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}")
-        if auth:
-            request.add_header("Authorization", "Basic " + base64.b64encode(AUTH.encode()).decode())
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return response.status, response.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-
-    def json(self, path: str):
-        status, body = self.get(path)
-        assert status == 200, (path, status, body[:300])
-        return json.loads(body)
-
-    def wait_until_up(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log.read_text(errors="replace")
-            try:
-                if self.get("/healthcheck", auth=False)[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"flower did not start:\n{self.log.read_text(errors='replace')}")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self._log.close()
-
 
 @pytest.mark.integration
 def test_flower_shows_workers_tasks_progress_queues_and_metrics(start_worker, redis_server, tiny_model, tmp_path):

@@ -84,16 +84,16 @@ class BatchingLoad(bootsteps.StartStopStep):
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         """Check the pool fits RERANK_BATCH_TASKS, then load the model and start the device thread before consuming."""
         super().__init__(parent, **kwargs)
-        tasks = settings.tasks_in_hand
+        in_hand = settings.tasks_in_hand
         threads = "thread" in parent.pool_cls.__module__
-        if tasks > 1 and not (threads and parent.concurrency == tasks):
+        if in_hand > 1 and not (threads and parent.concurrency == in_hand):
             raise SystemExit(
-                f"rerank-worker: RERANK_BATCH_TASKS={tasks} batches tasks in one process: start it with rerank-worker, "
-                f"or with celery worker -P threads -c {tasks}"
+                f"rerank-worker: RERANK_BATCH_TASKS={in_hand} batches tasks in one process: start it with rerank-worker, "
+                f"or with celery worker -P threads -c {in_hand}"
             )
-        if tasks == 1 and threads:
+        if in_hand == 1 and threads:
             raise SystemExit("rerank-worker: one task at a time runs on the prefork pool (-P prefork); set RERANK_BATCH_TASKS to batch on threads")
-        if tasks > 1:
+        if in_hand > 1:
             try:
                 _load_model()
             except Exception as e:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
-
 from celery.backends.redis import RedisBackend as CeleryRedisBackend
 from redis.exceptions import OutOfMemoryError
 

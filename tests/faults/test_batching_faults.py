@@ -1,0 +1,86 @@
+"""A batching worker holds several tasks at once: when it dies, stops or meets a slow task, none is lost or run wrong."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from producer import RerankClient, TaskTimedOut
+from tests.helpers import FAST, QUERY, VISIBILITY_TIMEOUT, assert_same_ranking, deliveries, kill_tree, long_papers, report, started, wait_for
+
+pytestmark = pytest.mark.integration
+
+BATCHING = {"RERANK_BATCH_TASKS": "4"}
+
+
+def test_a_killed_batching_worker_s_tasks_all_complete_once_on_another_worker(fleet, fault_settings, reference):
+    # Given two batching workers holding four tasks each, and eight slow jobs between them
+    workers = [fleet.start(env={**FAST, **BATCHING}, name=name) for name in ("batch-a", "batch-b")]
+    for worker in workers:
+        worker.wait_until_loaded(processes=1)
+    client = RerankClient(fault_settings)
+    requests = {n: (f"{QUERY} #{n}", long_papers(400, tag=f"k{n}-")) for n in range(8)}
+    jobs = {n: client.submit_documents(query, docs, top_k=5) for n, (query, docs) in requests.items()}
+
+    def running_on() -> dict[str, list[int]]:
+        hosts: dict[str, list[int]] = {}
+        for n, job in jobs.items():
+            meta = started(client, job.id)
+            if meta:
+                hosts.setdefault(meta["hostname"].split("@")[0], []).append(n)
+        return hosts
+
+    busy = wait_for(lambda: next((h for h, held in running_on().items() if len(held) >= 2), None), 30, "a worker to run two tasks at once")
+    victim, survivor = (workers[0], workers[1]) if busy.startswith("batch-a") else (workers[1], workers[0])
+    held = running_on()[busy]
+
+    # When that worker is SIGKILLed with the tasks in hand
+    killed_at = time.monotonic()
+    kill_tree(victim.process.pid)
+
+    # Then every job completes with the right ranking; those it held, on the other worker after the visibility timeout
+    results = {n: job.result(timeout=VISIBILITY_TIMEOUT + 60) for n, job in jobs.items()}
+    recovery = time.monotonic() - killed_at
+    received = {n: deliveries([w.output() for w in workers], job.id) for n, job in jobs.items()}
+    report("batching worker SIGKILL", sent=len(jobs), completed=len(results), lost=len(jobs) - len(results),
+           held_by_the_killed=len(held), most_deliveries=max(received.values()), recovery_s=round(recovery, 1))
+    for n, result in results.items():
+        assert_same_ranking(result, reference(*requests[n], 5))
+    assert all(results[n].info.worker.startswith(survivor.log.stem) for n in held)
+    assert all(received[n] == 2 for n in held) and all(1 <= count <= 2 for count in received.values()), received
+
+
+def test_a_batching_worker_stops_a_task_past_its_limit_and_finishes_the_others(fleet, fault_settings):
+    # Given a batching worker with a 5 s time limit and small batches, a job far too big for it,
+    # and small ones beside it
+    worker = fleet.start(env={**FAST, **BATCHING, "RERANK_MAX_BATCH_TOKENS": "512"}, name="batch-limit")
+    worker.wait_until_loaded(processes=1)
+    client = RerankClient(fault_settings)
+    chunks = [{"id": f"c{i}", "doc_id": f"d{i % 50}", "text": f"{text} ({i})"} for i, text in
+              enumerate(p["text"] for p in long_papers(5000, tag="x"))]
+    huge = client.submit_chunks(QUERY, chunks, top_k=3)
+    wait_for(lambda: started(client, huge.id), 30, "the big job to start")
+    small = [client.submit_documents(f"{QUERY} #{n}", long_papers(5, tag=f"s{n}-"), top_k=2) for n in range(3)]
+    # Then the small ones finish, the big one fails at its limit with TaskTimedOut, and the worker serves on
+    assert all(len(job.result(timeout=30).items) == 2 for job in small)
+    with pytest.raises(TaskTimedOut, match="RERANK_TASK_TIME_LIMIT"):
+        huge.result(timeout=60)
+    assert len(client.rerank_documents(QUERY, long_papers(3), top_k=1, timeout=30).items) == 1
+    assert worker.process.poll() is None
+
+
+def test_a_warm_shutdown_finishes_every_task_the_batching_worker_holds(fleet, fault_settings):
+    # Given a batching worker holding several tasks
+    worker = fleet.start(env={**FAST, **BATCHING}, name="batch-warm")
+    worker.wait_until_loaded(processes=1)
+    client = RerankClient(fault_settings)
+    jobs = [client.submit_documents(f"{QUERY} #{n}", long_papers(80, tag=f"w{n}-"), top_k=3) for n in range(4)]
+    wait_for(lambda: sum(bool(started(client, job.id)) for job in jobs) >= 2, 30, "two tasks to run at once")
+    # When it gets SIGTERM
+    worker.process.send_signal(signal.SIGTERM)
+    # Then it finishes every task it holds (one thread each) and exits 0, leaving nothing unacknowledged
+    assert worker.process.wait(timeout=60) == 0
+    assert all(len(job.result(timeout=5).items) == 3 for job in jobs)
+    assert client.app.connection().default_channel.client.hlen("unacked") == 0
