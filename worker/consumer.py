@@ -4,8 +4,8 @@ Anyone who can write to the queue can send any bytes, headers or task name. Cele
 message's protocol headers in the consumer before any task code runs, and some malformed headers
 make it reconnect forever or stop the worker; every worker also registers Celery's builtin tasks
 (`celery.chord_unlock` retries forever). So each message is checked here first: a message that is
-not `rerank.documents` or `rerank.chunks` with well-typed headers and a `[args, kwargs, embed]`
-body is acknowledged and dropped (never restored), logged as one line, and, where it carries a
+not one of the app's own tasks (`rerank.documents`, `rerank.chunks`) with well-typed headers and
+an `[args, kwargs, embed]` body is acknowledged and dropped (never restored), logged as one line, and, where it carries a
 usable task id, that task's result is marked failed with `InvalidRequest`, so whoever waits on it
 learns why at once.
 """
@@ -27,7 +27,6 @@ from worker.transport import REFUSED_HEADER
 
 log = logging.getLogger(__name__)
 
-OUR_TASKS = frozenset({TASK_DOCUMENTS, TASK_CHUNKS})
 MAX_ID_CHARS = 255
 
 
@@ -83,8 +82,8 @@ HEADER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def header_refusal(headers: Any) -> str | None:
-    """Why these protocol headers must not reach Celery, or None when they may."""
+def header_refusal(headers: Any, served: frozenset[str]) -> str | None:
+    """Why these protocol headers must not reach Celery, or None when they may; `served` are the task names accepted."""
     if not isinstance(headers, dict):
         return f"its headers are a {type(headers).__name__}, not an object"
     if REFUSED_HEADER in headers:
@@ -92,8 +91,8 @@ def header_refusal(headers: Any) -> str | None:
     if "task" not in headers:
         return "it has no `task` header (only protocol-2 task messages are accepted)"
     task = headers["task"]
-    if not isinstance(task, str) or task not in OUR_TASKS:
-        return f"task {_short(task)} is not served here (only {', '.join(sorted(OUR_TASKS))})"
+    if not isinstance(task, str) or task not in served:
+        return f"task {_short(task)} is not served here (only {', '.join(sorted(served))})"
     if "id" not in headers:
         return "it has no `id` header"
     for name, (valid, expected) in HEADER_RULES.items():
@@ -131,10 +130,12 @@ class RerankConsumer(Consumer):
     def create_task_handler(self, promise: Any = promise) -> Callable[[Any], Any]:
         """Celery's task handler, called only for messages that pass the gate."""
         handle = super().create_task_handler(promise)
+        # The tasks this app registered itself: ours (and a benchmark's no-op), never Celery's builtins.
+        served = frozenset(name for name in self.app.tasks if not name.startswith("celery."))
 
         def on_task_received(message: Any) -> Any:
             headers = getattr(message, "headers", None)
-            reason = header_refusal(headers)
+            reason = header_refusal(headers, served)
             if reason is None:
                 try:
                     reason = body_refusal(headers["task"], message.payload)
