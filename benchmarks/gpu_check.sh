@@ -19,6 +19,8 @@
 #   3. benchmarks.attention, v2-m3 shape, DTYPE (fp16), 100 docs, median of 7 warm runs: the seed's
 #      simple loop, ours padded, ours packed, packed with each fusion on/off, tokenizing ahead or not,
 #      scores against the loop in fp32; then padded and packed through Redis and a real worker;
+#   3b. benchmarks.fleet_throughput on the v2-m3 shape: 8 producers, jobs of 10 and 50 passages and
+#      100-doc two-stage jobs, batching across tasks off and on (jobs/s, p50/p99);
 #   4. the same in-process rows on the bge-reranker-base shape;
 #   5. if time is left, benchmarks.run on the v2-m3 shape (refreshes cuda-bge-reranker-v2-m3.*).
 # Every result file lands in ${OUT:-benchmarks/results}; gpu-check.md there lists them with the card.
@@ -110,6 +112,12 @@ for shape in {'$SHAPE', '$BASE_SHAPE'}: print(model_dir(shape))"
 # 3. The main shape: every in-process row, then Redis + a real worker.
 step "attention $SHAPE" 300 "$PY" -m benchmarks.attention --device "$DEVICE" --shape "$SHAPE" --dtype "$DTYPE" \
   --docs "$DOCS" --repeats "$REPEATS" $E2E ${BASELINE[@]+"${BASELINE[@]}"} --out "$OUT"
+
+# 3b. One GPU, many jobs: 8 producer threads, batching across tasks off and on (needs redis-server).
+if [[ -n "$E2E" ]]; then
+  step "fleet throughput $SHAPE" 150 "$PY" -m benchmarks.fleet_throughput --device "$DEVICE" --shape "$SHAPE" --dtype "$DTYPE" \
+    --jobs 64 --out "$OUT"
+fi
 
 # 4. The base shape: the loop, padded and packed (a dry run with one shape skips it: same file name).
 [[ "$BASE_SHAPE" == "$SHAPE" ]] || step "attention $BASE_SHAPE" 90 "$PY" -m benchmarks.attention --device "$DEVICE" --shape "$BASE_SHAPE" --dtype "$DTYPE" \
