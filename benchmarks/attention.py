@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.baselines import SeedReranker
-from benchmarks.corpus import QUERY, model_dir, papers, stage1_texts
+from benchmarks.corpus import QUERY, cpu_features, cpu_name, model_dir, papers, stage1_texts
 from benchmarks.run import gemm_peak_flops, kendall_tau, linear_flops_per_token, shape_of, top_overlap
 from worker.engine import CrossEncoderEngine, Scores, check_model, resolve_dtype
 from worker.packed import Fusions, flash_varlen_usable
@@ -113,7 +113,7 @@ def main() -> None:
     cuda = args.device.startswith("cuda")
     device = torch.device(args.device)
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
-    card = torch.cuda.get_device_name(device) if cuda else f"CPU ({os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()})"
+    card = torch.cuda.get_device_name(device) if cuda else f"{cpu_name()} ({os.cpu_count()} cores, {cpu_features()})"
     dtype_name = args.dtype if args.dtype != "auto" else ("fp16" if cuda else "fp32")
     path = str(model_dir(args.shape))
     dims = shape_of(path)

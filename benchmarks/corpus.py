@@ -44,3 +44,18 @@ def model_dir(shape: str) -> Path:
         print(f"building a random-weight {shape} model {SHAPES[shape]} in {path}", flush=True)
         build_cross_encoder(path, tokenizer_text(), shape, vocab_size=4000)
     return path
+
+
+def cpu_name() -> str:
+    """The CPU's model name, from /proc/cpuinfo."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def cpu_features() -> str:
+    """The instruction sets that decide CPU GEMM speed: AVX-512, its BF16 extension, AMX."""
+    flags = set(next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "").split())
+    found = [name for flag, name in (("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX")) if flag in flags]
+    return ", ".join(found) or "no AVX-512"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import threading
 import time
@@ -24,20 +23,12 @@ from typing import Any
 
 import torch
 
-from benchmarks.corpus import QUERY, model_dir, papers
+from benchmarks.corpus import QUERY, cpu_features, cpu_name, model_dir, papers
 from benchmarks.through_redis import running_system
 from worker.synthetic import SHAPES
 
 ROOT = Path(__file__).parents[1]
 KINDS = {"k10": 10, "k50": 50, "two100": 100}
-
-
-def cpu_name() -> str:
-    """The CPU model, from /proc/cpuinfo."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def one_job(client: Any, kind: str, n: int) -> None:
@@ -97,7 +88,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
 
-    card = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else cpu_name()
+    card = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"{cpu_name()}, {cpu_features()}"
     rows = []
     for kind in args.kinds.split(","):
         for mode, tasks in (("one task at a time", 1), (f"batching {args.batch_tasks} tasks", args.batch_tasks)):

@@ -20,7 +20,7 @@ import torch
 from transformers import AutoConfig
 
 from benchmarks.baselines import SeedReranker, SentenceTransformersReranker
-from benchmarks.corpus import QUERY, model_dir
+from benchmarks.corpus import cpu_features, cpu_name, QUERY, model_dir
 from benchmarks.corpus import papers as make_papers
 from benchmarks.through_redis import running_system
 from producer import Candidate, DocumentsRequest
@@ -148,7 +148,7 @@ def main() -> None:
     device = {
         "device": args.device.split(":")[0],
         "name": torch.cuda.get_device_name(args.device) if cuda else "cpu",
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": f"{cpu_name()} ({cpu_features()})",
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
