@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -20,7 +19,7 @@ import torch
 from transformers import AutoConfig
 
 from benchmarks.baselines import SeedReranker, SentenceTransformersReranker
-from benchmarks.corpus import cpu_features, cpu_name, QUERY, model_dir
+from benchmarks.corpus import QUERY, cpu_features, cpu_name, model_dir
 from benchmarks.corpus import papers as make_papers
 from benchmarks.through_redis import running_system
 from producer import Candidate, DocumentsRequest
