@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -53,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="Run a two-stage job from a JSON file (query + candidates).")
     run.add_argument("job", type=Path, help='JSON: {"query": ..., "candidates": [...], "top_k_docs"?, "top_k_chunks"?}')
-    run.add_argument("--top-k-docs", type=count, help="Papers kept by stage 1 (default: the file's, else 20).")
-    run.add_argument("--top-k-chunks", type=count, help="Chunks returned by stage 2 (default: the file's, else all).")
+    run.add_argument("--top-k-docs", type=count(), help="Papers kept by stage 1 (default: the file's, else 20).")
+    run.add_argument("--top-k-chunks", type=count(), help="Chunks returned by stage 2 (default: the file's, else all).")
     _job_options(run)
     run.add_argument("--timeout", type=seconds, default=600.0, help="Seconds to wait for the result.")
     run.add_argument("--no-wait", action="store_true", help="Print the job id and exit; follow it with `rerank status`.")
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     metrics = commands.add_parser(
         "metrics", help="Serve Prometheus metrics of the queues: messages waiting and the oldest one's age."
     )
-    metrics.add_argument("--port", type=port, default=9808, help="Port to serve /metrics on (default 9808).")
+    metrics.add_argument("--port", type=count(65_535), default=9808, help="Port to serve /metrics on (default 9808).")
     metrics.add_argument("--queues", help="Comma-separated queues (default: every queue the models' workers consume).")
     metrics.add_argument("--models", help="Comma-separated models whose queues to watch (default: RERANK_MODEL).")
     metrics.add_argument("--once", action="store_true", help="Print the metrics once and exit instead of serving them.")
@@ -94,26 +95,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _job_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-score", type=score, help="Drop chunks scoring below this (0-1).")
-    parser.add_argument("--windows", type=windows, help=f"Stage-1 windows per paper, 1-{MAX_WINDOWS} (default RERANK_STAGE1_WINDOWS).")
+    parser.add_argument("--windows", type=count(MAX_WINDOWS), help=f"Stage-1 windows per paper, 1-{MAX_WINDOWS} (default RERANK_STAGE1_WINDOWS).")
 
 
-def count(text: str) -> int:
-    """An argparse type: a whole number of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is less than 1")
-    return value
+def count(most: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number from 1 to `most` (unbounded when None)."""
 
+    def whole(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not 1 <= value <= (most or value):
+            raise argparse.ArgumentTypeError(f"{value} is not between 1 and {most}" if most else f"{value} is less than 1")
+        return value
 
-def windows(text: str) -> int:
-    """An argparse type: a number of stage-1 windows."""
-    value = count(text)
-    if value > MAX_WINDOWS:
-        raise argparse.ArgumentTypeError(f"{value} is more than {MAX_WINDOWS}")
-    return value
+    return whole
 
 
 def score(text: str) -> float:
@@ -124,14 +121,6 @@ def score(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0.0 <= value <= 1.0:  # NaN fails this too
         raise argparse.ArgumentTypeError(f"{text} is outside [0, 1]; scores are sigmoids")
-    return value
-
-
-def port(text: str) -> int:
-    """A TCP port, 1-65535."""
-    value = count(text)
-    if value > 65_535:
-        raise argparse.ArgumentTypeError(f"{text} is not a TCP port (1-65535)")
     return value
 
 
