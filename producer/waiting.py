@@ -12,13 +12,14 @@ from typing import Any, Protocol
 
 from producer.errors import RerankError, RerankTimeout
 
-FIRST_POLL = 0.002
+FIRST_POLL = 0.001
 """Seconds before the second read: a short request on a warm worker finishes within milliseconds."""
 
-POLL_GROWTH = 1.5
-"""Each pause is this much longer than the one before, so a long job costs few reads."""
+POLL_GROWTH = 1.25
+"""Each pause is this much longer than the one before: a job is noticed at most a quarter of its
+run time after it finishes, and a long one costs few reads (about 4 a second)."""
 
-MAX_POLL = 0.5
+MAX_POLL = 0.25
 """The longest pause between reads, and so the most a finished job waits to be noticed."""
 
 
