@@ -68,10 +68,14 @@ def test_a_worker_serves_metrics_that_add_up_to_the_jobs_it_ran(start_worker, re
     stage1 = results + [r.documents for r in two_stage]
     stage2 = [r.chunks for r in two_stage]
     name = stage1[0].info.worker
-    # Then the scrape (task_postrun counts just after the result is stored) adds up to the results
-    samples = wait_for(
-        lambda: (s := scrape(port)) and value(s, "rerank_tasks_total", state="SUCCESS") == 7 and s, 30, "7 tasks in the metrics"
-    )
+    # Then the scrape adds up to the results, once every task is counted (just after its result is
+    # stored) and both pool processes have loaded the model (one may serve every job before the other is up)
+    def settled() -> Samples | None:
+        s = scrape(port)
+        done = value(s, "rerank_tasks_total", state="SUCCESS") == 7 and value(s, "rerank_model_load_seconds_count") == 2
+        return s if done else None
+
+    samples = wait_for(settled, 30, "7 tasks and 2 model loads in the metrics")
     for task, ranked in ((TASK_DOCUMENTS, stage1), (TASK_CHUNKS, stage2)):
         labels = {"worker": name, "task": task}
         assert value(samples, "rerank_tasks_total", state="SUCCESS", **labels) == len(ranked)
