@@ -90,13 +90,13 @@ def main() -> None:
 
     card = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"{cpu_name()}, {cpu_features()}"
     rows = []
-    for kind in args.kinds.split(","):
-        for mode, tasks in (("one task at a time", 1), (f"batching {args.batch_tasks} tasks", args.batch_tasks)):
-            with running_system(model_dir(args.shape), args.device, args.dtype, None, tasks_in_hand=tasks) as client:
-                one_job(client, kind, 0)  # warm: first request of a fresh worker
+    for mode, tasks in (("one task at a time", 1), (f"batching {args.batch_tasks} tasks", args.batch_tasks)):
+        with running_system(model_dir(args.shape), args.device, args.dtype, None, tasks_in_hand=tasks) as client:
+            for kind in args.kinds.split(","):
+                one_job(client, kind, 0)  # warm: the first request of this kind on this worker
                 row = {"kind": kind, "mode": mode, "tasks_in_hand": tasks, **drive(client, kind, args.jobs, args.threads)}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
     by_kind = {}
     for row in rows:
         by_kind.setdefault(row["kind"], []).append(row)
