@@ -2,9 +2,9 @@
 
 In batching mode a worker runs several tasks at once on Celery's threads pool. Each task thread
 does its own CPU work (decode, validation, tokenization: the Rust tokenizer releases the GIL)
-and then waits while one device thread runs forward passes. Whenever the device frees (on a GPU:
-has finished all but the last batch launched), that thread fills the next batch with waiting
-pairs of every task in turn, up to the engine's token budget: no timer, no fixed batch size. A task gets its own logits, progress and
+and then waits while one device thread runs forward passes. Whenever the device frees, that
+thread fills the next batch with waiting pairs of every task in turn, up to the engine's token
+budget: no timer, no fixed batch size. A task gets its own logits, progress and
 errors; a batch that fails is retried request by request, so one request's failure never fails
 its batch-mates; an out-of-memory batch is split by the engine, within that batch.
 """
@@ -24,22 +24,6 @@ from producer.errors import TaskTimedOut
 from worker.engine import CrossEncoderEngine, EncodedPair, Scores
 
 log = logging.getLogger(__name__)
-
-
-class _Done:
-    """Already finished: on a CPU every forward pass returns when it is done."""
-
-    def synchronize(self) -> None:
-        """Nothing to wait for."""
-
-
-def _done_marker(device: torch.device) -> _Done | torch.cuda.Event:
-    """A marker that says when the work launched so far on `device` has finished."""
-    if device.type != "cuda":
-        return _Done()
-    event = torch.cuda.Event()
-    event.record()
-    return event
 
 
 @dataclass(eq=False)
@@ -131,21 +115,13 @@ class BatchingScorer:
         )
 
     def _run(self) -> None:
-        launched: deque[_Done] = deque()  # completion markers of the batches on the device, oldest first
         while True:
             with self._changed:
                 while not self._requests:
                     self._changed.wait()
-            # A GPU runs launched work asynchronously: let it finish the older of two launched
-            # batches before forming the next, so the requests that arrive meanwhile share that
-            # batch instead of each going out alone, and one batch stays queued behind the running one.
-            while len(launched) >= 2:
-                launched.popleft().synchronize()
-            with self._changed:
                 batch = self._next_batch()
             if batch:
                 self._forward(batch)
-                launched.append(_done_marker(self.engine.device))
 
     def _next_batch(self) -> list[tuple[_Request, int]]:
         """Waiting pairs up to the token budget, a pair from each request in turn (each request's longest first).
