@@ -81,7 +81,7 @@ def celery_argv(
     enforces hard time limits. Batching (`tasks_in_hand` > 1): one process, Celery's threads pool
     with a thread per task in hand, all feeding one device thread (worker/batching.py).
     """
-    if tasks_in_hand > 1 and args.concurrency is not None:
+    if tasks_in_hand > 1 and (args.concurrency or 1) > 1:
         raise SystemExit(
             f"rerank-worker: -c/--concurrency sets prefork processes, but this worker batches {tasks_in_hand} tasks in one "
             "process (RERANK_BATCH_TASKS); set RERANK_BATCH_TASKS instead, or RERANK_BATCH_TASKS=1 for -c"
