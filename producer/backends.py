@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import importlib
 import threading
+import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from celery import Celery, group, states, uuid
+from celery.backends.redis import RedisBackend
 from celery.canvas import Signature
 from celery.result import GroupResult
 
@@ -19,6 +21,47 @@ from producer.errors import InvalidRequest, ModelLoadError, reaching
 from producer.settings import Settings
 
 Meta = dict[str, Any]
+
+
+class Watch(Protocol):
+    """Something to wait on between reads of the result backend."""
+
+    def wait(self, seconds: float) -> None:
+        """Return when a watched task's state may have changed, or after `seconds`."""
+
+    def close(self) -> None:
+        """Stop watching."""
+
+
+class Sleep:
+    """Waits out the pause: for a backend that announces nothing, and in-process, where nothing runs meanwhile."""
+
+    def wait(self, seconds: float) -> None:
+        """Sleep `seconds`."""
+        time.sleep(seconds)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class Announcements:
+    """Waits for the Redis result backend to announce a watched task's new state (it publishes every state it stores)."""
+
+    def __init__(self, backend: RedisBackend, task_ids: Sequence[str], url: str | None) -> None:
+        """Subscribe to the tasks' channels; a state stored after this wakes `wait`."""
+        self._url = url
+        with reaching("watching tasks", url):
+            self._pubsub = backend.client.pubsub(ignore_subscribe_messages=True)
+            self._pubsub.subscribe(*[backend.get_key_for_task(task_id) for task_id in task_ids])
+
+    def wait(self, seconds: float) -> None:
+        """Return on the first announcement, or after `seconds` (the poll goes on as a safety net)."""
+        with reaching("watching tasks", self._url):
+            self._pubsub.get_message(timeout=seconds)
+
+    def close(self) -> None:
+        """Unsubscribe and give the connection back."""
+        self._pubsub.close()
 
 
 class WorkerBackend:
@@ -62,6 +105,12 @@ class WorkerBackend:
         """The final metas of those of `task_ids` that finished (one read)."""
         with reaching(f"reading {len(task_ids)} tasks", self.results_url):
             return dict(self.app.backend.get_many(list(task_ids), interval=0, max_iterations=1))
+
+    def watch(self, task_ids: Sequence[str]) -> Watch:
+        """What to wait on between reads of these tasks: the Redis backend's announcements, else a sleep."""
+        if isinstance(self.app.backend, RedisBackend):
+            return Announcements(self.app.backend, task_ids, self.results_url)
+        return Sleep()
 
     def revoke(self, task_ids: Sequence[str]) -> None:
         """Stop the tasks from running and record them as REVOKED for every process to see."""
@@ -120,6 +169,10 @@ class InProcessBackend(WorkerBackend):
                 except Exception as e:  # noqa: BLE001 - a chain stops at its first failed stage; the job fails with it
                     self.app.backend.mark_as_failure(task_id, e)
         return super().finished(task_ids)
+
+    def watch(self, task_ids: Sequence[str]) -> Watch:
+        """Nothing runs here while a caller waits: the next read runs the next held job."""
+        return Sleep()
 
     def revoke(self, task_ids: Sequence[str]) -> None:
         """Drop held jobs and record them as REVOKED."""

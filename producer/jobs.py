@@ -7,7 +7,6 @@ both stages, their states and their progress. Nothing else needs storing.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -289,11 +288,18 @@ class RerankBatch:
 
 
 def completed(handles: Iterable[Handle], timeout: float | None, what: str) -> Iterator[Any]:
-    """Yield `handles` as they finish, reading their backend and sleeping as the `Waiter` says."""
+    """Yield `handles` as they finish, reading their backend and waiting between reads as the `Waiter` says."""
     handles = list(handles)
     waiter = Waiter(handles, timeout, what)
     yield from waiter.ready
-    while waiter.pending:
-        yield from waiter.settle(handles[0].backend.finished(waiter.ids()))
-        if waiter.pending:
-            time.sleep(waiter.pause())
+    if not waiter.pending:
+        return
+    backend = handles[0].backend
+    watch = backend.watch(waiter.ids())  # before the first read, so no state change slips between
+    try:
+        while waiter.pending:
+            yield from waiter.settle(backend.finished(waiter.ids()))
+            if waiter.pending:
+                watch.wait(waiter.pause())
+    finally:
+        watch.close()

@@ -1,7 +1,8 @@
 """Waiting for results, written once: which tasks to read next, how long to pause, when to give up.
 
-No I/O happens here. `producer.jobs` drives a `Waiter` with `time.sleep` and direct backend
-reads; `producer.aio` drives the same `Waiter` with `asyncio.sleep` and reads in a thread.
+No I/O happens here. `producer.jobs` drives a `Waiter` with direct backend reads and waits,
+`producer.aio` drives the same `Waiter` with reads and waits in a thread. A wait ends early when
+the result backend announces a new state (Redis pub/sub), so the pauses are only a safety net.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ POLL_GROWTH = 1.25
 run time after it finishes, and a long one costs few reads (about 4 a second)."""
 
 MAX_POLL = 0.25
-"""The longest pause between reads, and so the most a finished job waits to be noticed."""
+"""The longest pause between reads, and so the most a finished job waits to be noticed when its
+announcement is missed (a backend that announces nothing)."""
 
 
 class Waitable(Protocol):
