@@ -19,6 +19,16 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def slow_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same tokenizer on a MiniLM-shaped network: about 0.1 s a paper on one thread, so a
+    request of a few hundred papers outlasts a 5 s time limit on any CPU (the tiny model scores
+    a thousand papers a second)."""
+    from worker.synthetic import build_cross_encoder
+
+    return build_cross_encoder(tmp_path_factory.mktemp("slow-model"), CORPUS, shape="minilm", vocab_size=600)
+
+
+@pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """A private Redis for the whole session."""
     server = RedisServer(tmp_path_factory.mktemp("redis"))

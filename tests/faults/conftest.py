@@ -44,6 +44,14 @@ def fault_settings(fault_redis: RedisServer, tiny_model: Path) -> Settings:
 
 
 @pytest.fixture
+def slow_settings(fault_redis: RedisServer, slow_model: Path) -> Settings:
+    """`fault_settings` for workers of the slow model (its own queue)."""
+    return Settings(
+        broker_url=fault_redis.url, model=str(slow_model), task_time_limit=TIME_LIMIT, visibility_timeout=VISIBILITY_TIMEOUT
+    )
+
+
+@pytest.fixture
 def reference(in_process_settings: Settings) -> Callable[..., Any]:
     """Score a request in this process: what a correct worker must return."""
     client = RerankClient(in_process_settings)

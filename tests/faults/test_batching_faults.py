@@ -52,14 +52,15 @@ def test_a_killed_batching_worker_s_tasks_all_complete_once_on_another_worker(fl
     assert all(received[n] == 2 for n in held) and all(1 <= count <= 2 for count in received.values()), received
 
 
-def test_a_batching_worker_stops_a_task_past_its_limit_and_finishes_the_others(fleet, fault_settings):
-    # Given a batching worker with a 5 s time limit and small batches, a job far too big for it,
-    # and small ones beside it
-    worker = fleet.start(env={**FAST, **BATCHING, "RERANK_MAX_BATCH_TOKENS": "512"}, name="batch-limit")
+def test_a_batching_worker_stops_a_task_past_its_limit_and_finishes_the_others(fleet, slow_settings, slow_model):
+    # Given a batching worker of the slow model with a 5 s time limit and small batches, a job
+    # of about 100 s of work, and small ones beside it
+    env = {**FAST, **BATCHING, "RERANK_MAX_BATCH_TOKENS": "512", "RERANK_MODEL": str(slow_model)}
+    worker = fleet.start(env=env, name="batch-limit")
     worker.wait_until_loaded(processes=1)
-    client = RerankClient(fault_settings)
+    client = RerankClient(slow_settings)
     chunks = [{"id": f"c{i}", "doc_id": f"d{i % 50}", "text": f"{text} ({i})"} for i, text in
-              enumerate(p["text"] for p in long_papers(5000, tag="x"))]
+              enumerate(p["text"] for p in long_papers(1000, tag="x"))]
     huge = client.submit_chunks(QUERY, chunks, top_k=3)
     wait_for(lambda: started(client, huge.id), 30, "the big job to start")
     small = [client.submit_documents(f"{QUERY} #{n}", long_papers(5, tag=f"s{n}-"), top_k=2) for n in range(3)]
@@ -71,16 +72,16 @@ def test_a_batching_worker_stops_a_task_past_its_limit_and_finishes_the_others(f
     assert worker.process.poll() is None
 
 
-def test_a_warm_shutdown_finishes_every_task_the_batching_worker_holds(fleet, fault_settings):
-    # Given a batching worker holding several tasks
-    worker = fleet.start(env={**FAST, **BATCHING}, name="batch-warm")
+def test_a_warm_shutdown_finishes_every_task_the_batching_worker_holds(fleet, slow_settings, slow_model):
+    # Given a batching worker of the slow model running four jobs of a few seconds each at once
+    worker = fleet.start(env={**BATCHING, "RERANK_MODEL": str(slow_model)}, name="batch-warm")
     worker.wait_until_loaded(processes=1)
-    client = RerankClient(fault_settings)
-    jobs = [client.submit_documents(f"{QUERY} #{n}", long_papers(80, tag=f"w{n}-"), top_k=3) for n in range(4)]
-    wait_for(lambda: sum(bool(started(client, job.id)) for job in jobs) >= 2, 30, "two tasks to run at once")
+    client = RerankClient(slow_settings)
+    jobs = [client.submit_documents(f"{QUERY} #{n}", long_papers(20, tag=f"w{n}-"), top_k=3) for n in range(4)]
+    wait_for(lambda: all(started(client, job.id) for job in jobs), 30, "four tasks to run at once")
     # When it gets SIGTERM
     worker.process.send_signal(signal.SIGTERM)
     # Then it finishes every task it holds (one thread each) and exits 0, leaving nothing unacknowledged
-    assert worker.process.wait(timeout=60) == 0
+    assert worker.process.wait(timeout=90) == 0
     assert all(len(job.result(timeout=5).items) == 3 for job in jobs)
     assert client.app.connection().default_channel.client.hlen("unacked") == 0
