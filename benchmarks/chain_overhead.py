@@ -87,6 +87,7 @@ def main() -> None:
 
     candidates = papers(args.docs)
     pool_bytes = len(json.dumps([c.model_dump(mode="json") for c in chunk_pool(candidates)]))
+    args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.out / f".chain-worker-{args.device.replace(':', '')}.log"
     with running_system(model_dir(args.shape), args.device, args.dtype, None, worker_log=log_path) as client:
         for _ in range(2):  # warm-up: first batches, connections, the backend's subscriptions
@@ -122,7 +123,6 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     name = f"chain-{args.device.split(':')[0]}-{args.shape}"
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.md").write_text(table + "\n")
     (args.out / f"{name}.json").write_text(json.dumps(
         {"device": device, "shape": args.shape, "dtype": args.dtype, "docs": args.docs, "pool_bytes": pool_bytes,

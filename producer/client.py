@@ -129,7 +129,8 @@ class RerankClient:
             self.settings,
         )
         _check_min_score(min_score)
-        signature = self.app.signature(TASK_CHUNKS, kwargs={"request": request.model_dump(mode="json")}, queue=self.settings.queue)
+        message = request.model_dump(mode="json", exclude_none=True)
+        signature = self.app.signature(TASK_CHUNKS, kwargs={"request": message}, queue=self.settings.queue)
         return self._send(signature, self._finish(RerankResult, min_score, chunks=request.chunks if return_documents else None))
 
     # Two-stage jobs
@@ -321,7 +322,7 @@ class RerankClient:
                 TASK_DOCUMENTS, args=(stage1_message(documents),), immutable=True, queue=self.settings.queue, task_id=stage1_id(job_id)
             ),
             self.app.signature(
-                TASK_CHUNKS, kwargs={"request": chunks.model_dump(mode="json")}, queue=self.settings.queue, task_id=job_id
+                TASK_CHUNKS, kwargs={"request": chunks.model_dump(mode="json", exclude_none=True)}, queue=self.settings.queue, task_id=job_id
             ),
         )
 

@@ -92,12 +92,22 @@ class ChunksRequest(_Model):
         description="In a two-stage job, the ids of the candidates stage 1 scored, in order: the stage-1 result "
         "stage 2 receives must refer to these and nothing else.",
     )
+    positions: list[Annotated[StrictInt, Field(ge=0)]] | None = Field(
+        None,
+        description="In a two-stage job whose stage 1 sent on only the chunks of the papers it kept: where each "
+        "chunk sits in the job's whole chunk pool, strictly increasing. Results' `index` values are these.",
+    )
 
     @model_validator(mode="after")
     def _unique_ids(self) -> ChunksRequest:
         _reject_duplicates(c.id for c in self.chunks)
         if self.candidate_ids is not None:
             _reject_duplicates(self.candidate_ids)
+        if self.positions is not None:
+            if len(self.positions) != len(self.chunks):
+                raise ValueError(f"{len(self.positions)} positions for {len(self.chunks)} chunks; send one per chunk, or none")
+            if any(a >= b for a, b in zip(self.positions, self.positions[1:])):
+                raise ValueError("positions must be strictly increasing: each chunk's place in the pool, in pool order")
         return self
 
 

@@ -65,6 +65,11 @@ def check_limits(request: BaseModel, settings: Settings) -> None:
     else:
         _check_count("chunks", len(request.chunks), settings.max_chunks, "RERANK_MAX_CHUNKS")
         _check_count("candidate_ids", len(request.candidate_ids or ()), settings.max_candidates, "RERANK_MAX_CANDIDATES")
+        if request.positions and request.positions[-1] >= settings.max_chunks:
+            raise InvalidRequest(
+                f"position {request.positions[-1]} lies beyond a chunk pool of at most {settings.max_chunks} "
+                "(RERANK_MAX_CHUNKS); positions number the chunks of the job's pool from 0"
+            )
         if request.top_k is not None:
             _check_top_k(request.top_k)
     if isinstance(request, DocumentsRequest):

@@ -112,3 +112,69 @@ def test_stage1_messages_carry_only_the_text_stage1_reads():
     # Then only the 1,500 characters stage 1 scores travel (more with windows), nothing else
     assert len(sent["text"]) == 1500 and "chunks" not in sent and "metadata" not in sent
     assert len(stage1_message(request.model_copy(update={"windows": 3}))["candidates"][0]["text"]) == 1500 + 2 * 1300
+
+
+def chunk(i: int, doc: str) -> dict:
+    return {"id": f"{doc}#{i}", "doc_id": doc, "text": f"chunk {i} of {doc}"}
+
+
+@pytest.mark.parametrize(
+    ("positions", "message"),
+    [
+        ([0], "1 positions for 2 chunks"),
+        ([3, 3], "strictly increasing"),
+        ([5, 2], "strictly increasing"),
+        ([-1, 2], "positions"),
+        ([0, True], "positions"),
+        ([0, 5000], r"position 5000 lies beyond a chunk pool of at most 5000 \(RERANK_MAX_CHUNKS\)"),
+    ],
+)
+def test_chunk_positions_must_place_each_chunk_in_a_pool_once(positions, message):
+    data = {"query": "q", "chunks": [chunk(0, "a"), chunk(1, "a")], "positions": positions}
+    with pytest.raises(InvalidRequest, match=message):
+        parse_request(ChunksRequest, data, Settings())
+
+
+def test_stage1_sends_stage2_only_the_kept_papers_chunks_in_their_places_in_the_pool(in_process_settings):
+    from producer.formats import send_on_kept_chunks
+
+    # Given a two-stage job's chain as stage 1 receives it: the next step holds the whole pool
+    client = RerankClient(in_process_settings)
+    documents, chunks = client._two_stage_requests("q", [paper(i, text="Apixaban. " * 300) for i in range(6)], 2, None, False, None)
+    stage2 = client._chain(documents, chunks, "job").tasks[1]
+    pending = [dict(stage2, kwargs={"request": chunks.model_dump(mode="json")})]
+
+    # When stage 1 kept papers p1 and p4
+    send_on_kept_chunks(pending, {"p1", "p4"})
+
+    # Then stage 2 receives only their chunks, each with its place in the whole pool
+    sent = parse_request(ChunksRequest, pending[-1]["kwargs"]["request"], in_process_settings)
+    pool = chunks.chunks
+    assert len(pool) > len(sent.chunks) > 2
+    assert {c.doc_id for c in sent.chunks} == {"p1", "p4"}
+    assert [pool[n] for n in sent.positions] == sent.chunks
+    assert [n for n, c in enumerate(pool) if c.doc_id in {"p1", "p4"}] == sent.positions
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        {"task": "rerank.documents", "kwargs": {"request": {"chunks": [chunk(0, "a")]}}},
+        {"task": TASK_CHUNKS, "kwargs": {"request": {"chunks": [chunk(0, "a")], "positions": [0]}}},
+        {"task": TASK_CHUNKS, "kwargs": {"request": {"chunks": [chunk(0, "a"), "junk"]}}},
+        {"task": TASK_CHUNKS, "kwargs": {"request": {"chunks": [{**chunk(0, "a"), "doc_id": ["a"]}]}}},
+        {"task": TASK_CHUNKS, "kwargs": {"request": {"chunks": [chunk(0, "z")]}}},
+        {"task": TASK_CHUNKS, "kwargs": ["request"]},
+        "not a signature",
+    ],
+)
+def test_a_next_step_not_shaped_like_our_stage2_is_sent_on_untouched(step):
+    from copy import deepcopy
+
+    from producer.formats import send_on_kept_chunks
+
+    # Given a chain whose next step is not a stage-2 request with chunks of the kept paper "a"
+    pending = [deepcopy(step)]
+    # When stage 1 would trim it, Then it is left as it came, for stage 2 to judge
+    send_on_kept_chunks(pending, {"a"})
+    assert pending == [step]

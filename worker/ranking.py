@@ -51,9 +51,14 @@ def rank_chunks(
     worker: str | None = None,
     on_batch: OnBatch | None = None,
 ) -> RerankResult:
-    """Stage 2: score chunks, only those of `kept_doc_ids` when given; `index` points into `request.chunks`."""
-    positions = [i for i, c in enumerate(request.chunks) if kept_doc_ids is None or c.doc_id in kept_doc_ids]
-    chunks = [request.chunks[i] for i in positions]
+    """Stage 2: score chunks, only those of `kept_doc_ids` when given; `index` is each chunk's place in the pool.
+
+    The pool is `request.chunks`, or the whole chunk pool of the job when stage 1 sent on only
+    some of it (`request.positions`).
+    """
+    selected = [i for i, c in enumerate(request.chunks) if kept_doc_ids is None or c.doc_id in kept_doc_ids]
+    chunks = [request.chunks[i] for i in selected]
+    positions = selected if request.positions is None else [request.positions[i] for i in selected]
     scores = engine.score(request.query, [chunk_passage(c) for c in chunks], on_batch)
     items = _ranked(scores, [c.id for c in chunks], positions, request.top_k, request.return_logits, [c.doc_id for c in chunks])
     return RerankResult(

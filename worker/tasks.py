@@ -11,6 +11,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from producer.app import settings_of
 from producer.errors import InvalidRequest, TaskTimedOut
+from producer.formats import send_on_kept_chunks
 from producer.names import TASK_CHUNKS, TASK_DOCUMENTS
 from producer.schemas import ChunksRequest, DocumentsRequest
 from producer.validation import check_stage1, parse_request
@@ -70,6 +71,7 @@ def rerank_documents(self: Task, request: dict[str, Any]) -> dict[str, Any]:
     parsed = parse_request(DocumentsRequest, request, settings)
     progress = TaskProgress(self, "documents", settings.progress_interval)
     result = ranking.rank_documents(load_engine(settings), parsed, self.request.hostname, progress)
+    send_on_kept_chunks(self.request.chain, {item.id for item in result.items})
     return result.model_dump(mode="json")
 
 
