@@ -1,8 +1,12 @@
 """The asyncio client: the same methods and result types as `RerankClient`, awaited.
 
-Nothing here blocks the event loop: sending a job, each read of the result backend and each wait
-for the backend's announcements run in the default thread executor, paced by the same `Waiter`
-the synchronous client uses. Without a broker the model runs in that thread too.
+Nothing here blocks the event loop: sending a job and each read of the result backend run in
+the default thread executor, and waiting is `asyncio.sleep` between reads, paced by the same
+`Waiter` the synchronous client uses. Without a broker the model runs in that thread too.
+
+Waits do not listen for the result backend's announcements as the synchronous client's do: a
+blocking listen would hold one of the executor's few threads (six on a 2-core machine) per
+awaited job, and a hundred jobs awaited at once would queue behind each other.
 """
 
 from __future__ import annotations
@@ -168,15 +172,8 @@ async def completed(handles: Iterable[Handle], timeout: float | None, what: str)
     waiter = Waiter(handles, timeout, what)
     for handle in waiter.ready:
         yield handle
-    if not waiter.pending:
-        return
-    backend = handles[0].backend
-    watch = await asyncio.to_thread(backend.watch, waiter.ids())
-    try:
-        while waiter.pending:
-            for handle in waiter.settle(await asyncio.to_thread(backend.finished, waiter.ids())):
-                yield handle
-            if waiter.pending:
-                await asyncio.to_thread(watch.wait, waiter.pause())
-    finally:
-        watch.close()
+    while waiter.pending:
+        for handle in waiter.settle(await asyncio.to_thread(handles[0].backend.finished, waiter.ids())):
+            yield handle
+        if waiter.pending:
+            await asyncio.sleep(waiter.pause())

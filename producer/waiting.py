@@ -1,8 +1,8 @@
 """Waiting for results, written once: which tasks to read next, how long to pause, when to give up.
 
-No I/O happens here. `producer.jobs` drives a `Waiter` with direct backend reads and waits,
-`producer.aio` drives the same `Waiter` with reads and waits in a thread. A wait ends early when
-the result backend announces a new state (Redis pub/sub), so the pauses are only a safety net.
+No I/O happens here. `producer.jobs` drives a `Waiter` with direct backend reads, waiting on the
+result backend's announcements (Redis pub/sub) so that a pause ends early when a state changes;
+`producer.aio` drives the same `Waiter` with reads in a thread and `asyncio.sleep` pauses.
 """
 
 from __future__ import annotations
