@@ -178,3 +178,26 @@ def test_a_next_step_not_shaped_like_our_stage2_is_sent_on_untouched(step):
     # When stage 1 would trim it, Then it is left as it came, for stage 2 to judge
     send_on_kept_chunks(pending, {"a"})
     assert pending == [step]
+
+
+def test_stage1_finds_stage2_where_celery_puts_it_in_a_real_stage1_message(redis_server):
+    import base64
+    import json
+
+    from producer.formats import send_on_kept_chunks
+
+    # Given a two-stage job queued on a broker nobody consumes
+    settings = Settings(broker_url=redis_server.url, queue="chain-shape")
+    client = RerankClient(settings)
+    papers = [paper(i, text="Apixaban. " * 300) for i in range(6)]
+    client.submit("q", papers, top_k_docs=2)
+    # When stage 1's message is read off the queue as a worker would decode it
+    envelope = json.loads(client.app.connection_for_write().default_channel.client.rpop("chain-shape"))
+    _, _, embed = json.loads(base64.b64decode(envelope["body"]))
+    # Then the chain it carries is what stage 1 cuts down to the kept papers' chunks
+    send_on_kept_chunks(embed["chain"], {"p1", "p4"})
+    sent = parse_request(ChunksRequest, embed["chain"][-1]["kwargs"]["request"], settings)
+    pool = client.chunk_pool(client.validate({"query": "q", "candidates": papers}).candidates)
+    assert {c.doc_id for c in sent.chunks} == {"p1", "p4"}
+    assert sent.positions == [n for n, c in enumerate(pool) if c.doc_id in {"p1", "p4"}]
+    assert [pool[n] for n in sent.positions] == list(sent.chunks)
