@@ -21,6 +21,7 @@
 #      scores against the loop in fp32; then padded and packed through Redis and a real worker;
 #   3b. benchmarks.fleet_throughput on the v2-m3 shape: 8 producers, jobs of 10 and 50 passages and
 #      100-doc two-stage jobs, batching across tasks off and on (jobs/s, p50/p99);
+#   3c. benchmarks.chain_overhead on the v2-m3 shape: where a two-stage job's time goes besides compute;
 #   4. the same in-process rows on the bge-reranker-base shape;
 #   5. if time is left, benchmarks.run on the v2-m3 shape (refreshes cuda-bge-reranker-v2-m3.*).
 # Every result file lands in ${OUT:-benchmarks/results}; gpu-check.md there lists them with the card.
@@ -117,6 +118,8 @@ step "attention $SHAPE" 300 "$PY" -m benchmarks.attention --device "$DEVICE" --s
 if [[ -n "$E2E" ]]; then
   step "fleet throughput $SHAPE" 150 "$PY" -m benchmarks.fleet_throughput --device "$DEVICE" --shape "$SHAPE" --dtype "$DTYPE" \
     --jobs 64 --out "$OUT"
+  step "chain overhead $SHAPE" 90 "$PY" -m benchmarks.chain_overhead --device "$DEVICE" --shape "$SHAPE" --dtype "$DTYPE" \
+    --runs 15 --out "$OUT"
 fi
 
 # 4. The base shape: the loop, padded and packed (a dry run with one shape skips it: same file name).
