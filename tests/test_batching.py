@@ -48,10 +48,10 @@ def test_requests_scored_together_get_the_scores_they_get_alone(engine):
             together = list(pool.map(lambda n: scorer.score(QUERIES[n], passages(n, 5 + 3 * n)), range(8)))
     finally:
         del engine.run_batch
-    # Then each gets its own scores, as alone (to 1e-6; the logits differ by fp32 rounding of
-    # other batch compositions, ~1e-5), in its own order
+    # Then each gets its own scores, as alone to the 1e-5 we promise (other batch compositions
+    # round fp32 differently: probabilities moved by up to 1.1e-6 on CI's CPU), in its own order
     for n in range(8):
-        assert together[n].probabilities == pytest.approx(alone[n], abs=1e-6)
+        assert together[n].probabilities == pytest.approx(alone[n], abs=1e-5)
     # And pairs of different requests shared forward passes
     assert sum(len(b) for b in batches) == sum(5 + 3 * n for n in range(8))
     assert max(len(set(b)) for b in batches) >= 3, "pairs of three or more requests in one batch"
@@ -78,7 +78,7 @@ def test_a_failing_request_fails_alone_and_its_batch_mates_are_scored(engine):
     finally:
         del engine.run_batch
     for n, result in enumerate(results):
-        assert result.probabilities == pytest.approx(engine.score(QUERIES[n], passages(n, 6)).probabilities, abs=1e-6)
+        assert result.probabilities == pytest.approx(engine.score(QUERIES[n], passages(n, 6)).probabilities, abs=1e-5)
 
 
 def test_a_request_past_its_time_limit_times_out_while_small_ones_beside_it_finish(engine):
@@ -142,7 +142,7 @@ def test_a_batching_worker_scores_concurrent_jobs_as_alone_fails_a_bad_one_alone
         for n, result in enumerate(results):
             alone = reference.two_stage(queries[n], candidates(6 + n), top_k_docs=3)
             assert [i.id for i in result.chunks.items] == [i.id for i in alone.chunks.items]
-            assert [i.score for i in result.chunks.items] == pytest.approx([i.score for i in alone.chunks.items], abs=1e-6)
+            assert [i.score for i in result.chunks.items] == pytest.approx([i.score for i in alone.chunks.items], abs=1e-5)
         with pytest.raises(InvalidRequest, match="colour: Extra inputs are not permitted"):
             client.job(bad.id).result(timeout=30)
         # And Flower lists every task with its own state
