@@ -18,10 +18,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import torch
-
 from producer.errors import TaskTimedOut
-from worker.engine import CrossEncoderEngine, EncodedPair, Scores
+from worker.engine import CrossEncoderEngine, Scores, UniquePairs
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +28,9 @@ log = logging.getLogger(__name__)
 class _Request:
     """One task's pairs in flight: identical pairs once, logits collected batch by batch on the device."""
 
-    unique: list[EncodedPair]
-    owner: list[int]
     deadline: float
+    pairs: UniquePairs = field(default_factory=UniquePairs)
     waiting: deque[int] = field(default_factory=deque)
-    rows: list[int] = field(default_factory=list)
-    logits: list[torch.Tensor] = field(default_factory=list)
     done: int = 0
     batches: int = 0
     padded: int = 0
@@ -44,7 +39,7 @@ class _Request:
 
     @property
     def finished(self) -> bool:
-        return self.error is not None or self.done == len(self.unique)
+        return self.error is not None or self.done == len(self.pairs.unique)
 
 
 class BatchingScorer:
@@ -69,16 +64,8 @@ class BatchingScorer:
             return Scores([], 0, 0, 0, 0.0, 0.0)
         started = time.perf_counter()
         pairs = self.engine.tokenize(query, passages)
-        first_of: dict[tuple[int, ...], int] = {}
-        owner = [first_of.setdefault(tuple(p.input_ids), i) for i, p in enumerate(pairs)]
-        unique_index = {first: n for n, first in enumerate(first_of.values())}
-        request = _Request(
-            unique=[pairs[i] for i in first_of.values()],
-            owner=[unique_index[i] for i in owner],
-            deadline=time.monotonic() + self.time_limit,
-        )
-        order = sorted(range(len(request.unique)), key=lambda i: len(request.unique[i].input_ids), reverse=True)
-        request.waiting.extend(order)
+        request = _Request(deadline=time.monotonic() + self.time_limit)
+        request.waiting.extend(request.pairs.add(pairs))
         tokenized = time.perf_counter()
         with self._changed:
             self._requests.append(request)
@@ -91,22 +78,20 @@ class BatchingScorer:
                 if not finished and time.monotonic() >= request.deadline:
                     request.cancelled = True
                     raise TaskTimedOut(
-                        f"scoring waited past RERANK_TASK_TIME_LIMIT ({self.time_limit:g}s) with {len(request.unique) - done} "
+                        f"scoring waited past RERANK_TASK_TIME_LIMIT ({self.time_limit:g}s) with {len(request.pairs.unique) - done} "
                         "pairs unscored; send fewer or shorter texts per request, or raise the limit"
                     )
             if finished:
                 break
             if on_batch is not None:  # outside the lock: it writes to the result backend
-                on_batch(done, len(request.unique))
+                on_batch(done, len(request.pairs.unique))
             reported = done
         if request.error is not None:
             raise request.error
-        values = torch.cat(request.logits).cpu()  # this request's one wait for the device
-        by_unique = torch.empty(len(request.unique), dtype=torch.float32)
-        by_unique[torch.tensor(request.rows)] = values
+        logits = request.pairs.in_input_order()
         finished = time.perf_counter()
         return Scores(
-            logits=by_unique[torch.tensor(request.owner)].tolist(),
+            logits=logits,
             tokens=sum(len(p.input_ids) for p in pairs),
             padded_tokens=request.padded,
             batches=request.batches,
@@ -136,7 +121,7 @@ class BatchingScorer:
         longest = total = 0
         while active:
             for request in list(active):
-                n = len(request.unique[request.waiting[0]].input_ids)
+                n = len(request.pairs.unique[request.waiting[0]].input_ids)
                 grown = (max(longest, n), len(batch) + 1, total + n)
                 if batch and self.engine.batch_tokens(*grown) > self.engine.max_batch_tokens:
                     return batch
@@ -148,14 +133,14 @@ class BatchingScorer:
 
     def _forward(self, batch: list[tuple[_Request, int]]) -> None:
         try:
-            outcomes = [(batch, self.engine.run_batch([r.unique[i] for r, i in batch]))]
+            outcomes = [(batch, self.engine.run_batch([r.pairs.unique[i] for r, i in batch]))]
         except Exception:  # noqa: BLE001 - retried request by request, so a failure stays with its request
             log.warning("a batch of %d pairs failed; retrying it request by request", len(batch), exc_info=True)
             outcomes = []
             for request in dict.fromkeys(r for r, _ in batch):
                 mine = [(r, i) for r, i in batch if r is request]
                 try:
-                    outcomes.append((mine, self.engine.run_batch([r.unique[i] for r, i in mine])))
+                    outcomes.append((mine, self.engine.run_batch([r.pairs.unique[i] for r, i in mine])))
                 except Exception as e:  # noqa: BLE001 - handed to the request's own thread
                     with self._changed:
                         request.error, request.cancelled = e, True
@@ -163,12 +148,14 @@ class BatchingScorer:
         with self._changed:
             for members, (logits, padded, runs) in outcomes:
                 share = padded / len(members)
-                positions: dict[_Request, list[int]] = {}
+                placed: dict[_Request, tuple[list[int], list[int]]] = {}  # batch rows and unique indexes, per request
                 for row, (request, index) in enumerate(members):
-                    positions.setdefault(request, []).append(row)
-                    request.rows.append(index)
-                for request, rows in positions.items():
-                    request.logits.append(logits[rows[0] : rows[-1] + 1] if rows == list(range(rows[0], rows[-1] + 1)) else logits[rows])
+                    rows, indexes = placed.setdefault(request, ([], []))
+                    rows.append(row)
+                    indexes.append(index)
+                for request, (rows, indexes) in placed.items():
+                    contiguous = rows == list(range(rows[0], rows[-1] + 1))
+                    request.pairs.collect(indexes, logits[rows[0] : rows[-1] + 1] if contiguous else logits[rows])
                     request.done += len(rows)
                     request.batches += runs
                     request.padded += round(share * len(rows))

@@ -491,6 +491,41 @@ class CrossEncoderEngine:
         return self._layout(pairs)
 
 
+class UniquePairs:
+    """A request's pairs with repeats kept once, and the logits of those once-pairs as their batches return them."""
+
+    def __init__(self) -> None:
+        """Start empty; `add` pairs, `collect` their logits, then read them back `in_input_order`."""
+        self.unique: list[EncodedPair] = []
+        self.owner: list[int] = []  # for each pair added, its index in `unique`
+        self._first_of: dict[tuple[int, ...], int] = {}
+        self._rows: list[int] = []  # indexes in `unique`, in the order their logits were collected
+        self._logits: list[torch.Tensor] = []
+
+    def add(self, pairs: Sequence[EncodedPair]) -> list[int]:
+        """Take `pairs` after those added before; return the indexes of the new unique ones, longest first."""
+        start = len(self.unique)
+        for pair in pairs:
+            index = self._first_of.setdefault(tuple(pair.input_ids), len(self.unique))
+            if index == len(self.unique):
+                self.unique.append(pair)
+            self.owner.append(index)
+        return sorted(range(start, len(self.unique)), key=lambda i: len(self.unique[i].input_ids), reverse=True)
+
+    def collect(self, indexes: Sequence[int], logits: torch.Tensor) -> None:
+        """Keep the logits of the unique pairs at `indexes` (one row each, on the device)."""
+        self._rows.extend(indexes)
+        self._logits.append(logits)
+
+    def in_input_order(self) -> list[float]:
+        """Fp32 logits of every pair added, in the order added (the request's one wait for the device)."""
+        if not self.owner:
+            return []
+        by_unique = torch.empty(len(self.unique), dtype=torch.float32)
+        by_unique[torch.tensor(self._rows)] = torch.cat(self._logits).cpu()
+        return by_unique[torch.tensor(self.owner)].tolist()
+
+
 class _Scoring:
     """One request in flight: identical pairs scored once, batches planned slice by slice, logits kept on the device."""
 
@@ -498,32 +533,22 @@ class _Scoring:
         self.engine = engine
         self.expected = expected
         self.on_batch = on_batch
-        self.first_of: dict[tuple[int, ...], int] = {}
-        self.unique: list[EncodedPair] = []
-        self.owner: list[int] = []
-        self.rows: list[int] = []
-        self.logits: list[torch.Tensor] = []
+        self.pairs = UniquePairs()
         self.tokens = self.padded = self.batches = self.planned = self.done = 0
 
     def add(self, pairs: Sequence[EncodedPair]) -> None:
         """Score `pairs` (a slice of the request) after the slices added before."""
-        start = len(self.unique)
-        for pair in pairs:
-            index = self.first_of.setdefault(tuple(pair.input_ids), len(self.unique))
-            if index == len(self.unique):
-                self.unique.append(pair)
-            self.owner.append(index)
-            self.tokens += len(pair.input_ids)
-        order = sorted(range(start, len(self.unique)), key=lambda i: len(self.unique[i].input_ids), reverse=True)
-        plan = self.engine._batches(order, self.unique)
+        order = self.pairs.add(pairs)
+        self.tokens += sum(len(pair.input_ids) for pair in pairs)
+        plan = self.engine._batches(order, self.pairs.unique)
         self.planned += len(plan)
         # Slices not tokenized yet are counted at this request's batches per pair so far.
-        remaining = self.expected - len(self.owner)
-        total = self.planned + (-(-remaining * self.planned // len(self.owner)) if remaining > 0 and self.owner else 0)
+        added = len(self.pairs.owner)
+        remaining = self.expected - added
+        total = self.planned + (-(-remaining * self.planned // added) if remaining > 0 and added else 0)
         for batch in plan:
-            logits, padded, runs = self.engine.run_batch([self.unique[i] for i in batch])
-            self.logits.append(logits)
-            self.rows.extend(batch)
+            logits, padded, runs = self.engine.run_batch([self.pairs.unique[i] for i in batch])
+            self.pairs.collect(batch, logits)
             self.padded += padded
             self.batches += runs
             self.done += 1
@@ -534,12 +559,7 @@ class _Scoring:
 
     def finish(self) -> tuple[list[float], int, int]:
         """Fp32 logits in input order (the request's one wait for the device), padded tokens, batches run."""
-        if not self.owner:
-            return [], 0, 0
-        values = torch.cat(self.logits).cpu()
-        by_unique = torch.empty(len(self.unique), dtype=torch.float32)
-        by_unique[torch.tensor(self.rows)] = values
-        return by_unique[torch.tensor(self.owner)].tolist(), self.padded, self.batches
+        return self.pairs.in_input_order(), self.padded, self.batches
 
 
 def check_model(name_or_path: str, revision: str | None = None, max_length: int | None = None) -> tuple[AutoConfig, PreTrainedTokenizerBase]:
