@@ -14,7 +14,7 @@ from producer.app import create_app
 from producer.backends import backend_for
 from producer.chunking import DEFAULT_MAX_CHARS
 from producer.errors import InvalidRequest, RerankError, WorkerError
-from producer.formats import chunk_pool, stage1_message
+from producer.formats import chunk_pool, stage1_message, stage2_message
 from producer.jobs import STAGE1_SUFFIX, Finish, Handle, RerankBatch, RerankJob, ResultT, stage1_id
 from producer.names import DEFAULT_MODEL, TASK_CHUNKS, TASK_DOCUMENTS, model_slug
 from producer.schemas import (
@@ -129,8 +129,7 @@ class RerankClient:
             self.settings,
         )
         _check_min_score(min_score)
-        message = request.model_dump(mode="json", exclude_none=True)
-        signature = self.app.signature(TASK_CHUNKS, kwargs={"request": message}, queue=self.settings.queue)
+        signature = self.app.signature(TASK_CHUNKS, kwargs={"request": stage2_message(request)}, queue=self.settings.queue)
         return self._send(signature, self._finish(RerankResult, min_score, chunks=request.chunks if return_documents else None))
 
     # Two-stage jobs
@@ -322,7 +321,7 @@ class RerankClient:
                 TASK_DOCUMENTS, args=(stage1_message(documents),), immutable=True, queue=self.settings.queue, task_id=stage1_id(job_id)
             ),
             self.app.signature(
-                TASK_CHUNKS, kwargs={"request": chunks.model_dump(mode="json", exclude_none=True)}, queue=self.settings.queue, task_id=job_id
+                TASK_CHUNKS, kwargs={"request": stage2_message(chunks)}, queue=self.settings.queue, task_id=job_id
             ),
         )
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from producer.chunking import DEFAULT_MAX_CHARS, chunk_text
 from producer.names import TASK_CHUNKS
-from producer.schemas import Candidate, Chunk, DocumentsRequest
+from producer.schemas import Candidate, Chunk, ChunksRequest, DocumentsRequest
 
 WINDOW_CHARS = 1500
 """Characters of a paper's text that stage 1 reads per window (the first window is the abstract)."""
@@ -67,6 +67,11 @@ def stage1_message(request: DocumentsRequest) -> dict[str, Any]:
     for candidate in message["candidates"]:
         candidate["text"] = candidate["text"][:extent]
     return message
+
+
+def stage2_message(request: ChunksRequest) -> dict[str, Any]:
+    """The stage-2 task's request: unset fields left out, so workers that predate a field still read it."""
+    return request.model_dump(mode="json", exclude_none=True)
 
 
 def send_on_kept_chunks(chain: Any, kept: Collection[str]) -> None:
