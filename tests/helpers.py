@@ -156,6 +156,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def terminate(process: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM `process`, and SIGKILL it if it has not exited after `grace` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class RedisServer:
     """A redis-server process on a free port, owned by the tests."""
 
@@ -216,12 +226,7 @@ class WorkerProcess:
 
     def stop(self) -> None:
         if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            terminate(self.process, grace=30)
         self._log_file.close()
 
 
@@ -386,10 +391,5 @@ class Flower:
 
     def stop(self) -> None:
         """Stop Flower."""
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        terminate(self.process, grace=15)
         self._log.close()
