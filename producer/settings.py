@@ -94,6 +94,15 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(
         None, ge=1, le=65_535, description="Port a worker serves Prometheus metrics on (`/metrics`); unset: no metrics."
     )
+    metrics_address: str = Field(
+        "0.0.0.0",
+        pattern=r"^[0-9A-Fa-f.:]+$",
+        description="IP address the metrics port binds: every IPv4 interface by default, so a scraper on another host "
+        "or pod reaches it; 127.0.0.1 keeps it on this host.",
+    )
+    metrics_token_file: str | None = Field(
+        None, min_length=1, description="File holding a bearer token every scrape must send (`Authorization: Bearer …`); unset: no auth."
+    )
     heartbeat_file: str | None = Field(
         None, min_length=1, description="File a worker touches every few seconds while its event loop runs (a liveness probe reads it); unset: none."
     )

@@ -7,8 +7,9 @@ parent can serve one port, so this uses prometheus_client's multiprocess mode:
    PROMETHEUS_MULTIPROC_DIR at it; pool processes inherit it.
 2. Each pool process counts into its own memory-mapped files there: after loading the model,
    when a task starts (its queue wait) and when it ends (the figures of its result's `info`).
-3. The parent serves `/metrics` by summing every process's files. Counters of processes that
-   exited are kept (the work was done); their gauges are dropped.
+3. The parent serves `/metrics` by summing every process's files, on one thread with bounded
+   connections (producer.scrape). Counters of processes that exited are kept (the work was
+   done); their gauges are dropped.
 
 Everything here is computed from what a task already returns, so the engine carries no metrics
 code; out-of-memory splits are counted from the engine's own warning.
@@ -30,6 +31,7 @@ from celery import Task, bootsteps
 from celery.signals import task_postrun, task_prerun, worker_process_shutdown
 
 from producer.names import SENT_AT_HEADER, TASK_CHUNKS, TASK_DOCUMENTS, model_slug
+from producer.scrape import MetricsServer, read_token
 from producer.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -247,20 +249,31 @@ def _alive(pid: int) -> bool:
 
 
 class MetricsStep(bootsteps.StartStopStep):
-    """With RERANK_METRICS_PORT set: turns on multiprocess metrics before the pool forks and serves `/metrics`."""
+    """With RERANK_METRICS_PORT set: turns on multiprocess metrics before the pool forks and serves `/metrics`.
+
+    Served by producer.scrape.MetricsServer: one thread, bounded connections and time, so peers on
+    the network cannot exhaust this process; on RERANK_METRICS_ADDRESS, behind a bearer token
+    when RERANK_METRICS_TOKEN_FILE is set.
+    """
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
-        """Create the private metrics directory and bind the port (a taken port stops the worker with exit code 1)."""
+        """Create the private metrics directory and bind the port (a taken port or unreadable token stops the worker with exit code 1)."""
         global _metrics, _hostname
         super().__init__(parent, **kwargs)
-        port = get_settings().metrics_port
+        settings = get_settings()
+        port = settings.metrics_port
         self.enabled = port is not None
         self.directory: Path | None = None
-        self.server: Any = None
+        self.server: MetricsServer | None = None
         if port is None:
             return
-        from prometheus_client import CollectorRegistry, start_http_server, values
+        from prometheus_client import CollectorRegistry, values
 
+        try:
+            token = read_token(settings.metrics_token_file) if settings.metrics_token_file else None
+        except (OSError, ValueError) as e:
+            log.critical("cannot read RERANK_METRICS_TOKEN_FILE: %s", e)
+            raise SystemExit(f"rerank-worker: cannot read RERANK_METRICS_TOKEN_FILE: {e}; point it at a file holding the token") from e
         self.directory = Path(tempfile.mkdtemp(prefix="rerank-metrics-"))
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.directory)
         # prometheus_client picks its value class when first imported; pick again now that the
@@ -270,17 +283,22 @@ class MetricsStep(bootsteps.StartStopStep):
         _metrics = WorkerMetrics()
         registry = CollectorRegistry()
         registry.register(WorkerCollector(self.directory))
+        address = settings.metrics_address
         try:
-            self.server, _ = start_http_server(port, registry=registry)
+            self.server = MetricsServer(registry, port, address, token=token)
         except OSError as e:
-            log.critical("cannot serve metrics on port %d: %s", port, e)
-            raise SystemExit(f"rerank-worker: cannot serve metrics on RERANK_METRICS_PORT={port}: {e}; choose a free port") from e
-        log.info("serving Prometheus metrics on port %d", port)
+            log.critical("cannot serve metrics on %s port %d: %s", address, port, e)
+            raise SystemExit(
+                f"rerank-worker: cannot serve metrics on RERANK_METRICS_ADDRESS={address} RERANK_METRICS_PORT={port}: {e}; "
+                "choose a free port and an address of this host"
+            ) from e
+        self.server.start()
+        log.info("serving Prometheus metrics on %s port %d%s", address, port, " (bearer token required)" if token else "")
 
     def stop(self, parent: Any) -> None:
         """Stop serving and remove the metrics files when the worker stops."""
         if self.server is not None:
-            self.server.shutdown()
+            self.server.stop()
             self.server = None
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
