@@ -4,9 +4,13 @@ each queue's depth and its oldest message's age; the liveness heartbeat."""
 from __future__ import annotations
 
 import os
+import resource
+import socket
+import statistics
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -246,3 +250,119 @@ def test_default_queues_cover_gpu_and_cpu_workers_of_each_model():
     ]
     both = default_queues(settings, ["org/a", "org/b"])
     assert len(both) == 10 and "rerank.org-b" in both and all(isinstance(q, str) for q in both)
+
+
+# The metrics port as a door anyone on the network can knock on ------------------------------------
+
+
+def _threads_and_fds(pid: int) -> tuple[int, int]:
+    return len(os.listdir(f"/proc/{pid}/task")), len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _get(port: int, path: str = "/metrics", token: str | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _half_open(port: int, n: int) -> list[socket.socket]:
+    """`n` connections: even ones send nothing, odd ones half a request head, and none ever finishes."""
+    held = []
+    for k in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        if k % 2:
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: worker\r\nUser-Agent: slow")
+        held.append(s)
+    return held
+
+
+@pytest.fixture
+def enough_descriptors() -> None:
+    """Let this test process hold a thousand and more sockets (soft RLIMIT_NOFILE up to the hard limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < 2500:
+        wanted = 2500 if hard == resource.RLIM_INFINITY else min(2500, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_the_metrics_server_answers_only_get_metrics_with_the_token_and_drops_oversized_heads():
+    from producer.scrape import MetricsServer
+
+    # Given a server of one counter on a free port, behind a token
+    registry = prometheus_client.CollectorRegistry()
+    prometheus_client.Counter("doors", "Doors knocked on.", registry=registry).inc(3)
+    server = MetricsServer(registry, 0, "127.0.0.1", token=b"s3cret-token", timeout=1.0)
+    server.start()
+    try:
+        # Then the page comes only with the right token, and nothing but /metrics is served
+        status, body = _get(server.port, token="s3cret-token")
+        assert status == 200 and value(parse(body.decode()), "doors_total") == 3
+        assert _get(server.port)[0] == 401
+        assert _get(server.port, token="s3cret-tokeN")[0] == 401
+        assert _get(server.port, "/", token="s3cret-token")[0] == 404
+        # And a request head past 8 KiB is dropped without an answer
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall(b"GET /metrics HTTP/1.1\r\nX-Padding: " + b"a" * 20_000 + b"\r\n\r\n")
+            assert s.recv(100) == b""
+        # And a peer that sends nothing is dropped after the timeout
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            started = time.monotonic()
+            assert s.recv(100) == b"" and 0.9 <= time.monotonic() - started < 5
+    finally:
+        server.stop()
+
+
+@pytest.mark.integration
+def test_a_thousand_half_open_connections_to_the_metrics_port_leave_the_worker_bounded_and_serving(
+    start_worker, redis_server, tiny_model, tmp_path, enough_descriptors
+):
+    # Given a worker serving metrics behind a token, and the latency of small jobs through it
+    port, token = free_port(), tmp_path / "metrics-token"
+    token.write_text("scrape-me\n")
+    worker = start_worker(
+        "-Q", "doors", name="doors", env={"RERANK_METRICS_PORT": str(port), "RERANK_METRICS_TOKEN_FILE": str(token)}
+    )
+    worker.wait_until_loaded(processes=1)
+    client = RerankClient(Settings(broker_url=redis_server.url, queue="doors", model=str(tiny_model)))
+
+    def p50_of_small_jobs() -> float:
+        seconds = []
+        for n in range(21):
+            started = time.perf_counter()
+            assert len(client.rerank_documents(QUERY, short_papers(5, n), top_k=2, timeout=30).items) == 2
+            seconds.append(time.perf_counter() - started)
+        return statistics.median(seconds)
+
+    p50_of_small_jobs()  # warm-up: first connections, first batches
+    before = p50_of_small_jobs()
+    threads_before, fds_before = _threads_and_fds(worker.process.pid)
+    assert _get(port, token="scrape-me")[0] == 200
+    # When a thousand connections are opened to its metrics port and never finish a request
+    held = _half_open(port, 1000)
+    try:
+        threads, fds = zip(*(_threads_and_fds(worker.process.pid) for _ in range(20)))
+        # Then scrapes with the token keep answering, and without it are refused
+        for _ in range(5):
+            status, body = _get(port, token="scrape-me")
+            assert status == 200 and value(parse(body.decode()), "rerank_tasks_total", state="SUCCESS") >= 42
+        assert _get(port)[0] == 401
+        # And jobs keep their latency
+        during = p50_of_small_jobs()
+        threads, fds = threads + (_threads_and_fds(worker.process.pid)[0],), fds + (_threads_and_fds(worker.process.pid)[1],)
+    finally:
+        for s in held:
+            s.close()
+    report = f"threads {threads_before} -> max {max(threads)}, fds {fds_before} -> max {max(fds)}, p50 {before * 1000:.1f} -> {during * 1000:.1f} ms"
+    print(f"\n[metrics] 1,000 half-open connections: {report}")
+    # And the worker's threads stay as they were, its descriptors within the server's 32 connections
+    assert max(threads) <= threads_before + 1, report
+    assert max(fds) <= fds_before + 40, report
+    assert during <= 2 * before, report
+    assert worker.process.poll() is None
