@@ -40,10 +40,12 @@ app.conf.broker_transport_options = {**app.conf.broker_transport_options, "queue
 # has an id, failed (worker/consumer.py). On Redis, queue items that are not kombu messages are
 # dropped before kombu parses them (worker/transport.py).
 app.conf.worker_consumer = "worker.consumer:RerankConsumer"
-if urlsplit(settings.broker_url or "").scheme in ("redis", "rediss"):
-    app.conf.broker_transport = "worker.transport:Transport"
+# On Redis, messages are taken and recorded in one step, under a lease (worker/transport.py).
+TRANSPORTS = {"redis": "worker.transport:Transport", "rediss": "worker.transport:Transport", "sentinel": "worker.transport:SentinelTransport"}
+if urlsplit(settings.broker_url or "").scheme in TRANSPORTS:
+    app.conf.broker_transport = TRANSPORTS[urlsplit(settings.broker_url or "").scheme]
 # A full Redis refusing a state write is retried like a lost connection (worker/backend.py).
-if urlsplit(app.conf.result_backend or "").scheme in ("redis", "rediss"):
+if urlsplit(app.conf.result_backend or "").scheme in ("redis", "rediss", "sentinel"):
     app.conf.result_backend = backend_url(app.conf.result_backend)
 # A task that finishes while Redis restarts would otherwise fail its job with a ConnectionError
 # when storing the result: retry result-backend writes for about 10 s (at most ~18 s: 20 tries,
@@ -108,6 +110,18 @@ app.steps["worker"].add(report.ReportStep)
 app.steps["worker"].add(metrics.MetricsStep)
 app.steps["worker"].add(HeartbeatStep)
 app.steps["worker"].add(BatchingLoad)
+
+
+@worker_shutdown.connect
+def _release_the_lease(**_: Any) -> None:
+    """Put back at once what this worker took and did not finish (a cold shutdown), instead of when its lease lapses."""
+    if urlsplit(settings.broker_url or "").scheme not in TRANSPORTS:
+        return
+    try:
+        with app.connection_for_write() as connection:
+            connection.default_channel.release_lease()
+    except Exception:  # noqa: BLE001 - the lease lapses and another worker puts them back
+        log.warning("could not give up this worker's lease at shutdown; its messages come back when it lapses", exc_info=True)
 
 
 @worker_shutdown.connect

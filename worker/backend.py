@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+from urllib.parse import urlsplit
+
 from celery.backends.redis import RedisBackend as CeleryRedisBackend
+from celery.backends.redis import SentinelBackend as CelerySentinelBackend
 from redis.exceptions import OutOfMemoryError
 
 from worker.transport import FULL
@@ -11,7 +14,7 @@ from worker.transport import FULL
 log = logging.getLogger(__name__)
 
 
-class RedisBackend(CeleryRedisBackend):
+class _RetryingFull:
     """Treats "out of memory" like a lost connection: retried with backoff (`result_backend_always_retry`), not fatal.
 
     Memory frees up when workers drain the queue or results expire; a task whose result still
@@ -28,6 +31,15 @@ class RedisBackend(CeleryRedisBackend):
             log.warning("%s; retrying to store a task state", FULL)
 
 
+class RedisBackend(_RetryingFull, CeleryRedisBackend):
+    """Celery's Redis backend, retrying writes a full Redis refuses."""
+
+
+class SentinelBackend(_RetryingFull, CelerySentinelBackend):
+    """Celery's Sentinel backend, retrying writes a full Redis refuses."""
+
+
 def backend_url(url: str) -> str:
-    """The `result_backend` setting that selects this backend for a `redis://` or `rediss://` URL."""
-    return f"{RedisBackend.__module__}:{RedisBackend.__name__}+{url}"
+    """The `result_backend` setting that selects our backend for a `redis://`, `rediss://` or `sentinel://` URL."""
+    backend = SentinelBackend if urlsplit(url).scheme == "sentinel" else RedisBackend
+    return f"{backend.__module__}:{backend.__name__}+{url}"

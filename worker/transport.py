@@ -1,13 +1,19 @@
-"""kombu's Redis transport, hardened against what a shared Redis can throw at a worker.
+"""kombu's Redis transport, losing nothing when a worker dies and stopping for nothing found in Redis.
 
-kombu reads each item it pops from a Redis list as a JSON envelope (body, headers, properties)
-and builds its message from it without checking; an item that is not JSON, or an envelope with a
-field of the wrong type, raises inside the worker's event loop, which Celery treats as an
-unrecoverable error: one `LPUSH` could stop a worker, and every worker after it. Such items are
-logged and dropped here. And a Redis at its `maxmemory` refuses the writes that record a message
-as delivered or acknowledged; instead of stopping, the worker logs it and the message stays in
-Redis's unacknowledged set, to be delivered again after the visibility timeout. Workers on a
-`redis://` or `rediss://` broker use this transport (`worker/app.py`); it changes nothing else.
+Three threats, one transport:
+- A worker killed at any instant must lose no message. kombu pops and records in two commands;
+  here one script does both (`worker/taking.py`), under a lease the worker renews from its event
+  loop. Any live worker puts back the messages of a lease that lapsed, so a killed worker's jobs
+  run again within about `RERANK_WORKER_LEASE` seconds, not after the visibility timeout, which
+  stays as the net for workers of earlier versions and for anything a lease does not cover.
+- Anyone who can write to Redis can write any bytes into a queue or into kombu's bookkeeping
+  (`unacked`, read at every worker's start-up). What we read is decoded as plain JSON without
+  kombu's type hooks and with a depth bound, and checked before kombu builds a message from it;
+  what fails is moved to `rerank.quarantine` (capped), logged, and never stops a worker.
+- A Redis at its `maxmemory` refuses writes: a take then takes nothing (the message stays queued);
+  an acknowledgement that fails leaves the message recorded, to be delivered again later.
+
+Workers on `redis://`, `rediss://` and `sentinel://` brokers use this transport (`worker/app.py`).
 """
 
 from __future__ import annotations
@@ -15,15 +21,44 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterable
 from typing import Any
 
 from kombu.transport import redis, virtual
-from redis.exceptions import OutOfMemoryError
+from kombu.utils.json import dumps
+from redis.exceptions import OutOfMemoryError, ResponseError
+
+from worker.taking import (
+    HELD_PREFIX,
+    KEEP,
+    LEASES,
+    QUARANTINE,
+    QUARANTINE_ENTRIES,
+    decode_item,
+    parse_taken,
+    quarantine_entry,
+    take_call,
+)
 
 log = logging.getLogger(__name__)
 
 REFUSED_HEADER = "x-rerank-refused"
 """Set by the transport on a message it can deliver but must not be run; the consumer refuses it."""
+
+FULL = (
+    "Redis is out of memory (used memory is above its maxmemory): free memory or raise maxmemory; "
+    "until then workers cannot record their work"
+)
+
+LEASE_SECONDS = 10
+"""How long a worker's lease on the messages it holds lasts unless renewed (RERANK_WORKER_LEASE)."""
+
+TAKE_POLL_SECONDS = 0.1
+"""While idle, how often a worker looks at queues other than its first one (RERANK_TAKE_POLL)."""
 
 
 def envelope_refusal(envelope: Any) -> str | None:
@@ -38,6 +73,8 @@ def envelope_refusal(envelope: Any) -> str | None:
     info = properties.get("delivery_info")
     if not (isinstance(info, dict) and isinstance(info.get("exchange"), str) and isinstance(info.get("routing_key"), str)):
         return "its delivery_info is not {exchange, routing_key}"
+    if not isinstance(properties.get("priority", 0), int):
+        return "its priority is not a number"
     headers = envelope.get("headers")
     if headers is not None and not isinstance(headers, dict):
         return f"its headers are a {type(headers).__name__}, not an object"
@@ -57,25 +94,47 @@ def envelope_refusal(envelope: Any) -> str | None:
     return None
 
 
-FULL = (
-    "Redis is out of memory (used memory is above its maxmemory): free memory or raise maxmemory; "
-    "until then workers cannot record their work"
-)
+def recorded_refusal(entry: Any) -> str | None:
+    """Why a decoded `unacked` entry cannot be restored, or None when it can: it must be [envelope, exchange, routing key]."""
+    if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[1], str) and isinstance(entry[2], str)):
+        return "it is not [message, exchange, routing key]"
+    return envelope_refusal(entry[0])
+
+
+class _Warnings:
+    """Logs each kind of trouble once a minute at most: hostile input must not flood the log."""
+
+    def __init__(self, every: float = 60.0) -> None:
+        self.every = every
+        self._last: dict[str, float] = {}
+
+    def __call__(self, kind: str, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last.get(kind, -self.every) >= self.every:
+            self._last[kind] = now
+            log.warning(message, *args)
+
+
+warn_once = _Warnings()
 
 
 class QoS(redis.QoS):
-    """kombu's Redis QoS, going on when a full Redis refuses to record a delivery or an acknowledgement."""
+    """kombu's Redis QoS over messages the take script already recorded, with bookkeeping read as hostile."""
 
     def append(self, message: Any, delivery_tag: str) -> None:
-        """Record `message` as delivered; if Redis is full, only in this process (it is lost if this worker dies)."""
-        try:
-            super().append(message, delivery_tag)
-        except OutOfMemoryError:
-            log.warning("%s; message %s is held only by this worker until it is acknowledged", FULL, delivery_tag)
-            virtual.QoS.append(self, message, delivery_tag)
+        """Track the delivery here only: the take script recorded it in Redis already."""
+        virtual.QoS.append(self, message, delivery_tag)
+
+    def _remove_from_indices(self, delivery_tag: str, pipe: Any = None) -> Any:
+        with self.pipe_or_acquire(pipe) as pipe:
+            return (
+                pipe.zrem(self.unacked_index_key, delivery_tag)
+                .hdel(self.unacked_key, delivery_tag)
+                .srem(self.channel.held_key, delivery_tag)
+            )
 
     def ack(self, delivery_tag: str) -> None:
-        """Acknowledge; if Redis is full, the message stays unacknowledged there and is delivered again later."""
+        """Acknowledge; if Redis is full, the message stays recorded and is delivered again later."""
         try:
             self._remove_from_indices(delivery_tag).execute()
         except OutOfMemoryError:
@@ -90,41 +149,272 @@ class QoS(redis.QoS):
             log.warning("%s; message %s stays unacknowledged and is delivered again after the visibility timeout", FULL, delivery_tag)
             virtual.QoS.ack(self, delivery_tag)
 
+    def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
+        """kombu's sweep of messages past the visibility timeout, unblocked if someone left its mutex without an expiry."""
+        with self.channel.conn_or_acquire() as client:
+            mutex = self.channel.global_keyprefix + self.unacked_mutex_key
+            if client.ttl(mutex) == -1:
+                warn_once("mutex", "Redis key %r had no expiry and blocked redelivery; it now expires", mutex)
+                client.expire(mutex, self.unacked_mutex_expire)
+        super().restore_visible(start, num, interval)
 
-class Channel(redis.Channel):
-    """A Redis channel that drops what it pops when it is not JSON, and survives a full Redis."""
+    def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> None:
+        """Put a recorded message back on its queue; an entry that is not one goes to the quarantine instead."""
+        channel = self.channel
+
+        def restore(pipe: Any) -> None:
+            raw = pipe.hget(self.unacked_key, tag)
+            entry, reason = None, None
+            if raw:
+                try:
+                    entry = decode_item(raw)
+                    reason = recorded_refusal(entry)
+                except ValueError as e:
+                    reason = f"it is not plain JSON: {e}"
+            pipe.multi()
+            self._remove_from_indices(tag, pipe)
+            if reason is not None:
+                channel.quarantine_in(pipe, raw, None, f"unacked entry {_short(tag)}: {reason}")
+            elif entry is not None:
+                message, exchange, routing_key = entry
+                channel._do_restore_message(message, exchange, routing_key, pipe, leftmost)
+
+        with channel.conn_or_acquire(client) as client:
+            client.transaction(restore, self.unacked_key)
+
+
+_lease: tuple[int, str] | None = None
+
+
+def process_lease() -> str:
+    """This process's lease id: host, pid and a random part, so no other process, nor a later one, shares it."""
+    global _lease
+    if _lease is None or _lease[0] != os.getpid():
+        _lease = (os.getpid(), f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:12]}")
+    return _lease[1]
+
+
+def holds_lease() -> bool:
+    """Whether this process has taken messages under a lease (a forked child has not)."""
+    return _lease is not None and _lease[0] == os.getpid()
+
+
+class TakingChannel:
+    """Takes messages with one script (`worker/taking.py`) instead of BRPOP; mixed into kombu's Redis channels."""
 
     QoS = QoS
+    worker_lease: float = LEASE_SECONDS
+    take_poll: float = TAKE_POLL_SECONDS
+    _waiting = False  # the command in flight is a wait (BLMOVE), not a take
+    _take_queues: list[str] = []
+    _take_keys: list[str] = []
+    _take_tag = ""
 
-    def _brpop_read(self, **options: Any) -> Any:
+    @property
+    def lease(self) -> str:
+        """This process's lease (`process_lease()`): a channel opened after a reconnect holds under the same one."""
+        return process_lease()
+
+    @property
+    def held_key(self) -> str:
+        """The set of delivery tags this channel holds under its lease."""
+        return HELD_PREFIX + self.lease
+
+    def _key(self, name: str) -> str:
+        return self.global_keyprefix + name
+
+    def _bookkeeping(self) -> list[str]:
+        return [self._key(k) for k in (self.unacked_key, self.unacked_index_key, LEASES, self.held_key)]
+
+    def _lease_ms(self) -> int:
+        return int(float(self.worker_lease) * 1000)
+
+    # -- taking, driven by kombu's poller: one command in flight on the BRPOP connection ----------
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        if self._waiting:
+            # Block until the first queue holds something, moving nothing; then take.
+            key = self._key(queues[0])
+            wait = min(float(self.take_poll), float(timeout or self.brpop_timeout or self.take_poll))
+            command = ["BLMOVE", key, key, "RIGHT", "RIGHT", wait]
+        else:
+            self._take_queues = [q for pri in self.priority_steps for q in queues]
+            self._take_keys = [self._key(self._q_for_pri(q, pri)) for pri in self.priority_steps for q in queues]
+            self._take_tag = str(uuid.uuid4())
+            command = take_call(self._take_keys, self._take_queues, self._bookkeeping(), self._take_tag, self.lease, self._lease_ms())
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = time.monotonic()
+        self.client.connection.send_command(*command)
+
+    def _brpop_read(self, **options: Any) -> bool:
+        waiting, self._waiting = self._waiting, False
         try:
-            return super()._brpop_read(**options)
-        except ValueError as e:  # the popped item was not JSON; it is gone from the list already
-            log.warning("Dropped a queue item that is not a JSON message envelope: %s", e)
+            try:
+                reply = self.client.parse_response(self.client.connection, "BLMOVE" if waiting else "EVAL", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            except OutOfMemoryError:
+                warn_once("full", "%s; nothing is taken until it has room (the messages stay queued)", FULL)
+                self._waiting = True
+                raise virtual.Empty() from None
+            except ResponseError as e:
+                warn_once("take", "Redis refused to take a message (%s); retrying", e)
+                self._waiting = True
+                raise virtual.Empty() from None
+            if waiting:
+                raise virtual.Empty()
+            taken = parse_taken(reply, self._take_queues)
+            for key in taken.misplaced:
+                log.warning("Redis key %s had the wrong type for a queue or kombu's bookkeeping and was moved aside", key)
+            if taken.queue is None:
+                self._waiting = True
+                raise virtual.Empty()
+            self._queue_cycle.rotate(taken.queue)
+            self._deliver_taken(taken.item, taken.queue, self._take_tag)
             return True
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
 
     def _get(self, queue: str) -> Any:
-        while True:
+        """Take one message from `queue` (kombu's `basic_get`), recorded as the event loop's takes are."""
+        queues = [queue for _ in self.priority_steps]
+        keys = [self._key(self._q_for_pri(queue, pri)) for pri in self.priority_steps]
+        with self.conn_or_acquire() as client:
+            while True:
+                tag = str(uuid.uuid4())
+                reply = client.execute_command(*take_call(keys, queues, self._bookkeeping(), tag, self.lease, self._lease_ms()))
+                taken = parse_taken(reply, queues)
+                if taken.queue is None:
+                    raise virtual.Empty()
+                message = self._checked(taken.item, taken.queue, tag)
+                if message is not None:
+                    return message
+
+    def _deliver_taken(self, item: bytes, queue: str, tag: str) -> None:
+        message = self._checked(item, queue, tag)
+        if message is not None:
+            self.connection._deliver(message, queue)
+
+    def _checked(self, item: bytes, queue: str, tag: str) -> dict[str, Any] | None:
+        """The envelope to deliver under `tag`, or None after moving a hostile item to the quarantine."""
+        try:
+            envelope = decode_item(item)
+            if isinstance(envelope, dict) and isinstance(envelope.get("properties"), dict):
+                envelope["properties"]["delivery_tag"] = tag
+            reason = envelope_refusal(envelope)
+        except ValueError as e:
+            reason = f"it is not plain JSON: {e}"
+        if reason is None:
+            headers = envelope.get("headers") or {}
+            if "compression" in headers:
+                # kombu would decompress the body without bound before anyone looks at it: a few MB
+                # can expand to all the memory there is. The consumer refuses it (and fails its task).
+                envelope["headers"] = {**headers, REFUSED_HEADER: "its body is compressed, which this service never does"}
+                del envelope["headers"]["compression"]
+            return envelope
+        warn_once(f"refused:{queue}", "Moved an item of queue %r to %s: %s", queue, QUARANTINE, reason)
+        with self.conn_or_acquire() as client:
+            pipe = client.pipeline()
+            self.qos._remove_from_indices(tag, pipe)
+            self.quarantine_in(pipe, item, queue, reason)
+            pipe.execute()
+        return None
+
+    def quarantine_in(self, pipe: Any, item: Any, queue: str | None, reason: str) -> None:
+        """Add to `pipe` the commands that keep a refused item in the capped quarantine list."""
+        pipe.lpush(QUARANTINE, quarantine_entry(item or b"", queue, reason, time.time()))  # LPUSH is prefixed by kombu's client
+        pipe.ltrim(self._key(QUARANTINE), 0, QUARANTINE_ENTRIES - 1)
+
+    # -- leases: renewed from the event loop; lapsed ones swept by any live worker --------------------
+
+    def keep_lease(self, sweep: int = 8, per_lease: int = 100) -> None:
+        """Renew this channel's lease, then put back messages held under up to `sweep` lapsed leases."""
+        if not holds_lease():  # this process never took anything: nothing to keep
+            return
+        with self.conn_or_acquire() as client:
+            lapsed = client.execute_command("EVAL", KEEP, 1, self._key(LEASES), self.lease, self._lease_ms(), sweep)
+            for lease in lapsed or []:
+                self._put_back(client, lease.decode(errors="replace") if isinstance(lease, bytes) else str(lease), per_lease)
+
+    def _put_back(self, client: Any, lease: str, most: int) -> None:
+        held = self._key(HELD_PREFIX + lease)
+        try:
+            tags = client.execute_command("SPOP", held, most) or []
+        except ResponseError as e:
+            warn_once("held", "lease %r names a held set Redis cannot read (%s); dropping the lease", _short(lease), e)
+            tags = []
+        for tag in tags:
+            self.qos.restore_by_tag(tag.decode(errors="replace") if isinstance(tag, bytes) else tag, client)
+        if tags:
+            log.info("Put back %d message(s) held by %s, whose lease lapsed", len(tags), _short(lease))
+        if len(tags) < most:
+            client.zrem(LEASES, lease)
+
+    def release_lease(self) -> None:
+        """Put back whatever this process still holds and give up its lease: the last step of a clean shutdown."""
+        if holds_lease():
+            with self.conn_or_acquire() as client:
+                self._put_back(client, self.lease, 1_000_000)
+
+
+OPTIONS = ("worker_lease", "take_poll")
+"""Transport options of ours, set from RERANK_WORKER_LEASE and RERANK_TAKE_POLL (producer/app.py)."""
+
+
+class Channel(TakingChannel, redis.Channel):
+    """kombu's Redis channel, taking atomically."""
+
+    from_transport_options = redis.Channel.from_transport_options + OPTIONS
+
+
+class SentinelChannel(TakingChannel, redis.SentinelChannel):
+    """kombu's Sentinel channel, taking atomically."""
+
+    from_transport_options = redis.SentinelChannel.from_transport_options + OPTIONS
+
+
+def _keep_leases(channels: Iterable[Any]) -> None:
+    for channel in list(channels):
+        if isinstance(channel, TakingChannel) and channel.active_queues:
             try:
-                return super()._get(queue)
-            except ValueError as e:
-                log.warning("Dropped an item of queue %r that is not a JSON message envelope: %s", queue, e)
+                channel.keep_lease()
+            except channel.connection_errors:
+                log.info("could not renew the lease (Redis unreachable); retrying", exc_info=True)
+            except ResponseError as e:
+                warn_once("lease", "Redis refused to renew the lease (%s); retrying", e)
 
 
-class Transport(redis.Transport):
-    """kombu's Redis transport with envelopes checked before kombu builds a message from them."""
+class _LeaseKeeping:
+    """Renews leases and sweeps lapsed ones from the worker's event loop: a wedged loop lets its lease lapse."""
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        """Register kombu's handlers, then the lease keeper at a fifth of the lease."""
+        super().register_with_event_loop(connection, loop)  # type: ignore[misc]
+        cycle = self.cycle  # type: ignore[attr-defined]
+        old = getattr(cycle, "_lease_tref", None)
+        if old is not None:
+            old.cancel()
+        lease = float(connection.client.transport_options.get("worker_lease", LEASE_SECONDS))
+        cycle._lease_tref = loop.call_repeatedly(max(0.2, lease / 5), _keep_leases, cycle._channels)
+
+
+class Transport(_LeaseKeeping, redis.Transport):
+    """kombu's Redis transport with atomic takes, leases, and hostile input contained."""
 
     Channel = Channel
 
-    def _deliver(self, message: Any, queue: str) -> None:
-        reason = envelope_refusal(message)
-        if reason is not None:
-            log.warning("Dropped an item of queue %r: %s", queue, reason)
-            return
-        headers = message.get("headers") or {}
-        if "compression" in headers:
-            # kombu would decompress the body without bound before anyone looks at it: a few MB
-            # can expand to all the memory there is. The consumer refuses it (and fails its task).
-            message["headers"] = {**headers, REFUSED_HEADER: "its body is compressed, which this service never does"}
-            del message["headers"]["compression"]
-        super()._deliver(message, queue)
+
+class SentinelTransport(_LeaseKeeping, redis.SentinelTransport):
+    """The same over Redis Sentinel (`sentinel://` URLs)."""
+
+    Channel = SentinelChannel
+
+
+def _short(value: Any, most: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= most else f"{text[:most]}…"
