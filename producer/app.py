@@ -25,9 +25,14 @@ def create_app(settings: Settings) -> Celery:
     """Return a Celery app configured for safe, observable re-ranking."""
     backend = settings.result_backend or settings.broker_url
     app = Celery("rerank", broker=settings.broker_url or "memory://", backend=backend or "cache+memory://")
-    transport_options = {"visibility_timeout": settings.visibility_timeout}
+    transport_options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout}
+    if settings.sentinel_master:
+        transport_options["master_name"] = settings.sentinel_master
     broker_options = {
         **transport_options,
+        # Workers' atomic takes (worker/transport.py); other transports ignore them.
+        "worker_lease": settings.worker_lease,
+        "take_poll": settings.take_poll,
         # kombu >= 5.7 sweeps Redis for unacked messages older than the visibility timeout every
         # interval x throttle seconds (10 x 10 by default). Sweeping every tenth of the timeout
         # (1-60 s) bounds a dead worker's task's redelivery at about 1.1 visibility timeouts;

@@ -111,6 +111,15 @@ class ChunksRequest(_Model):
         return self
 
 
+class PassagesRequest(_Model):
+    """Plain pairs: each passage is scored with the query exactly as sent, with no `Title:`/`Section:` template."""
+
+    query: Query
+    passages: list[Annotated[str, StringConstraints(min_length=1)]] = Field(min_length=1)
+    top_k: StrictInt | None = Field(None, ge=1)
+    return_logits: StrictBool = False
+
+
 class RankedItem(_Model):
     """One scored input; `index` points into the list the caller sent."""
 
@@ -155,7 +164,7 @@ class ScoringInfo(_Model):
 class RerankResult(_Model):
     """A ranking: items sorted by score (descending), ties in input order."""
 
-    stage: Literal["documents", "chunks"]
+    stage: Literal["documents", "chunks", "passages"]
     query: str
     items: list[RankedItem]
     scored: int = Field(description="How many inputs were scored before top_k was applied.")

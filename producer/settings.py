@@ -13,7 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from producer.names import DEFAULT_MODEL, model_queue
 
 
-URL_SCHEMES = frozenset({"redis", "rediss", "amqp", "amqps", "pyamqp"})
+URL_SCHEMES = frozenset({"redis", "rediss", "sentinel", "amqp", "amqps", "pyamqp"})
 """Brokers and result backends this service is built and tested for."""
 
 
@@ -67,6 +67,19 @@ class Settings(BaseSettings):
     task_time_limit: int = Field(300, ge=5, le=86_400, description="Seconds before a task is killed.")
     visibility_timeout: int = Field(
         900, ge=10, le=86_400, description="Seconds before Redis redelivers an unacknowledged task."
+    )
+    worker_lease: float = Field(
+        10.0,
+        ge=0.5,
+        le=3600.0,
+        description="Seconds a worker's hold on the messages it took lasts unless renewed (every fifth of it); "
+        "a dead worker's messages go back on their queues this long after it dies.",
+    )
+    take_poll: float = Field(
+        0.1, ge=0.005, le=10.0, description="While idle, seconds between looks at a worker's queues after its first one."
+    )
+    sentinel_master: str | None = Field(
+        None, min_length=1, description="Redis Sentinel's name for the master, with `sentinel://` broker and result URLs."
     )
     result_expires: int = Field(3600, ge=60, le=30 * 86_400, description="Seconds results stay in the backend.")
     worker_start_timeout: int = Field(

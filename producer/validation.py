@@ -19,10 +19,10 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from producer.errors import InvalidRequest
-from producer.schemas import ChunksRequest, DocumentsRequest, RerankResult
+from producer.schemas import ChunksRequest, DocumentsRequest, PassagesRequest, RerankResult
 from producer.settings import Settings
 
-RequestT = TypeVar("RequestT", DocumentsRequest, ChunksRequest)
+RequestT = TypeVar("RequestT", DocumentsRequest, ChunksRequest, PassagesRequest)
 
 MAX_TOP_K = 1_000_000
 """The largest `top_k` accepted: above the highest RERANK_MAX_CANDIDATES and RERANK_MAX_CHUNKS allowed."""
@@ -62,6 +62,11 @@ def check_limits(request: BaseModel, settings: Settings) -> None:
     if isinstance(request, DocumentsRequest):
         _check_count("candidates", len(request.candidates), settings.max_candidates, "RERANK_MAX_CANDIDATES")
         _check_top_k(request.top_k)
+    elif isinstance(request, PassagesRequest):
+        # Plain passages are chunks without a template: they share the chunk limit.
+        _check_count("passages", len(request.passages), settings.max_chunks, "RERANK_MAX_CHUNKS")
+        if request.top_k is not None:
+            _check_top_k(request.top_k)
     else:
         _check_count("chunks", len(request.chunks), settings.max_chunks, "RERANK_MAX_CHUNKS")
         _check_count("candidate_ids", len(request.candidate_ids or ()), settings.max_candidates, "RERANK_MAX_CANDIDATES")
@@ -125,6 +130,9 @@ def _texts(request: BaseModel) -> Iterator[tuple[str, str, str]]:
                 yield c.id, f"chunk {n} id", chunk.id or ""
                 yield c.id, f"chunk {n} section", chunk.section or ""
                 yield c.id, f"chunk {n} text", chunk.text
+    elif isinstance(request, PassagesRequest):
+        for n, text in enumerate(request.passages):
+            yield f"passages.{n}", "text", text
     else:
         for c in request.chunks:
             yield c.id, "id", c.id
