@@ -13,13 +13,14 @@ from producer.errors import (
     WorkerError,
 )
 from producer.jobs import BatchProgress, JobProgress, RerankBatch, RerankJob
-from producer.names import DEFAULT_QUEUE, TASK_CHUNKS, TASK_DOCUMENTS
+from producer.names import DEFAULT_QUEUE, TASK_CHUNKS, TASK_DOCUMENTS, TASK_PASSAGES
 from producer.schemas import (
     Candidate,
     Chunk,
     ChunksRequest,
     DocumentsRequest,
     PaperChunk,
+    PassagesRequest,
     RankedItem,
     RerankResult,
     ScoringInfo,
@@ -41,6 +42,7 @@ __all__ = [
     "JobProgress",
     "ModelLoadError",
     "PaperChunk",
+    "PassagesRequest",
     "RankedItem",
     "RerankBatch",
     "RerankClient",
@@ -52,6 +54,7 @@ __all__ = [
     "Settings",
     "TASK_CHUNKS",
     "TASK_DOCUMENTS",
+    "TASK_PASSAGES",
     "TaskTimedOut",
     "TwoStageResult",
     "WorkerError",

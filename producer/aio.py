@@ -43,6 +43,13 @@ class AsyncRerankClient:
         handle = await asyncio.to_thread(partial(self.sync.submit_chunks, query, chunks, top_k, **options))
         return await wait(handle, timeout)
 
+    async def rerank_passages(
+        self, query: str, passages: Sequence[str], top_k: int | None = None, *, timeout: float | None = None, **options: Any
+    ) -> RerankResult:
+        """Plain passages scored as sent; see `RerankClient.rerank_passages`."""
+        handle = await asyncio.to_thread(partial(self.sync.submit_passages, query, passages, top_k, **options))
+        return await wait(handle, timeout)
+
     async def two_stage(
         self,
         query: str,

@@ -11,7 +11,7 @@ from weakref import WeakKeyDictionary
 from celery import Celery
 from celery.signals import before_task_publish
 
-from producer.names import SENT_AT_HEADER, TASK_CHUNKS, TASK_DOCUMENTS
+from producer.names import SENT_AT_HEADER, TASK_CHUNKS, TASK_DOCUMENTS, TASK_PASSAGES
 from producer.settings import Settings
 
 _settings_by_app: WeakKeyDictionary[Celery, Settings] = WeakKeyDictionary()
@@ -71,7 +71,7 @@ def create_app(settings: Settings) -> Celery:
         # the process lives on; the hard limit then only kills a task stuck outside Python.
         task_soft_time_limit=settings.task_time_limit - max(1, min(5, settings.task_time_limit // 10)),
         task_default_queue=settings.queue,
-        task_routes={TASK_DOCUMENTS: {"queue": settings.queue}, TASK_CHUNKS: {"queue": settings.queue}},
+        task_routes={name: {"queue": settings.queue} for name in (TASK_DOCUMENTS, TASK_CHUNKS, TASK_PASSAGES)},
         # TLS that checks whom it talks to; see _verified_tls.
         broker_use_ssl=_verified_tls(settings.broker_url),
         redis_backend_use_ssl=_verified_tls(backend),
@@ -94,7 +94,7 @@ def _stamp_sent_time(headers: dict[str, Any] | None = None, **_: Any) -> None:
     this header for their queue-wait metric and `rerank metrics` for the age of a queue's oldest
     message.
     """
-    if headers is not None and headers.get("task") in (TASK_DOCUMENTS, TASK_CHUNKS):
+    if headers is not None and headers.get("task") in (TASK_DOCUMENTS, TASK_CHUNKS, TASK_PASSAGES):
         headers[SENT_AT_HEADER] = time.time()
 
 

@@ -16,12 +16,13 @@ from producer.chunking import DEFAULT_MAX_CHARS
 from producer.errors import InvalidRequest, RerankError, WorkerError
 from producer.formats import chunk_pool, stage1_message, stage2_message
 from producer.jobs import STAGE1_SUFFIX, Finish, Handle, RerankBatch, RerankJob, ResultT, stage1_id
-from producer.names import DEFAULT_MODEL, TASK_CHUNKS, TASK_DOCUMENTS, model_slug
+from producer.names import DEFAULT_MODEL, TASK_CHUNKS, TASK_DOCUMENTS, TASK_PASSAGES, model_slug
 from producer.schemas import (
     Candidate,
     Chunk,
     ChunksRequest,
     DocumentsRequest,
+    PassagesRequest,
     RerankResult,
     TwoStageRequest,
     TwoStageResult,
@@ -131,6 +132,25 @@ class RerankClient:
         _check_min_score(min_score)
         signature = self.app.signature(TASK_CHUNKS, kwargs={"request": stage2_message(request)}, queue=self.settings.queue)
         return self._send(signature, self._finish(RerankResult, min_score, chunks=request.chunks if return_documents else None))
+
+    def rerank_passages(
+        self, query: str, passages: Sequence[str], top_k: int | None = None, *, return_logits: bool = False, timeout: float | None = None
+    ) -> RerankResult:
+        """Score each passage with the query exactly as sent, with no `Title:`/`Section:` template (as TEI and Cohere do).
+
+        Items come back best first; an item's `index` (and `id`, the same number as text) is its place in `passages`.
+        Raises the same errors as `rerank_documents`.
+        """
+        return self.submit_passages(query, passages, top_k, return_logits=return_logits).result(timeout)
+
+    def submit_passages(
+        self, query: str, passages: Sequence[str], top_k: int | None = None, *, return_logits: bool = False
+    ) -> Handle[RerankResult]:
+        """Validate and enqueue plain passages; return a handle whose `result(timeout)` waits for them."""
+        data = {"query": query, "passages": _as_list(passages), "top_k": top_k, "return_logits": return_logits}
+        request = parse_request(PassagesRequest, data, self.settings)
+        signature = self.app.signature(TASK_PASSAGES, kwargs={"request": request.model_dump(mode="json")}, queue=self.settings.queue)
+        return self._send(signature, self._finish(RerankResult))
 
     # Two-stage jobs
 

@@ -12,6 +12,9 @@ TASK_DOCUMENTS = "rerank.documents"
 TASK_CHUNKS = "rerank.chunks"
 """Stage 2: score chunks, optionally only those of the papers stage 1 kept."""
 
+TASK_PASSAGES = "rerank.passages"
+"""Plain pairs: score passages exactly as sent, without the `Title:`/`Section:` templates (the HTTP gateway's form)."""
+
 DEFAULT_QUEUE = "rerank"
 """Prefix of every queue name; also a plain queue name that RERANK_QUEUE can still choose."""
 

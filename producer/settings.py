@@ -88,7 +88,7 @@ class Settings(BaseSettings):
 
     # Request limits, enforced by the producer before queueing and again by the worker.
     max_candidates: int = Field(1000, ge=1, le=100_000, description="Candidates per stage-1 request.")
-    max_chunks: int = Field(5000, ge=1, le=500_000, description="Chunks per stage-2 request.")
+    max_chunks: int = Field(5000, ge=1, le=500_000, description="Chunks per stage-2 request, and passages per plain request.")
     max_text_chars: int = Field(100_000, ge=100, le=10_000_000, description="Characters per title, text or chunk.")
     max_query_chars: int = Field(2000, ge=10, le=100_000, description="Characters per query.")
 

@@ -30,13 +30,13 @@ from typing import Any
 from celery import Task, bootsteps
 from celery.signals import task_postrun, task_prerun, worker_process_shutdown
 
-from producer.names import SENT_AT_HEADER, TASK_CHUNKS, TASK_DOCUMENTS, model_slug
+from producer.names import SENT_AT_HEADER, TASK_CHUNKS, TASK_DOCUMENTS, TASK_PASSAGES, model_slug
 from producer.scrape import MetricsServer, read_token
 from producer.settings import get_settings
 
 log = logging.getLogger(__name__)
 
-_TASKS = (TASK_DOCUMENTS, TASK_CHUNKS)
+_TASKS = (TASK_DOCUMENTS, TASK_CHUNKS, TASK_PASSAGES)
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 _LOAD_SECONDS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 _RATIO = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from producer.formats import chunk_passage, document_passage, text_windows
-from producer.schemas import ChunksRequest, DocumentsRequest, RankedItem, RerankResult, ScoringInfo
+from producer.schemas import ChunksRequest, DocumentsRequest, PassagesRequest, RankedItem, RerankResult, ScoringInfo
 from producer.settings import get_settings
 from worker.engine import CrossEncoderEngine, Scores
 from worker.runtime import model_loads
@@ -63,6 +63,18 @@ def rank_chunks(
     items = _ranked(scores, [c.id for c in chunks], positions, request.top_k, request.return_logits, [c.doc_id for c in chunks])
     return RerankResult(
         stage="chunks", query=request.query, items=items, scored=len(chunks), info=_info(engine, scores, len(chunks), worker)
+    )
+
+
+def rank_passages(
+    engine: CrossEncoderEngine, request: PassagesRequest, worker: str | None = None, on_batch: OnBatch | None = None
+) -> RerankResult:
+    """Plain pairs: score each passage exactly as sent (no template); an item's `index` (and `id`) is its place in the request."""
+    scores = engine.score(request.query, list(request.passages), on_batch)
+    count = len(request.passages)
+    items = _ranked(scores, [str(n) for n in range(count)], range(count), request.top_k, request.return_logits)
+    return RerankResult(
+        stage="passages", query=request.query, items=items, scored=count, info=_info(engine, scores, count, worker)
     )
 
 

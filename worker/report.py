@@ -31,7 +31,7 @@ from celery import Task, bootsteps
 from celery.signals import task_postrun, task_prerun
 from celery.worker.control import inspect_command
 
-from producer.names import REPORT_COMMAND, TASK_CHUNKS, TASK_DOCUMENTS
+from producer.names import REPORT_COMMAND, TASK_CHUNKS, TASK_DOCUMENTS, TASK_PASSAGES
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def publish(engine: Any, settings: Any) -> None:
 
 @task_prerun.connect
 def _task_started(task_id: str | None = None, task: Task | None = None, **_: Any) -> None:
-    if task is not None and task.name in (TASK_DOCUMENTS, TASK_CHUNKS) and task_id:
+    if task is not None and task.name in (TASK_DOCUMENTS, TASK_CHUNKS, TASK_PASSAGES) and task_id:
         _started[task_id] = time.perf_counter()
 
 

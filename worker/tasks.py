@@ -12,8 +12,8 @@ from celery.exceptions import SoftTimeLimitExceeded
 from producer.app import settings_of
 from producer.errors import InvalidRequest, TaskTimedOut
 from producer.formats import send_on_kept_chunks
-from producer.names import TASK_CHUNKS, TASK_DOCUMENTS
-from producer.schemas import ChunksRequest, DocumentsRequest
+from producer.names import TASK_CHUNKS, TASK_DOCUMENTS, TASK_PASSAGES
+from producer.schemas import ChunksRequest, DocumentsRequest, PassagesRequest
 from producer.validation import check_stage1, parse_request
 from worker import ranking
 from worker.progress import TaskProgress
@@ -85,3 +85,12 @@ def rerank_chunks(self: Task, stage1: dict[str, Any] | None = None, *, request: 
     progress = TaskProgress(self, "chunks", settings.progress_interval)
     chunks = ranking.rank_chunks(load_engine(settings), parsed, kept, self.request.hostname, progress).model_dump(mode="json")
     return chunks if documents is None else {"documents": documents.model_dump(mode="json"), "chunks": chunks}
+
+
+@shared_task(name=TASK_PASSAGES, bind=True, base=RerankTask)
+def rerank_passages(self: Task, request: dict[str, Any]) -> dict[str, Any]:
+    """Plain pairs: rank passages scored exactly as sent, without a template."""
+    settings = settings_of(self.app)
+    parsed = parse_request(PassagesRequest, request, settings)
+    progress = TaskProgress(self, "passages", settings.progress_interval)
+    return ranking.rank_passages(load_engine(settings), parsed, self.request.hostname, progress).model_dump(mode="json")
