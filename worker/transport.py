@@ -54,6 +54,10 @@ FULL = (
     "until then workers cannot record their work"
 )
 
+UNEXPIRING_ASIDE = """
+if redis.call('TTL', KEYS[1]) == -1 then return redis.call('RENAME', KEYS[1], KEYS[1] .. '.misplaced.' .. ARGV[1]) end
+"""
+
 LEASE_SECONDS = 10
 """How long a worker's lease on the messages it holds lasts unless renewed (RERANK_WORKER_LEASE)."""
 
@@ -150,12 +154,12 @@ class QoS(redis.QoS):
             virtual.QoS.ack(self, delivery_tag)
 
     def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
-        """kombu's sweep of messages past the visibility timeout, unblocked if someone left its mutex without an expiry."""
+        """kombu's sweep of messages past the visibility timeout, after moving aside a mutex that would block it forever."""
         with self.channel.conn_or_acquire() as client:
             mutex = self.channel.global_keyprefix + self.unacked_mutex_key
-            if client.ttl(mutex) == -1:
-                warn_once("mutex", "Redis key %r had no expiry and blocked redelivery; it now expires", mutex)
-                client.expire(mutex, self.unacked_mutex_expire)
+            # kombu's mutex always expires; one that never does was not written by a worker.
+            if client.execute_command("EVAL", UNEXPIRING_ASIDE, 1, mutex, int(time.time() * 1000)):
+                warn_once("mutex", "Redis key %r had no expiry and blocked redelivery; it was moved aside", mutex)
         super().restore_visible(start, num, interval)
 
     def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> None:
@@ -257,12 +261,11 @@ class TakingChannel:
             except self.connection_errors:
                 self.client.connection.disconnect()
                 raise
-            except OutOfMemoryError:
-                warn_once("full", "%s; nothing is taken until it has room (the messages stay queued)", FULL)
-                self._waiting = True
-                raise virtual.Empty() from None
-            except ResponseError as e:
-                warn_once("take", "Redis refused to take a message (%s); retrying", e)
+            except ResponseError as e:  # the take changed nothing: its writes come before its pop
+                if isinstance(e, OutOfMemoryError) or "maxmemory" in str(e):
+                    warn_once("full", "%s; nothing is taken until it has room (the messages stay queued)", FULL)
+                else:
+                    warn_once("take", "Redis refused to take a message (%s); retrying", e)
                 self._waiting = True
                 raise virtual.Empty() from None
             if waiting:
