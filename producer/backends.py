@@ -7,20 +7,97 @@ either through the same calls (send, finished, meta, revoke, ...) and never ask 
 from __future__ import annotations
 
 import importlib
+import logging
+import re
 import threading
 import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 from celery import Celery, group, states, uuid
+from celery.backends.base import BaseKeyValueStoreBackend
 from celery.backends.redis import RedisBackend
 from celery.canvas import Signature
 from celery.result import GroupResult
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from producer.errors import InvalidRequest, ModelLoadError, reaching
+from producer import errors
+from producer.errors import InvalidRequest, JobCancelled, ModelLoadError, RerankError, WorkerError, reaching
+from producer.names import PROGRESS_STATE
 from producer.settings import Settings
+from producer.validation import plain_json
 
 Meta = dict[str, Any]
+
+log = logging.getLogger(__name__)
+
+KNOWN_STATES = frozenset(states.ALL_STATES | {PROGRESS_STATE})
+"""The states a worker stores: Celery's and our PROGRESS. Any other is not a worker's doing."""
+
+MAX_STORED_BYTES = 512 * 1024 * 1024
+"""Redis's largest string, and so the most a stored result can be; what the limits allow is far less (README, Results)."""
+
+
+def stored_meta(raw: bytes | str | None, task_id: str) -> Meta:
+    """Decode the value stored for `task_id` (None: nothing stored yet) into a meta of plain data.
+
+    Celery's own decoding runs kombu's type hooks, inflates compressed payloads and looks up
+    exception classes by the names the value gives. Here the value is JSON with no hooks,
+    bounded in depth, and must have the shape a worker writes.
+
+    Raises:
+        WorkerError: the value is not one a worker writes (garbage, a foreign shape, an unknown state).
+    """
+    if raw is None:
+        return {"status": states.PENDING, "result": None}
+    what = f"the value stored for task {task_id}"
+    try:
+        meta = plain_json(raw, what, MAX_STORED_BYTES)
+    except InvalidRequest as e:
+        raise _foreign(task_id, str(e)) from e
+    status = meta.get("status") if isinstance(meta, dict) else None
+    if not isinstance(status, str) or status not in KNOWN_STATES:
+        raise _foreign(task_id, f"{what} is a {type(meta).__name__} with no known task state")
+    if status in (states.FAILURE, states.RETRY) and not _is_error(meta.get("result")):
+        raise _foreign(task_id, f"{what} is in state {status} without the error a worker stores")
+    return meta
+
+
+def stored_error(status: str, raw: Any, what: str) -> RerankError:
+    """The error a finished task's stored `raw` result stands for, built from plain data.
+
+    Only this project's own error classes are recreated by name; anything else becomes a
+    `WorkerError` naming the type, so a stored value never chooses what code runs here.
+    """
+    if status == states.REVOKED:
+        return JobCancelled(f"{what}: the job was cancelled before it finished")
+    if not _is_error(raw):
+        return WorkerError(f"{what} ended in state {status} with no error a worker stores; resubmit it")
+    name, args = raw["exc_type"], raw.get("exc_message")
+    args = [args] if not isinstance(args, list) else args
+    message = str(args[0]) if len(args) == 1 else str(tuple(args))
+    if name == "TaskRevokedError":
+        return JobCancelled(f"{what}: the job was cancelled before it finished")
+    cls = getattr(errors, name, None) if raw.get("exc_module") in ("producer.errors", None) else None
+    if isinstance(cls, type) and issubclass(cls, RerankError):
+        return cls(message)
+    return WorkerError(f"{what}: {name[:100]}: {message}")
+
+
+def _is_error(raw: Any) -> bool:
+    if not isinstance(raw, dict) or not isinstance(raw.get("exc_type"), str) or not isinstance(raw.get("exc_module"), (str, type(None))):
+        return False
+    args = raw.get("exc_message")
+    return all(isinstance(a, (str, int, float, bool, type(None))) for a in (args if isinstance(args, list) else [args]))
+
+
+def _foreign(task_id: str, problem: str) -> WorkerError:
+    return WorkerError(
+        f"task {task_id}: {problem}; no worker writes that, so something else wrote it into the result backend or it is "
+        "corrupt: submit the job again, and find out who else writes to this Redis"
+    )
 
 
 class Watch(Protocol):
@@ -45,23 +122,64 @@ class Sleep:
 
 
 class Announcements:
-    """Waits for the Redis result backend to announce a watched task's new state (it publishes every state it stores)."""
+    """Waits for the Redis result backend to announce that a watched task finished (it publishes every state it stores).
+
+    An announcement only ends a pause early; the stored value, read next, is what counts. So
+    nothing on a channel is decoded: a message wakes the wait only when its first bytes are
+    those of a final state as Celery writes them (`{"status": "SUCCESS", ...`), and anything
+    else (progress, garbage, a third party's JSON) is ignored. Redis drops a subscriber whose
+    output buffer passes `client-output-buffer-limit pubsub` (32 MB by default): a large result,
+    or anyone's large message, disconnects the listener. The wait then ends at once so the
+    stored value is read, redis-py resubscribes on the next wait, and after `MAX_DROPS` drops the
+    waits only sleep (the reads go on, paced as before).
+    """
+
+    MAX_DROPS = 3
 
     def __init__(self, backend: RedisBackend, task_ids: Sequence[str], url: str | None) -> None:
         """Subscribe to the tasks' channels; a state stored after this wakes `wait`."""
         self._url = url
+        self._drops = 0
         with reaching("watching tasks", url):
             self._pubsub = backend.client.pubsub(ignore_subscribe_messages=True)
             self._pubsub.subscribe(*[backend.get_key_for_task(task_id) for task_id in task_ids])
 
     def wait(self, seconds: float) -> None:
-        """Return on the first announcement, or after `seconds` (the poll goes on as a safety net)."""
-        with reaching("watching tasks", self._url):
-            self._pubsub.get_message(timeout=seconds)
+        """Return on the first announcement of a final state, on a dropped subscription, or after `seconds`."""
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            if self._drops > self.MAX_DROPS:
+                time.sleep(remaining)
+                return
+            try:
+                message = self._pubsub.get_message(timeout=remaining)
+            except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+                self._dropped(e)
+                return
+            if message is not None and _announces_final_state(message.get("data")):
+                return
 
     def close(self) -> None:
         """Unsubscribe and give the connection back."""
-        self._pubsub.close()
+        try:
+            self._pubsub.close()
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            pass  # the connection is gone already
+
+    def _dropped(self, error: Exception) -> None:
+        # Redis closes a subscriber whose output buffer overflowed; so does a restart. Either
+        # way the next read of the stored value tells (and raises BrokerUnavailable if it is down).
+        self._drops += 1
+        if self._drops > self.MAX_DROPS:
+            log.warning("result announcements dropped %d times (%s); polling the stored results instead", self._drops, error)
+            self.close()
+
+
+_FINAL_HEAD = re.compile(rb'\{"status": "(%s)"' % b"|".join(s.encode() for s in sorted(states.READY_STATES)))
+
+
+def _announces_final_state(data: Any) -> bool:
+    return isinstance(data, bytes) and _FINAL_HEAD.match(data, 0, 32) is not None
 
 
 class WorkerBackend:
@@ -97,14 +215,28 @@ class WorkerBackend:
         return [result.id for result in saved.results]
 
     def meta(self, task_id: str) -> Meta:
-        """One task's state and result or meta (one read, no waiting)."""
-        with reaching(f"reading task {task_id}", self.results_url):
-            return self.app.backend.get_task_meta(task_id, cache=False)
+        """One task's state and result or meta, as plain data (one read, no waiting).
+
+        Raises `WorkerError` when the stored value is not one a worker writes (`stored_meta`).
+        """
+        return self._read([task_id])[task_id]
 
     def finished(self, task_ids: Sequence[str]) -> dict[str, Meta]:
-        """The final metas of those of `task_ids` that finished (one read)."""
+        """The final metas of those of `task_ids` that finished (one read); raises as `meta` does."""
+        return {task_id: meta for task_id, meta in self._read(task_ids).items() if meta["status"] in states.READY_STATES}
+
+    def _read(self, task_ids: Sequence[str]) -> dict[str, Meta]:
+        backend = self.app.backend
+        if not isinstance(backend, BaseKeyValueStoreBackend):  # not one this project configures; Celery decodes
+            with reaching(f"reading {len(task_ids)} tasks", self.results_url):
+                return {task_id: backend.get_task_meta(task_id, cache=False) for task_id in task_ids}
+        keys = [backend.get_key_for_task(task_id) for task_id in task_ids]
         with reaching(f"reading {len(task_ids)} tasks", self.results_url):
-            return dict(self.app.backend.get_many(list(task_ids), interval=0, max_iterations=1))
+            # MGET answers nil for a key of another type, where GET would raise WRONGTYPE.
+            values = backend.mget(keys)
+        if isinstance(values, dict):  # the in-memory cache answers a mapping of the keys it holds
+            values = [values.get(key) for key in keys]
+        return {task_id: stored_meta(raw, task_id) for task_id, raw in zip(task_ids, values)}
 
     def watch(self, task_ids: Sequence[str]) -> Watch:
         """What to wait on between reads of these tasks: the Redis backend's announcements, else a sleep."""
@@ -122,8 +254,8 @@ class WorkerBackend:
         # A queued stage 2 is only marked by a worker when it arrives, which never happens once
         # stage 1 is dropped, so record the cancellation here.
         with reaching("cancelling tasks", self.results_url):
-            for task_id in task_ids:
-                if self.app.backend.get_task_meta(task_id, cache=False)["status"] not in states.READY_STATES:
+            for task_id, meta in self._read(task_ids).items():
+                if meta["status"] not in states.READY_STATES:
                     self.app.backend.mark_as_revoked(task_id, "cancelled by the client")
 
 

@@ -14,7 +14,7 @@ from producer.app import create_app
 from producer.backends import backend_for
 from producer.chunking import DEFAULT_MAX_CHARS
 from producer.errors import InvalidRequest, RerankError, WorkerError
-from producer.formats import chunk_pool, stage1_message, stage2_message
+from producer.formats import chunk_digest, chunk_pool, stage1_message, stage2_message
 from producer.jobs import STAGE1_SUFFIX, Finish, Handle, RerankBatch, RerankJob, ResultT, stage1_id
 from producer.names import DEFAULT_MODEL, TASK_CHUNKS, TASK_DOCUMENTS, TASK_PASSAGES, model_slug
 from producer.schemas import (
@@ -91,7 +91,7 @@ class RerankClient:
         request = self._documents_request(query, candidates, top_k, return_logits, windows)
         _check_min_score(min_score)
         signature = self.app.signature(TASK_DOCUMENTS, args=(stage1_message(request),), queue=self.settings.queue)
-        return self._send(signature, self._finish(RerankResult, min_score, request.candidates if return_documents else None))
+        return self._send(signature, self._finish(RerankResult, min_score, request.candidates, join=return_documents))
 
     def rerank_chunks(
         self,
@@ -131,7 +131,7 @@ class RerankClient:
         )
         _check_min_score(min_score)
         signature = self.app.signature(TASK_CHUNKS, kwargs={"request": stage2_message(request)}, queue=self.settings.queue)
-        return self._send(signature, self._finish(RerankResult, min_score, chunks=request.chunks if return_documents else None))
+        return self._send(signature, self._finish(RerankResult, min_score, chunks=request.chunks, join=return_documents))
 
     def rerank_passages(
         self, query: str, passages: Sequence[str], top_k: int | None = None, *, return_logits: bool = False, timeout: float | None = None
@@ -260,7 +260,7 @@ class RerankClient:
         if candidates is not None:
             documents = [Candidate.model_validate(c) if not isinstance(c, Candidate) else c for c in candidates]
             chunks = self.chunk_pool(documents)
-        return RerankJob(self.backend, job_id, self._finish(TwoStageResult, min_score, documents, chunks))
+        return RerankJob(self.backend, job_id, self._finish(TwoStageResult, min_score, documents, chunks, join=candidates is not None))
 
     def batch(self, batch_id: str) -> RerankBatch:
         """Return the batch `batch_id` sent by `submit_many` in any process (while its results have not expired)."""
@@ -292,12 +292,7 @@ class RerankClient:
             raise InvalidRequest(f"{where}{e}") from e
         except ValidationError as e:
             raise InvalidRequest(f"{where}invalid TwoStageRequest: {e}") from e
-        finish = self._finish(
-            TwoStageResult,
-            request.min_score,
-            documents.candidates if return_documents else None,
-            chunks.chunks if return_documents else None,
-        )
+        finish = self._finish(TwoStageResult, request.min_score, documents.candidates, chunks.chunks, join=return_documents)
         job = RerankJob(self.backend, uuid(), finish, index=index, request=request)
         return job, self._chain(documents, chunks, job.id)
 
@@ -319,11 +314,13 @@ class RerankClient:
         windows: int | None,
     ) -> tuple[DocumentsRequest, ChunksRequest]:
         documents = self._documents_request(query, candidates, top_k_docs, return_logits, windows)
+        pool = self.chunk_pool(documents.candidates)
         chunks = parse_request(
             ChunksRequest,
             {
                 "query": query,
-                "chunks": self.chunk_pool(documents.candidates),
+                "chunks": pool,
+                "digests": [chunk_digest(c) for c in pool],
                 "top_k": top_k_chunks,
                 "return_logits": return_logits,
                 "candidate_ids": [c.id for c in documents.candidates],

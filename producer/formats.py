@@ -6,8 +6,12 @@ Producers cut texts with these and workers format them with these, so the two ca
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Collection, Iterable
 from typing import Any
+
+from pydantic import ValidationError
 
 from producer.chunking import DEFAULT_MAX_CHARS, chunk_text
 from producer.names import TASK_CHUNKS
@@ -59,6 +63,17 @@ def chunk_pool(candidates: Iterable[Candidate], chunk_chars: int = DEFAULT_MAX_C
     return pool
 
 
+def chunk_digest(chunk: Chunk) -> str:
+    """16 hex digits naming everything of `chunk` that is scored or joined back: id, paper, title, section, text.
+
+    A two-stage job sends the digest of each chunk of its pool (`ChunksRequest.digests`), so
+    stage 2 can check that the chunk at each place is the one the producer put there.
+    """
+    fields = [chunk.id, chunk.doc_id, chunk.title, chunk.section, chunk.text]
+    encoded = json.dumps(fields, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(encoded, digest_size=8).hexdigest()
+
+
 def stage1_message(request: DocumentsRequest) -> dict[str, Any]:
     """The stage-1 task's argument: only what stage 1 reads (no chunks or metadata, texts cut to their windows)."""
     exclude: dict[str, Any] = {"candidates": {"__all__": {"chunks", "metadata"}}}
@@ -81,7 +96,8 @@ def send_on_kept_chunks(chain: Any, kept: Collection[str]) -> None:
     pool of every candidate travels with stage 1, but stage 2 scores only the kept papers' chunks:
     sending it the rest (about four fifths) cost an encode, a transfer and a decode of each.
     The chunks keep their places in the pool (`positions`), so results index the same pool
-    either way. A step not shaped like our stage-2 request is left alone, for stage 2 to refuse.
+    either way, and the pool's `digests` travel with them for stage 2 to check each place
+    against. A step not shaped like our stage-2 request is left alone, for stage 2 to refuse.
     """
     step = chain[-1] if isinstance(chain, list) and chain else None
     kwargs = step.get("kwargs") if isinstance(step, dict) and step.get("task") == TASK_CHUNKS else None
@@ -92,4 +108,11 @@ def send_on_kept_chunks(chain: Any, kept: Collection[str]) -> None:
     positions = [n for n, chunk in enumerate(chunks) if isinstance(chunk.get("doc_id"), str) and chunk["doc_id"] in kept]
     if not positions:  # the kept papers have no chunks: a request needs one, and stage 2 scores none anyway
         return
-    kwargs["request"] = {**request, "chunks": [chunks[n] for n in positions], "positions": positions}
+    digests = request.get("digests")
+    if digests is None:
+        # A producer older than digests: name the pool here, so stage 2 still checks every place.
+        try:
+            digests = [chunk_digest(Chunk.model_validate(c)) for c in chunks]
+        except ValidationError:
+            return
+    kwargs["request"] = {**request, "chunks": [chunks[n] for n in positions], "positions": positions, "digests": digests}

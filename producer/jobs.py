@@ -14,9 +14,10 @@ from typing import Any, Generic, TypeVar
 from celery import states
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from producer.backends import Meta, WorkerBackend
-from producer.errors import InvalidRequest, RerankTimeout, WorkerError, translate
+from producer.backends import Meta, WorkerBackend, stored_error
+from producer.errors import InvalidRequest, RerankTimeout
 from producer.schemas import Candidate, Chunk, RerankResult, TwoStageRequest, TwoStageResult
+from producer.validation import check_ranking, check_two_stage
 from producer.waiting import Outcomes, Waiter
 
 STAGE1_SUFFIX = ":documents"
@@ -71,31 +72,41 @@ class BatchProgress(BaseModel):
 
 @dataclass(frozen=True)
 class Finish(Generic[ResultT]):
-    """What the client does to a raw result: parse it, apply `min_score`, join documents back."""
+    """What the client does to a raw result: parse it, check its indexes, apply `min_score`, join documents back.
+
+    `documents` and `chunks` are what was sent (the candidates, the chunk pool), when known:
+    every returned index is checked against them, and with `join` each item gets its input back.
+    """
 
     model: type[ResultT]
     min_score: float | None = None
     documents: Sequence[Candidate] | None = None
     chunks: Sequence[Chunk] | None = None
+    join: bool = False
 
     def __call__(self, raw: Any) -> ResultT:
-        """Parse `raw` (a task's return value) into the result the caller asked for."""
+        """Parse `raw` (a task's return value) into the result the caller asked for.
+
+        Raises `ValidationError` when `raw` is not a `model`, `InvalidRequest` when an index does not match what was sent.
+        """
         result = self.model.model_validate(raw)
         if isinstance(result, TwoStageResult):
+            check_two_stage(result, self.documents, self.chunks)
             return result.model_copy(
                 update={
-                    "documents": _finish(result.documents, None, self.documents),
-                    "chunks": _finish(result.chunks, self.min_score, self.chunks),
+                    "documents": self._finish(result.documents, None, self.documents),
+                    "chunks": self._finish(result.chunks, self.min_score, self.chunks),
                 }
             )
-        return _finish(result, self.min_score, self.documents if result.stage == "documents" else self.chunks)
+        sent = self.documents if result.stage == "documents" else self.chunks
+        check_ranking(result, sent)
+        return self._finish(result, self.min_score, sent)
 
-
-def _finish(result: RerankResult, min_score: float | None, sent: Sequence[Candidate | Chunk] | None) -> RerankResult:
-    items = [item for item in result.items if min_score is None or item.score >= min_score]
-    if sent is not None:
-        items = [item.model_copy(update={"document": sent[item.index]}) for item in items]
-    return result.model_copy(update={"items": items})
+    def _finish(self, result: RerankResult, min_score: float | None, sent: Sequence[Candidate | Chunk] | None) -> RerankResult:
+        items = [item for item in result.items if min_score is None or item.score >= min_score]
+        if self.join and sent is not None:
+            items = [item.model_copy(update={"document": sent[item.index]}) for item in items]
+        return result.model_copy(update={"items": items})
 
 
 class Handle(Generic[ResultT]):
@@ -139,10 +150,7 @@ class Handle(Generic[ResultT]):
                     f"task {self.id} did not return a {self.finish.model.__name__}: it is not a job of this kind "
                     "(a single-stage task followed as a two-stage job, or not ours)"
                 ) from e
-        error = raw if isinstance(raw, BaseException) else self.backend.app.backend.exception_to_python(raw)
-        if not isinstance(error, BaseException):
-            error = WorkerError(f"job {self.id} ended in state {status}: {raw!r}")
-        raise translate(error, f"job {self.id}") from error
+        raise stored_error(status, raw, f"job {self.id}")
 
 
 class RerankJob(Handle[TwoStageResult]):

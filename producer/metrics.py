@@ -11,7 +11,7 @@ delivering it, so there the age is not reported.
 
 from __future__ import annotations
 
-import json
+import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -19,9 +19,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
+from redis.exceptions import ResponseError
 
+from producer.errors import InvalidRequest
 from producer.names import SENT_AT_HEADER, model_queue, worker_queues
 from producer.settings import Settings
+from producer.validation import plain_json
+
+log = logging.getLogger(__name__)
+
+MAX_ITEM_BYTES = 256 * 1024 * 1024
+"""The largest queue item whose age is read: above the biggest message the request limits allow."""
 
 
 @dataclass(frozen=True)
@@ -75,16 +83,44 @@ def _oldest_age(channel: Any, queue: str, now: float) -> float | None:
     ages = []
     with channel.conn_or_acquire() as client:
         for name in lists:
-            raw = client.lindex(name, -1)
-            if raw is None:
-                continue
             try:
-                sent = json.loads(raw)["headers"][SENT_AT_HEADER]
-            except (ValueError, TypeError, KeyError):
-                continue  # not stamped (an older producer) or not ours
-            if isinstance(sent, (int, float)) and not isinstance(sent, bool):
-                ages.append(max(0.0, now - sent))
+                raw = client.lindex(name, -1)
+            except ResponseError as e:  # a key of another type where a priority list belongs
+                _warn_once(name, f"{name} is not a list ({e})")
+                continue
+            if raw is not None:
+                sent = _sent_at(raw, name)
+                if sent is not None:
+                    ages.append(max(0.0, now - sent))
     return max(ages) if ages else None
+
+
+def _sent_at(raw: bytes, name: str) -> float | None:
+    """The `rerank_sent_at` stamp of a queue item; None for an item that is unstamped (an older producer) or not ours.
+
+    Anyone who can write to Redis can put any bytes at a queue's tail, so the item is decoded as
+    plain, depth-bounded JSON and whatever it holds only ever makes the age unknown.
+    """
+    try:
+        envelope = plain_json(raw, f"the oldest item of {name}", MAX_ITEM_BYTES)
+    except InvalidRequest as e:
+        _warn_once(name, str(e))
+        return None
+    headers = envelope.get("headers") if isinstance(envelope, dict) else None
+    sent = headers.get(SENT_AT_HEADER) if isinstance(headers, dict) else None
+    if isinstance(sent, (int, float)) and not isinstance(sent, bool) and sent == sent and abs(sent) != float("inf"):
+        return float(sent)
+    return None
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_once(name: str, problem: str) -> None:
+    # Every scrape reads the same tail item: say so once per queue and problem, not once a scrape.
+    if (name, problem) not in _warned and len(_warned) < 10_000:
+        _warned.add((name, problem))
+        log.warning("%s; its age is reported as unknown until it leaves the queue (inspect it with LINDEX %s -1)", problem, name)
 
 
 class QueueCollector:

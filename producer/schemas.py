@@ -97,6 +97,11 @@ class ChunksRequest(_Model):
         description="In a two-stage job whose stage 1 sent on only the chunks of the papers it kept: where each "
         "chunk sits in the job's whole chunk pool, strictly increasing. Results' `index` values are these.",
     )
+    digests: list[Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")]] | None = Field(
+        None,
+        description="In a two-stage job, `producer.formats.chunk_digest` of each chunk of the job's whole pool, in pool "
+        "order: stage 2 scores a chunk only if it is the one the producer sent at its place. Required with `positions`.",
+    )
 
     @model_validator(mode="after")
     def _unique_ids(self) -> ChunksRequest:

@@ -12,14 +12,16 @@ joins back. Bytes that are not valid UTF-8 never get this far: pydantic refuses 
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from producer.errors import InvalidRequest
-from producer.schemas import ChunksRequest, DocumentsRequest, PassagesRequest, RerankResult
+from producer.formats import chunk_digest
+from producer.schemas import Candidate, Chunk, ChunksRequest, DocumentsRequest, PassagesRequest, RerankResult, TwoStageResult
 from producer.settings import Settings
 
 RequestT = TypeVar("RequestT", DocumentsRequest, ChunksRequest, PassagesRequest)
@@ -29,6 +31,9 @@ MAX_TOP_K = 1_000_000
 
 MAX_METADATA_DEPTH = 32
 """How deeply a candidate's passthrough `metadata` may nest; deeper breaks JSON encoders."""
+
+MAX_READ_DEPTH = 64
+"""How deeply JSON read back from Redis (results, announcements, queue items) may nest: ours nests at most 8."""
 
 _FORBIDDEN = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff]")
 
@@ -47,6 +52,8 @@ def parse_request(model: type[RequestT], data: Any, settings: Settings) -> Reque
         except RecursionError as e:  # metadata nested deeper than the interpreter can walk
             raise InvalidRequest(f"invalid {model.__name__}: nested too deeply to validate") from e
     check_limits(request, settings)
+    if isinstance(request, ChunksRequest):
+        check_pool(request)
     return request
 
 
@@ -70,6 +77,7 @@ def check_limits(request: BaseModel, settings: Settings) -> None:
     else:
         _check_count("chunks", len(request.chunks), settings.max_chunks, "RERANK_MAX_CHUNKS")
         _check_count("candidate_ids", len(request.candidate_ids or ()), settings.max_candidates, "RERANK_MAX_CANDIDATES")
+        _check_count("digests", len(request.digests or ()), settings.max_chunks, "RERANK_MAX_CHUNKS")
         if request.positions and request.positions[-1] >= settings.max_chunks:
             raise InvalidRequest(
                 f"position {request.positions[-1]} lies beyond a chunk pool of at most {settings.max_chunks} "
@@ -87,6 +95,95 @@ def check_limits(request: BaseModel, settings: Settings) -> None:
                 f"{settings.max_text_chars} (RERANK_MAX_TEXT_CHARS); split or trim it"
             )
         _check_characters(f"{field} of {item_id!r}", text)
+
+
+def check_pool(request: ChunksRequest) -> None:
+    """Raise `InvalidRequest` unless each chunk is the one the producer sent at its place in the pool (`digests`).
+
+    Without this a forged or corrupted stage-2 request (chunks reordered, positions shifted,
+    duplicated or pointing at another paper's chunk) would be scored, and every `index` of the
+    result would name another chunk than the one scored.
+    """
+    if request.digests is None:
+        if request.positions is not None:
+            raise InvalidRequest(
+                "a stage-2 request with positions must carry the digests of the pool they place its chunks in; "
+                "positions come only from stage 1 of a two-stage job: submit the job through the client"
+            )
+        return
+    places: Sequence[int] = range(len(request.chunks)) if request.positions is None else request.positions
+    if request.positions is None and len(request.digests) != len(request.chunks):
+        raise InvalidRequest(f"{len(request.digests)} digests for {len(request.chunks)} chunks; send one per chunk of the pool")
+    if places and places[-1] >= len(request.digests):
+        raise InvalidRequest(f"position {places[-1]} lies beyond the pool of {len(request.digests)} chunks the digests name")
+    for chunk, place in zip(request.chunks, places):
+        if chunk_digest(chunk) != request.digests[place]:
+            raise InvalidRequest(
+                f"chunk {chunk.id[:64]!r} is not the chunk the producer sent at position {place} of the pool (its digest "
+                "differs): the request was altered on its way; submit the job again"
+            )
+
+
+def check_ranking(result: RerankResult, sent: Sequence[Candidate | Chunk] | None) -> None:
+    """Raise `InvalidRequest` unless every item of `result` names, at its `index`, what was `sent` there, once.
+
+    A worker that predates the stage-2 check, or anyone who can write the result into Redis,
+    could otherwise hand back indexes that point at other inputs (and `return_documents` would
+    join the wrong texts). Without `sent` (a job followed by id only) indexes must still be
+    distinct and not negative.
+    """
+    seen: set[int] = set()
+    problem = None
+    for item in result.items:
+        expected = sent[item.index] if sent is not None and 0 <= item.index < len(sent) else None
+        if item.index in seen:
+            problem = f"index {item.index} appears more than once"
+        elif item.index < 0 or (sent is not None and expected is None):
+            problem = f"index {item.index} is outside the {len(sent) if sent is not None else 'sent'} inputs"
+        elif expected is not None and (item.id != expected.id or (isinstance(expected, Chunk) and item.doc_id != expected.doc_id)):
+            problem = f"item {item.id[:64]!r} at index {item.index} is not the input sent there ({expected.id[:64]!r})"
+        if problem is not None:
+            break
+        seen.add(item.index)
+    if problem is None and len(result.items) > result.scored:
+        problem = f"it lists {len(result.items)} items but scored {result.scored}"
+    if problem is not None:
+        raise InvalidRequest(
+            f"the {result.stage} ranking does not match what was sent: {problem}; it was altered in Redis or computed by a "
+            "worker that does not check its chunks (older than this client): submit the job again, and upgrade the workers"
+        )
+
+
+def check_two_stage(result: TwoStageResult, documents: Sequence[Candidate] | None, chunks: Sequence[Chunk] | None) -> None:
+    """`check_ranking` on both stages, and the chunks must belong to the papers stage 1 kept."""
+    check_ranking(result.documents, documents)
+    check_ranking(result.chunks, chunks)
+    kept = {item.id for item in result.documents.items}
+    strangers = [item for item in result.chunks.items if item.doc_id is not None and item.doc_id not in kept]
+    if strangers:
+        raise InvalidRequest(
+            f"the chunks ranking does not match what was sent: chunk {strangers[0].id[:64]!r} belongs to "
+            f"{strangers[0].doc_id[:64]!r}, a paper stage 1 did not keep; submit the job again"
+        )
+
+
+def plain_json(raw: bytes | str, what: str, max_bytes: int | None = None) -> Any:
+    """Decode JSON read from Redis as plain data: no type hooks, at most `MAX_READ_DEPTH` deep, at most `max_bytes`.
+
+    Raises `InvalidRequest` naming `what` on anything else (not JSON, not UTF-8, too deep, too large).
+    kombu's own decoder would turn `{"__type__": "bytes", ...}` into bytes, uuids or datetimes.
+    """
+    if max_bytes is not None and len(raw) > max_bytes:
+        raise InvalidRequest(f"{what} is {len(raw):,} bytes, over the {max_bytes:,} it can be")
+    try:
+        data = json.loads(raw)
+    except RecursionError as e:
+        raise InvalidRequest(f"{what} is nested too deeply to read") from e
+    except (ValueError, TypeError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise InvalidRequest(f"{what} is not JSON: {str(e)[:200]}") from e
+    if _depth_exceeds(data, MAX_READ_DEPTH):
+        raise InvalidRequest(f"{what} nests deeper than {MAX_READ_DEPTH} levels")
+    return data
 
 
 def check_stage1(stage1: Any, request: ChunksRequest) -> RerankResult:
@@ -142,14 +239,19 @@ def _texts(request: BaseModel) -> Iterator[tuple[str, str, str]]:
             yield c.id, "text", c.text
 
 
-def _check_depth(item_id: str, metadata: Any) -> None:
+def _depth_exceeds(data: Any, limit: int) -> bool:
     # Iterative on purpose: a recursive walk would itself overflow on hostile input.
-    level = [metadata]
-    for depth in range(MAX_METADATA_DEPTH + 1):
+    level = [data]
+    for _ in range(limit + 1):
         level = [v for node in level for v in (node.values() if isinstance(node, dict) else node if isinstance(node, (list, tuple)) else ())]
         if not level:
-            return
-    raise InvalidRequest(
+            return False
+    return True
+
+
+def _check_depth(item_id: str, metadata: Any) -> None:
+    if _depth_exceeds(metadata, MAX_METADATA_DEPTH):
+        raise InvalidRequest(
         f"metadata of {item_id!r} is nested deeper than {MAX_METADATA_DEPTH} levels; flatten it "
         "(it is passed through untouched and must stay JSON-encodable)"
     )
