@@ -1,0 +1,239 @@
+"""The HTTP routes: each validates, checks that the model is served and its queue not full, enqueues one job
+through the producer's client, and waits for the answer while watching for the client to leave."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, suppress
+from functools import partial
+from typing import Any, TypeVar
+
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, TypeAdapter
+from starlette.exceptions import HTTPException
+
+from producer.aio import wait
+from producer.errors import InvalidRequest, RerankError, RerankTimeout, TaskTimedOut
+from producer.jobs import Finish, Handle, JobProgress
+from producer.schemas import RerankResult, TwoStageRequest, TwoStageResult
+from producer.settings import Settings, get_settings
+
+from gateway.errors import ClientGone, TooLarge, Unprocessable, WaitTimedOut, error_response
+from gateway.fleet import Fleet
+from gateway.guard import Guard, load_keys
+from gateway.metrics import GatewayMetrics, Measure
+from gateway.settings import GatewaySettings
+from gateway.shapes import CohereRequest, CohereResponse, TeiRank, TeiRequest, cohere_response, tei_response
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_PASSAGE = re.compile(r"\bpassages\.(\d+)")
+_RESULT = TypeAdapter(TwoStageResult | RerankResult)
+
+
+class JobAccepted(BaseModel):
+    """A job taken for later: follow it at `status_url`."""
+
+    id: str
+    status_url: str
+
+
+class JobStatus(BaseModel):
+    """Where a job stands, and its result once it finished (`GET /v1/jobs/{id}`)."""
+
+    id: str
+    state: str
+    progress: JobProgress
+    result: TwoStageResult | RerankResult | None = None
+    error: str | None = None
+
+
+def create_app(settings: Settings | None = None, gateway: GatewaySettings | None = None) -> FastAPI:
+    """The gateway for the fleet behind `settings` (default: the ``RERANK_*`` environment), configured by `gateway`."""
+    settings = settings or get_settings()
+    gateway = gateway or GatewaySettings()
+    if not settings.broker_url:
+        raise ValueError("the gateway needs RERANK_BROKER_URL: it sends every job to the workers")
+    keys = load_keys(gateway)
+    metrics = GatewayMetrics()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Broker and backend calls block; the default executor (cores + 4 threads) would queue them.
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(gateway.threads, thread_name_prefix="gateway"))
+        app.state.fleet = Fleet(settings, gateway)
+        watching = asyncio.create_task(app.state.fleet.run())
+        yield
+        watching.cancel()
+        with suppress(asyncio.CancelledError):
+            await watching
+
+    app = FastAPI(
+        title="rerank-gateway",
+        summary="Cohere-, Jina- and TEI-compatible re-ranking served by the Celery fleet.",
+        version="1",
+        lifespan=lifespan,
+    )
+    bearer = [Depends(HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`."))]
+
+    async def refuse(request: Request, error: Exception) -> Response:
+        response, kind = error_response(error)
+        request.state.error_kind = kind
+        return response
+
+    for kind in (RerankError, RequestValidationError, HTTPException):
+        app.add_exception_handler(kind, refuse)
+
+    async def score(request: Request, model: str | None, query: str, texts: list[str], top_k: int | None, logits: bool, field: str) -> tuple[str, RerankResult]:
+        fleet: Fleet = request.app.state.fleet
+        if len(texts) > gateway.max_documents:
+            raise _too_many(len(texts), gateway.max_documents)
+        served = await fleet.resolve(model)
+        fleet.admit(served)
+        client = fleet.client(served)
+        try:
+            handle = await asyncio.to_thread(partial(client.sync.submit_passages, query, texts, top_k, return_logits=logits))
+        except InvalidRequest as e:
+            raise _unprocessable(e, field) from e
+        try:
+            return handle.id, await answered(request, handle, wait(handle, gateway.wait_timeout))
+        except InvalidRequest as e:  # the worker refused it too
+            raise _unprocessable(e, field) from e
+
+    async def answered(request: Request, handle: Handle, waiting: Awaitable[T]) -> T:
+        """Await `waiting`; revoke the job if the client leaves first, and turn a timeout into 504 with the job id."""
+        result = asyncio.ensure_future(waiting)
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not result.done():
+            result.cancel()
+            await asyncio.to_thread(handle.backend.revoke, [handle.id])
+            metrics.revoked.inc()
+            log.info("revoked job %s: its client disconnected before the answer", handle.id)
+            raise ClientGone(f"job {handle.id} was revoked: its client disconnected")
+        try:
+            return result.result()
+        except TaskTimedOut:
+            raise
+        except RerankTimeout as e:
+            raise WaitTimedOut(
+                f"job {handle.id} gave no result within {gateway.wait_timeout}s (RERANK_GATEWAY_WAIT_TIMEOUT); it still runs: "
+                f"GET /v1/jobs/{handle.id} for its result",
+                handle.id,
+            ) from e
+
+    @app.post("/v2/rerank", response_model=CohereResponse, response_model_exclude_none=True, dependencies=bearer, tags=["rerank"])
+    async def rerank_v2(body: CohereRequest, request: Request) -> Any:
+        """Cohere v2: documents ranked best first, `relevance_score` a probability."""
+        texts = body.texts()
+        job_id, result = await score(request, body.model, body.query, texts, body.top_n, False, "documents")
+        return cohere_response(job_id, result, texts, body, "2")
+
+    @app.post("/v1/rerank", response_model=CohereResponse, response_model_exclude_none=True, dependencies=bearer, tags=["rerank"])
+    async def rerank_v1(body: CohereRequest, request: Request) -> Any:
+        """Cohere v1 and Jina: as v2, plus `model` and `usage` (tokens scored)."""
+        texts = body.texts()
+        job_id, result = await score(request, body.model, body.query, texts, body.top_n, False, "documents")
+        return cohere_response(job_id, result, texts, body, "1")
+
+    @app.post("/rerank", response_model=list[TeiRank], response_model_exclude_none=True, dependencies=bearer, tags=["rerank"])
+    async def rerank_tei(body: TeiRequest, request: Request) -> Any:
+        """text-embeddings-inference: a bare list best first; `raw_scores` gives logits."""
+        _, result = await score(request, None, body.query, body.texts, None, body.raw_scores, "texts")
+        return tei_response(result, body)
+
+    @app.post("/v1/evidence", response_model=TwoStageResult, dependencies=bearer, tags=["evidence"])
+    async def evidence(body: TwoStageRequest, request: Request, model: str | None = None) -> Any:
+        """Our two-stage job (papers by title and abstract, then the kept papers' chunks), waited for."""
+        fleet: Fleet = request.app.state.fleet
+        job = await _submit(fleet, body, model)
+        return await answered(request, job.sync, job.result(gateway.wait_timeout))
+
+    @app.post("/v1/jobs", response_model=JobAccepted, status_code=202, dependencies=bearer, tags=["jobs"])
+    async def submit(body: TwoStageRequest, request: Request, model: str | None = None) -> JobAccepted:
+        """Enqueue a two-stage job and answer at once with its id."""
+        job = await _submit(request.app.state.fleet, body, model)
+        return JobAccepted(id=job.id, status_url=f"/v1/jobs/{job.id}")
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobStatus, response_model_exclude_none=True, dependencies=bearer, tags=["jobs"])
+    async def job_status(job_id: str, request: Request) -> JobStatus:
+        """A job's state and, once finished, its result (a two-stage job's, or a rerank request's) or error."""
+        client = request.app.state.fleet.client(settings.model)
+        job = client.job(job_id)
+        progress = await job.progress()
+        status = JobStatus(id=job_id, state=progress.state, progress=progress)
+        meta = await asyncio.to_thread(job.sync.backend.meta, job_id)
+        if meta["status"] == "SUCCESS":
+            return status.model_copy(update={"result": _RESULT.validate_python(meta["result"])})
+        if meta["status"] in ("FAILURE", "REVOKED"):
+            handle = Handle(job.sync.backend, job_id, Finish(RerankResult))
+            handle.final = meta
+            try:
+                handle.decode()
+            except RerankError as e:
+                return status.model_copy(update={"error": str(e)})
+        return status
+
+    @app.delete("/v1/jobs/{job_id}", dependencies=bearer, tags=["jobs"])
+    async def cancel(job_id: str, request: Request) -> dict[str, Any]:
+        """Revoke a job that has not finished; `cancelled` is false when it had."""
+        job = request.app.state.fleet.client(settings.model).job(job_id)
+        return {"id": job_id, "cancelled": await job.cancel()}
+
+    @app.get("/health", tags=["probes"])
+    async def health() -> dict[str, str]:
+        """Alive: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["probes"])
+    async def ready(request: Request) -> Response:
+        """Ready: the broker answers and a worker serves RERANK_MODEL on its queue (503 otherwise)."""
+        fleet: Fleet = request.app.state.fleet
+        body = {"ready": fleet.ready, "broker": fleet.broker_up, "model": settings.model, "models_served": sorted(fleet.served.values())}
+        return JSONResponse(body, status_code=200 if fleet.ready else 503)
+
+    @app.get("/metrics", tags=["probes"])
+    async def prometheus() -> Response:
+        """Prometheus: requests, latency, errors by kind, requests in flight."""
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(Guard, keys=keys, max_body_bytes=gateway.max_body_bytes)
+    app.add_middleware(Measure, metrics=metrics)
+    return app
+
+
+async def _submit(fleet: Fleet, body: TwoStageRequest, model: str | None) -> Any:
+    served = await fleet.resolve(model)
+    fleet.admit(served)
+    options = {"min_score": body.min_score, "windows": body.windows}
+    return await fleet.client(served).submit(body.query, body.candidates, body.top_k_docs, body.top_k_chunks, **options)
+
+
+async def _disconnected(request: Request) -> None:
+    # After the body, the server's receive() returns only once the client has gone.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _too_many(count: int, limit: int) -> TooLarge:
+    return TooLarge(f"{count} documents, over the limit of {limit} (RERANK_GATEWAY_MAX_DOCUMENTS); send fewer per request")
+
+
+def _unprocessable(error: InvalidRequest, field: str) -> Unprocessable:
+    """The producer's refusal, with its `passages.N` named as the client named it (`documents.N`, `texts.N`)."""
+    message = _PASSAGE.sub(lambda m: f"{field}.{m.group(1)}", str(error))
+    found = re.search(rf"\b{field}\.\d+", message)
+    where = found.group() if found else ("query" if message.startswith("query") else field if field in message else None)
+    return Unprocessable(message, where)

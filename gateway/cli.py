@@ -1,0 +1,44 @@
+"""`rerank-gateway`: serve the HTTP API on uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from gateway.settings import GatewaySettings
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and serve until stopped."""
+    parser = argparse.ArgumentParser(
+        prog="rerank-gateway",
+        description="Serve Cohere (/v1/rerank, /v2/rerank), Jina and TEI (/rerank) re-ranking from the Celery fleet. "
+        "Configured by RERANK_* (broker, default model, limits) and RERANK_GATEWAY_* (keys, limits, timeouts).",
+    )
+    parser.add_argument("--host", help="address to listen on (RERANK_GATEWAY_HOST)")
+    parser.add_argument("--port", type=int, help="port to listen on (RERANK_GATEWAY_PORT)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args(argv)
+    try:
+        import uvicorn
+
+        from gateway.app import create_app
+    except ImportError as e:
+        print(f"rerank-gateway needs its extra: pip install 'bge-rerank-celery[gateway]' ({e})", file=sys.stderr)
+        return 2
+    # The gateway's own lines (revocations, an unreachable broker) beside uvicorn's.
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
+    try:
+        gateway = GatewaySettings(**overrides)
+        app = create_app(gateway=gateway)
+    except ValueError as e:  # pydantic's ValidationError is one; messages hide the input (it may be a key)
+        print(f"rerank-gateway: {e}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=gateway.host, port=gateway.port, log_level=args.log_level, server_header=False, date_header=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
