@@ -5,7 +5,8 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY producer ./producer
 COPY worker ./worker
-RUN pip install ".[worker,flower]"
+COPY gateway ./gateway
+RUN pip install ".[worker,flower,gateway]"
 RUN useradd --create-home rerank && mkdir -p /models && chown rerank /models
 USER rerank
 CMD ["rerank-worker"]

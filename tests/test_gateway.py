@@ -374,3 +374,41 @@ def test_the_readme_examples_run_as_written(gateway):
     assert len(results) == 2 and results[0]["relevance_score"] >= results[1]["relevance_score"]
     lines = [line.split() for line in printed.stdout.splitlines()]
     assert len(lines) == 2 and float(lines[0][1]) >= float(lines[1][1])
+
+
+# Deployment ---------------------------------------------------------------------------------------
+
+
+def test_compose_and_kubernetes_run_the_gateway_behind_keys_with_its_real_settings():
+    import tomllib
+
+    import yaml
+
+    from gateway.settings import GatewaySettings
+    from tests.test_kubernetes import BASE, container, kinds
+
+    root = Path(__file__).parents[1]
+    scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["rerank-gateway"] == "gateway.cli:main"
+    fields = {f"RERANK_GATEWAY_{name.upper()}" for name in GatewaySettings.model_fields}
+    # Given the compose service: our entry point, real settings, a key required
+    service = yaml.safe_load((root / "docker-compose.yml").read_text())["services"]["gateway"]
+    assert service["command"] == ["rerank-gateway"]
+    assert {k for k in service["environment"] if k.startswith("RERANK_GATEWAY_")} <= fields
+    assert "RERANK_GATEWAY_API_KEYS:?" in service["environment"]["RERANK_GATEWAY_API_KEYS"]
+    # And the Kubernetes Deployment: restricted pod, probes on /health and /ready, keys from the Secret as a file
+    deployment = kinds(BASE, "Deployment")["rerank-gateway"]
+    pod = deployment["spec"]["template"]["spec"]
+    gateway = container(deployment)
+    env = {e["name"]: e.get("value") for e in gateway["env"]}
+    assert {k for k in env if k.startswith("RERANK_GATEWAY_")} <= fields
+    assert pod["automountServiceAccountToken"] is False and pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert gateway["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+    assert gateway["livenessProbe"]["httpGet"]["path"] == "/health" and gateway["readinessProbe"]["httpGet"]["path"] == "/ready"
+    mount = next(m for m in gateway["volumeMounts"] if m["name"] == "api-keys")
+    assert env["RERANK_GATEWAY_API_KEYS_FILE"].startswith(mount["mountPath"] + "/")
+    assert next(v for v in pod["volumes"] if v["name"] == "api-keys")["secret"]["secretName"] == "rerank-secrets"
+    # And it scales on CPU
+    hpa = kinds(BASE, "HorizontalPodAutoscaler")["rerank-gateway"]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "rerank-gateway" and hpa["spec"]["minReplicas"] >= 2
