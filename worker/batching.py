@@ -3,25 +3,36 @@
 In batching mode a worker runs several tasks at once on Celery's threads pool. Each task thread
 does its own CPU work (decode, validation, tokenization: the Rust tokenizer releases the GIL)
 and then waits while one device thread runs forward passes. Whenever the device frees, that
-thread fills the next batch with waiting pairs of every task in turn, up to the engine's token
-budget: no timer, no fixed batch size. A task gets its own logits, progress and
-errors; a batch that fails is retried request by request, so one request's failure never fails
-its batch-mates; an out-of-memory batch is split by the engine, within that batch.
+thread fills the next batch up to the engine's token budget (no timer, no fixed batch size)
+with whole requests, those with the fewest tokens left first, so a small request finishes in the
+next batch however many large ones wait (and the oldest request leads a batch now and then, so
+none starves). A task gets its own logits, progress and errors; a batch that fails is retried request by
+request, so one request's failure never fails its batch-mates; an out-of-memory batch is split
+by the engine, within that batch.
+
+The device thread is supervised: a failure in one of its rounds fails the requests of that round
+and is logged; if the thread stops anyway, nothing in this process can score again, so the
+worker exits with code 1 at once, leaving the tasks it holds unacknowledged for Redis to deliver
+again (after the visibility timeout) and its process manager to restart it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from producer.errors import TaskTimedOut
+from producer.errors import TaskTimedOut, WorkerError
 from worker.engine import CrossEncoderEngine, Scores, UniquePairs
 
 log = logging.getLogger(__name__)
+
+_PATIENCE = 8
+"""Batches the oldest request may be passed over (for requests with fewer tokens left) before it leads the next."""
 
 
 @dataclass(eq=False)
@@ -31,6 +42,8 @@ class _Request:
     deadline: float
     pairs: UniquePairs = field(default_factory=UniquePairs)
     waiting: deque[int] = field(default_factory=deque)
+    left: int = 0  # tokens of the waiting pairs
+    passed: int = 0  # batches formed since this request last had a pair in one
     done: int = 0
     batches: int = 0
     padded: int = 0
@@ -45,10 +58,15 @@ class _Request:
 class BatchingScorer:
     """`score()` with the engine's signature, for many threads at once; one device thread runs the forwards."""
 
-    def __init__(self, engine: CrossEncoderEngine, time_limit: float) -> None:
-        """Score with `engine`; a request waiting longer than `time_limit` seconds fails with TaskTimedOut."""
+    def __init__(self, engine: CrossEncoderEngine, time_limit: float, on_stop: Callable[[], None] | None = None) -> None:
+        """Score with `engine`; a request waiting longer than `time_limit` seconds fails with TaskTimedOut.
+
+        `on_stop` runs if the device thread ever stops; by default it ends the process (exit code 1).
+        """
         self.engine = engine
         self.time_limit = time_limit
+        self.on_stop = on_stop or _exit_worker
+        self.stopped = False
         self._requests: deque[_Request] = deque()
         self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="rerank-device", daemon=True)
@@ -66,6 +84,7 @@ class BatchingScorer:
         pairs = self.engine.tokenize(query, passages)
         request = _Request(deadline=time.monotonic() + self.time_limit)
         request.waiting.extend(request.pairs.add(pairs))
+        request.left = sum(len(request.pairs.unique[i].input_ids) for i in request.waiting)
         tokenized = time.perf_counter()
         with self._changed:
             self._requests.append(request)
@@ -73,8 +92,12 @@ class BatchingScorer:
         reported = 0
         while True:
             with self._changed:
-                self._changed.wait_for(lambda: request.finished or request.done != reported, request.deadline - time.monotonic())
+                self._changed.wait_for(
+                    lambda: request.finished or request.done != reported or self.stopped, request.deadline - time.monotonic()
+                )
                 finished, done = request.finished, request.done
+                if not finished and self.stopped:
+                    raise WorkerError("the device thread of this worker stopped; the worker exits and the task is delivered again")
                 if not finished and time.monotonic() >= request.deadline:
                     request.cancelled = True
                     raise TaskTimedOut(
@@ -100,35 +123,67 @@ class BatchingScorer:
         )
 
     def _run(self) -> None:
-        while True:
+        try:
+            while True:
+                with self._changed:
+                    while not self._requests:
+                        self._changed.wait()
+                    try:
+                        batch = self._next_batch()
+                    except Exception as e:  # noqa: BLE001 - which pairs were taken is unknown: fail every queued request
+                        log.exception("planning a batch failed; failing the %d requests waiting", len(self._requests))
+                        self._fail(list(self._requests), e)
+                        continue
+                if batch:
+                    try:
+                        self._forward(batch)
+                    except Exception as e:  # noqa: BLE001 - outside the forward pass: the batch's requests fail, the thread goes on
+                        log.exception("a batch of %d pairs failed after its forward pass; failing its requests", len(batch))
+                        with self._changed:
+                            self._fail([r for r, _ in batch], e)
+        except BaseException:  # noqa: BLE001 - whatever stops the thread, on_stop below must run
+            log.critical("the device thread stopped", exc_info=True)
+        finally:
+            self.stopped = True
             with self._changed:
-                while not self._requests:
-                    self._changed.wait()
-                batch = self._next_batch()
-            if batch:
-                self._forward(batch)
+                self._changed.notify_all()
+            self.on_stop()
+
+    def _fail(self, requests: list[_Request], error: Exception) -> None:
+        """Hand `error` to each of `requests` (the lock is held)."""
+        for request in dict.fromkeys(requests):
+            if not request.finished:
+                request.error, request.cancelled = error, True
+        self._changed.notify_all()
 
     def _next_batch(self) -> list[tuple[_Request, int]]:
-        """Waiting pairs up to the token budget, a pair from each request in turn (each request's longest first).
+        """Waiting pairs up to the token budget: whole requests, those with the fewest tokens left first.
 
-        Taking requests in turn, not in order of arrival, lets a ten-passage request finish in the
-        next batch or two while a thousand-passage one is still being scored.
+        Serving the smallest requests first lets a ten-passage request finish in the next batch
+        while four thousand-passage ones wait. So that a stream of small requests cannot starve a
+        large one until its time limit, the oldest request leads any batch after _PATIENCE
+        batches without a pair of its own.
         """
         while self._requests and (self._requests[0].cancelled or not self._requests[0].waiting):
             self._requests.popleft()
         active = [r for r in self._requests if r.waiting and not r.cancelled]
+        if not active:
+            return []
+        order = sorted(active, key=lambda r: r.left)
+        if active[0].passed >= _PATIENCE:
+            order.insert(0, active[0])
         batch: list[tuple[_Request, int]] = []
         longest = total = 0
-        while active:
-            for request in list(active):
+        for request in order:
+            while request.waiting:
                 n = len(request.pairs.unique[request.waiting[0]].input_ids)
-                grown = (max(longest, n), len(batch) + 1, total + n)
-                if batch and self.engine.batch_tokens(*grown) > self.engine.max_batch_tokens:
-                    return batch
+                if batch and self.engine.batch_tokens(max(longest, n), len(batch) + 1, total + n) > self.engine.max_batch_tokens:
+                    break
                 batch.append((request, request.waiting.popleft()))
-                longest, total = grown[0], grown[2]
-                if not request.waiting:
-                    active.remove(request)
+                longest, total, request.left = max(longest, n), total + n, request.left - n
+        served = {r for r, _ in batch}
+        for request in active:
+            request.passed = 0 if request in served else request.passed + 1
         return batch
 
     def _forward(self, batch: list[tuple[_Request, int]]) -> None:
@@ -160,3 +215,10 @@ class BatchingScorer:
                     request.batches += runs
                     request.padded += round(share * len(rows))
             self._changed.notify_all()
+
+
+def _exit_worker() -> None:
+    """End this worker process at once: with no device thread it cannot score, and exiting leaves its tasks to be delivered again."""
+    log.critical("no device thread: exiting with code 1 so the tasks this worker holds are delivered again")
+    logging.shutdown()
+    os._exit(1)
