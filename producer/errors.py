@@ -92,6 +92,8 @@ def redact(url: str | None) -> str:
     """Return `url` with its password replaced by ``**``; never raises, never leaks a character of it."""
     if not url:
         return "<unset>"
+    if ";" in url and url.startswith("sentinel:"):
+        return ";".join(redact(part) for part in url.split(";"))
     try:
         parts = urlsplit(url)
         host = parts.hostname or ""

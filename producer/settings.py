@@ -139,19 +139,16 @@ class Settings(BaseSettings):
     def _parseable_url(cls, url: str | None) -> str | None:
         if not url:  # an empty variable is an unset one
             return None
-        try:
-            parts = urlsplit(url)
-            parts.port  # noqa: B018 - raises on a password that swallowed the port
-        except ValueError:
-            raise ValueError(
-                "is not a valid URL (not shown: it may hold a password); percent-encode any '#', '/', '?', '@' "
-                "or ':' in the password, e.g. with urllib.parse.quote(password, safe='')"
-            ) from None
-        if parts.scheme not in URL_SCHEMES:
-            raise ValueError(f"has scheme {parts.scheme!r}; use one of {', '.join(sorted(URL_SCHEMES))}")
-        if not parts.hostname:
-            raise ValueError("names no host (not shown: it may hold a password); percent-encode any '#', '/' or '?' in the password")
+        # Redis Sentinel is addressed as several URLs, one per sentinel: sentinel://a:26379;sentinel://b:26379
+        for part in url.split(";") if url.startswith("sentinel:") else [url]:
+            _check_url(part)
         return url
+
+    @model_validator(mode="after")
+    def _sentinel_names_its_master(self) -> Settings:
+        if not self.sentinel_master and any((url or "").startswith("sentinel:") for url in (self.broker_url, self.result_backend)):
+            raise ValueError("sentinel:// URLs need RERANK_SENTINEL_MASTER, the name the sentinels monitor the master by")
+        return self
 
     @model_validator(mode="after")
     def _visibility_outlasts_tasks(self) -> Settings:
@@ -169,3 +166,19 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """Return the process-wide settings, read once from the environment."""
     return Settings()
+
+
+def _check_url(url: str) -> None:
+    """Raise ValueError saying what is wrong with one broker or backend URL, never showing it (it may hold a password)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a password that swallowed the port
+    except ValueError:
+        raise ValueError(
+            "is not a valid URL (not shown: it may hold a password); percent-encode any '#', '/', '?', '@' "
+            "or ':' in the password, e.g. with urllib.parse.quote(password, safe='')"
+        ) from None
+    if parts.scheme not in URL_SCHEMES:
+        raise ValueError(f"has scheme {parts.scheme!r}; use one of {', '.join(sorted(URL_SCHEMES))}")
+    if not parts.hostname:
+        raise ValueError("names no host (not shown: it may hold a password); percent-encode any '#', '/' or '?' in the password")
