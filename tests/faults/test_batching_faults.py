@@ -2,17 +2,43 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
 import pytest
 
 from producer import RerankClient, TaskTimedOut
-from tests.helpers import FAST, QUERY, VISIBILITY_TIMEOUT, assert_same_ranking, deliveries, kill_tree, long_papers, report, started, wait_for
+from tests.helpers import (
+    FAST, QUERY, ROOT, TIME_LIMIT, VISIBILITY_TIMEOUT, assert_same_ranking, deliveries, kill_tree, long_papers, report, started, wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
 BATCHING = {"RERANK_BATCH_TASKS": "4"}
+
+# Loaded into the worker process by Python's site module (PYTHONPATH): once the flag file exists,
+# the device thread meets an exception no per-round handler catches. Test code only: the worker
+# has no fault switch of its own.
+HALTING_SITECUSTOMIZE = """
+import os
+
+flag = os.environ.get("TEST_HALT_DEVICE_THREAD_FLAG")
+if flag:
+    from worker.engine import UniquePairs
+
+    class DeviceHalt(BaseException):
+        pass
+
+    collect = UniquePairs.collect
+
+    def halting_collect(self, indexes, logits):
+        if os.path.exists(flag):
+            raise DeviceHalt("halted by the test")
+        return collect(self, indexes, logits)
+
+    UniquePairs.collect = halting_collect
+"""
 
 
 def test_a_killed_batching_worker_s_tasks_all_complete_once_on_another_worker(fleet, fault_settings, reference):
@@ -87,3 +113,35 @@ def test_a_warm_shutdown_finishes_every_task_the_batching_worker_holds(fleet, sl
     assert worker.process.wait(timeout=90) == 0
     assert all(len(job.result(timeout=5).items) == 3 for job in jobs)
     assert client.app.connection().default_channel.client.hlen("unacked") == 0
+
+
+def test_a_batching_worker_whose_device_thread_stops_exits_1_and_its_tasks_complete_on_another(fleet, fault_settings, reference, tmp_path):
+    # Given a batching worker whose device thread stops for good once a flag file exists
+    flag, site = tmp_path / "halt-device-thread", tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(HALTING_SITECUSTOMIZE)
+    path = os.pathsep.join(p for p in (str(site), str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    victim = fleet.start(env={**FAST, **BATCHING, "PYTHONPATH": path, "TEST_HALT_DEVICE_THREAD_FLAG": str(flag)}, name="halt")
+    victim.wait_until_loaded(processes=1)
+    client = RerankClient(fault_settings)
+    requests = {n: (f"{QUERY} #{n}", long_papers(400, tag=f"h{n}-")) for n in range(4)}
+    jobs = {n: client.submit_documents(query, docs, top_k=5) for n, (query, docs) in requests.items()}
+    wait_for(lambda: all(started(client, job.id) for job in jobs.values()), 30, "the worker to run all four jobs")
+    # When its device thread stops
+    halted_at = time.monotonic()
+    flag.touch()
+    # Then the worker exits with code 1 at once, not at the tasks' time limit, and says why
+    assert victim.process.wait(timeout=TIME_LIMIT) == 1
+    exited = time.monotonic() - halted_at
+    assert "the device thread stopped" in victim.output() and "DeviceHalt: halted by the test" in victim.output()
+    # And a healthy worker runs every job it held, after the visibility timeout, with the right ranking
+    survivor = fleet.start(env={**FAST, **BATCHING}, name="healthy")
+    results = {n: job.result(timeout=VISIBILITY_TIMEOUT + 60) for n, job in jobs.items()}
+    recovery = time.monotonic() - halted_at
+    redone = [n for n, r in results.items() if r.info.worker.startswith(survivor.log.stem)]
+    report("batching device thread stopped", exit_s=round(exited, 2), redelivered=len(redone), recovery_s=round(recovery, 1))
+    for n, result in results.items():
+        assert_same_ranking(result, reference(*requests[n], 5))
+    assert redone, "the stopped worker's tasks were delivered again"
+    received = {n: deliveries([victim.output(), survivor.output()], job.id) for n, job in jobs.items()}
+    assert all(received[n] == 2 for n in redone) and all(1 <= count <= 2 for count in received.values()), received
