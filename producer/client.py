@@ -314,20 +314,19 @@ class RerankClient:
         windows: int | None,
     ) -> tuple[DocumentsRequest, ChunksRequest]:
         documents = self._documents_request(query, candidates, top_k_docs, return_logits, windows)
-        pool = self.chunk_pool(documents.candidates)
         chunks = parse_request(
             ChunksRequest,
             {
                 "query": query,
-                "chunks": pool,
-                "digests": [chunk_digest(c) for c in pool],
+                "chunks": self.chunk_pool(documents.candidates),
                 "top_k": top_k_chunks,
                 "return_logits": return_logits,
                 "candidate_ids": [c.id for c in documents.candidates],
             },
             self.settings,
         )
-        return documents, chunks
+        # Digests of what this process built, so not checked again: hashing the pool is ~4 ms a MB.
+        return documents, chunks.model_copy(update={"digests": [chunk_digest(c) for c in chunks.chunks]})
 
     def _chain(self, documents: DocumentsRequest, chunks: ChunksRequest, job_id: str) -> Signature:
         # The job id is stage 2's task id and stage 1's is derived from it, so any process that

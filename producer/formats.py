@@ -7,7 +7,6 @@ Producers cut texts with these and workers format them with these, so the two ca
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Collection, Iterable
 from typing import Any
 
@@ -69,9 +68,13 @@ def chunk_digest(chunk: Chunk) -> str:
     A two-stage job sends the digest of each chunk of its pool (`ChunksRequest.digests`), so
     stage 2 can check that the chunk at each place is the one the producer put there.
     """
-    fields = [chunk.id, chunk.doc_id, chunk.title, chunk.section, chunk.text]
-    encoded = json.dumps(fields, ensure_ascii=False).encode("utf-8", "surrogatepass")
-    return hashlib.blake2b(encoded, digest_size=8).hexdigest()
+    digest = hashlib.blake2b(digest_size=8)
+    for field in (chunk.id, chunk.doc_id, chunk.title, chunk.section, chunk.text):
+        # Each field after its length, so no two chunks' fields run together into the same bytes.
+        encoded = b"\xff" if field is None else field.encode("utf-8", "surrogatepass")
+        digest.update(len(encoded).to_bytes(8, "big"))
+        digest.update(encoded)
+    return digest.hexdigest()
 
 
 def stage1_message(request: DocumentsRequest) -> dict[str, Any]:

@@ -207,11 +207,11 @@ def _stage(stage: str, task_id: str, meta: Meta) -> StageProgress:
 
 
 def _describe(raw: Any) -> str:
-    if isinstance(raw, BaseException):
-        return f"{type(raw).__name__}: {raw}"
-    if isinstance(raw, dict) and "exc_type" in raw:
-        return f"{raw['exc_type']}: {raw.get('exc_message')}"
-    return repr(raw)
+    if isinstance(raw, dict) and isinstance(raw.get("exc_type"), str):
+        args = raw.get("exc_message")
+        message = args[0] if isinstance(args, list) and len(args) == 1 else args
+        return f"{raw['exc_type'][:100]}: {message}"
+    return repr(raw)[:1000]
 
 
 def overall_state(stages: Sequence[StageProgress]) -> str:

@@ -201,3 +201,63 @@ def test_stage1_finds_stage2_where_celery_puts_it_in_a_real_stage1_message(redis
     assert {c.doc_id for c in sent.chunks} == {"p1", "p4"}
     assert sent.positions == [n for n, c in enumerate(pool) if c.doc_id in {"p1", "p4"}]
     assert [pool[n] for n in sent.positions] == list(sent.chunks)
+
+
+def test_stage2_of_a_two_stage_job_carries_the_digest_of_every_chunk_of_the_pool(in_process_settings):
+    from producer.formats import chunk_digest, send_on_kept_chunks, stage2_message
+
+    # Given a two-stage job's stage-2 request as the client builds it
+    client = RerankClient(in_process_settings)
+    documents, chunks = client._two_stage_requests("q", [paper(i, text="Apixaban. " * 300) for i in range(4)], 2, None, False, None)
+    # Then it names each chunk of the pool by its digest, in pool order
+    assert chunks.digests == [chunk_digest(c) for c in chunks.chunks] and len(set(chunks.digests)) == len(chunks.chunks)
+    # And stage 1's trimming keeps the digests of the whole pool, which the trimmed request passes
+    pending = [{"task": TASK_CHUNKS, "kwargs": {"request": stage2_message(chunks)}}]
+    send_on_kept_chunks(pending, {"p2"})
+    sent = parse_request(ChunksRequest, pending[-1]["kwargs"]["request"], in_process_settings)
+    assert sent.digests == chunks.digests and {c.doc_id for c in sent.chunks} == {"p2"}
+
+
+def test_stage1_names_the_pool_of_a_producer_older_than_digests(in_process_settings):
+    from producer.formats import send_on_kept_chunks, stage2_message
+
+    # Given a stage-2 request from a producer that sends no digests
+    client = RerankClient(in_process_settings)
+    _, chunks = client._two_stage_requests("q", [paper(i, text="Apixaban. " * 300) for i in range(4)], 2, None, False, None)
+    old = stage2_message(chunks.model_copy(update={"digests": None}))
+    assert "digests" not in old
+    # When stage 1 trims it, Then stage 2 still receives the pool's digests and checks its chunks against them
+    pending = [{"task": TASK_CHUNKS, "kwargs": {"request": old}}]
+    send_on_kept_chunks(pending, {"p1", "p3"})
+    assert pending[-1]["kwargs"]["request"]["digests"] == chunks.digests
+    parse_request(ChunksRequest, pending[-1]["kwargs"]["request"], in_process_settings)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda r: r.update(digests=r["digests"][:-1]), "digests for"),
+        (lambda r: r.update(digests=[*r["digests"], "0" * 16]), "digests for"),
+        (lambda r: r.update(digests=list(reversed(r["digests"]))), "not the chunk the producer sent at position 0"),
+        (lambda r: r["chunks"][1].update(text="another text"), "at position 1"),
+        (lambda r: r["chunks"][0].update(id="a#9"), "at position 0"),
+        (lambda r: r["chunks"][0].update(title="another title"), "at position 0"),
+        (lambda r: r["chunks"][0].update(section="Methods"), "at position 0"),
+        (lambda r: r.update(digests=["XYZ"] * 2), "digests"),
+        (lambda r: r.update(digests="0" * 32), "digests"),
+        (lambda r: r.update(positions=[0, 1]) or r.pop("digests"), "must carry the digests"),
+        (lambda r: r.update(positions=[0, 7]), "beyond the pool of 2 chunks"),
+    ],
+)
+def test_stage2_refuses_chunks_that_are_not_the_ones_sent_at_their_places(change, message):
+    from producer.formats import chunk_digest
+    from producer.schemas import Chunk
+
+    # Given a stage-2 request whose digests name its two chunks
+    chunks = [chunk(0, "a"), chunk(1, "a")]
+    request = {"query": "q", "chunks": chunks, "digests": [chunk_digest(Chunk.model_validate(c)) for c in chunks]}
+    parse_request(ChunksRequest, request, Settings())
+    # When anything of it changes on the way, Then it is refused with the reason
+    change(request)
+    with pytest.raises(InvalidRequest, match=message):
+        parse_request(ChunksRequest, request, Settings())

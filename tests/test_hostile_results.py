@@ -4,6 +4,7 @@ raises a typed error or ignores it, and never hangs, crashes untyped or hands ba
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import json
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 from redis import Redis
 
-from producer import InvalidRequest, RerankClient, RerankError, Settings, WorkerError
+from producer import AsyncRerankClient, InvalidRequest, RerankClient, RerankError, Settings, WorkerError
 from producer.formats import chunk_digest
 from producer.jobs import RerankJob
 from producer.metrics import default_queues
@@ -186,6 +187,22 @@ def test_hostile_announcements_are_ignored_and_the_stored_result_is_still_delive
     assert waiting.done.wait(30), "the result arrived"
     assert not isinstance(waiting.outcome, BaseException), repr(waiting.outcome)
     assert len(waiting.outcome.items) == 2 and waiting.outcome.info.worker.startswith("shared")
+
+
+def test_results_within_the_default_limits_can_be_larger_than_pubsub_carries():
+    from kombu.utils.json import dumps
+
+    from producer.schemas import RankedItem
+
+    # Given the largest items the default limits allow: 512-character ids of 4-byte characters, with logits
+    settings = Settings()
+    longest = "\U0001F600" * 512
+    chunk = RankedItem(index=settings.max_chunks - 1, id=longest, doc_id=longest, score=0.123456789, logit=-12.3456789)
+    paper = RankedItem(index=settings.max_candidates - 1, id=longest, score=0.123456789, logit=-12.3456789)
+    # When a two-stage result keeps them all, encoded as the worker stores and announces it
+    size = settings.max_chunks * len(dumps(chunk.model_dump(mode="json"))) + settings.max_candidates * len(dumps(paper.model_dump(mode="json")))
+    # Then it passes Redis's 32 MB pub/sub limit (so the producer must read it stored), within the 512 MB a value may be
+    assert 32 * 2**20 < size < 512 * 2**20, size
 
 
 def test_a_result_larger_than_pubsub_carries_is_still_delivered(shared_worker, redis_settings, redis, low_pubsub_limit):
@@ -371,6 +388,33 @@ def test_a_ranking_whose_indexes_do_not_match_what_was_sent_raises_invalid_reque
     original = client.submit(QUERY, papers(), top_k_docs=3, return_documents=True)
     with pytest.raises(InvalidRequest, match="does not match what was sent"):
         RerankJob(client.backend, fake, original.finish).result(timeout=5)
+    with pytest.raises(InvalidRequest, match="does not match what was sent"):
+        asyncio.run(AsyncRerankClient(redis_settings).job(fake, papers()).result(timeout=5))
+
+
+SINGLE_STAGE = {
+    "an index past the chunks": lambda items: items[0].update(index=9),
+    "a duplicated index": lambda items: items[1].update(index=items[0]["index"]),
+    "two indexes swapped": lambda items: (items[0].update(index=items[1]["index"]), items[1].update(index=items[0]["index"])),
+    "an id that is not the chunk's": lambda items: items[0].update(id="c9"),
+    "a doc_id that is not the chunk's": lambda items: items[0].update(doc_id="d9"),
+}
+
+
+@pytest.mark.parametrize("tamper", SINGLE_STAGE.values(), ids=SINGLE_STAGE.keys())
+def test_a_single_stage_ranking_whose_indexes_do_not_match_raises_invalid_request(held, redis, tamper):
+    # Given a chunks job and a stored ranking of its three chunks, altered
+    chunks = [{"id": f"c{n}", "doc_id": f"d{n}", "text": f"text {n}"} for n in range(3)]
+    handle = held.submit_chunks(QUERY, chunks, return_documents=True)
+    items = [{"index": n, "id": f"c{n}", "doc_id": f"d{n}", "score": 0.5 - n / 10} for n in range(3)]
+    info = {"model": held.settings.model, "device": "cpu", "dtype": "float32", "max_length": 512, "pairs": 3, "tokens": 9,
+            "padded_tokens": 9, "batches": 1, "tokenize_ms": 1.0, "forward_ms": 1.0, "pid": 1, "model_loads": 1}
+    tamper(items)
+    redis.set(meta_key(handle.id), success({"stage": "chunks", "query": QUERY, "items": items, "scored": 3, "info": info}))
+    # When the producer that sent it reads it, Then it raises InvalidRequest, never joining another chunk's text
+    with pytest.raises(InvalidRequest, match="does not match what was sent"):
+        handle.result(timeout=5)
+    redis.delete(HELD)
 
 
 def test_the_untouched_ranking_reads_back_with_the_right_documents(finished_job, redis_settings):
