@@ -52,7 +52,7 @@ def stored_meta(raw: bytes | str | None, task_id: str) -> Meta:
     """
     if raw is None:
         return {"status": states.PENDING, "result": None}
-    what = f"the value stored for task {task_id}"
+    what = "the stored value"
     try:
         meta = plain_json(raw, what, MAX_STORED_BYTES)
     except InvalidRequest as e:
