@@ -4,6 +4,7 @@ entry points, options and settings, and KEDA watches exactly the queues the work
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 import subprocess
 import tomllib
@@ -358,12 +359,29 @@ def test_bulk_workers_scale_from_zero_and_cool_down_over_several_model_loads():
 # Redis, Flower, the exporter, secrets -------------------------------------------------------------
 
 
-def test_redis_persists_never_evicts_and_takes_its_password_from_the_secret():
-    redis = container(kinds(BASE, "StatefulSet")["rerank-redis"])
+def test_redis_persists_never_evicts_runs_as_its_own_user_and_reads_its_password_from_a_file():
+    redis_set = kinds(BASE, "StatefulSet")["rerank-redis"]
+    spec = redis_set["spec"]["template"]["spec"]
+    redis = container(redis_set)
     command = " ".join(redis["command"])
     assert "--appendonly yes" in command and "--maxmemory-policy noeviction" in command
-    assert "--requirepass $(REDIS_PASSWORD)" in command
-    assert {v["name"]: v["valueFrom"]["secretKeyRef"]["key"] for v in redis["env"]} == {"REDIS_PASSWORD": "redis-password"}
+    # The image's own user (redis, uid 999), not root
+    assert spec["securityContext"]["runAsUser"] == 999 and spec["securityContext"]["fsGroup"] == 999
+    # The password: from the Secret as a file, into a config file in memory that redis-server reads first
+    (init,) = spec["initContainers"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    secret = next(v for v in volumes.values() if "secret" in v)
+    assert secret["secret"]["secretName"] == "rerank-secrets" and [i["key"] for i in secret["secret"]["items"]] == ["redis-password"]
+    mounts = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
+    config = next(name for name, v in volumes.items() if v.get("emptyDir", {}).get("medium") == "Memory")
+    script = init["command"][2]
+    assert init["command"][:2] == ["sh", "-c"] and "requirepass" in script
+    assert f"< {mounts[secret['name']]}/redis-password" in script and f"> {mounts[config]}/redis.conf" in script
+    assert redis["command"][:2] == ["redis-server", f"{mounts[config]}/redis.conf"]
+    # The probe authenticates from its environment
+    env = {v["name"]: v["valueFrom"]["secretKeyRef"]["key"] for v in redis["env"]}
+    assert env == {"REDISCLI_AUTH": "redis-password"}
+    assert "redis-cli ping" in " ".join(redis["readinessProbe"]["exec"]["command"])
     assert CONFIG["REDIS_ADDRESS"].startswith(f"rerank-redis.{kinds(BASE, 'Namespace').popitem()[0]}.svc.")
 
 
@@ -383,16 +401,30 @@ def test_flower_requires_auth_and_the_exporter_watches_every_queue_keda_watches(
     assert {q for scaled in SCALED.values() for q in watched(scaled)} <= set(queues)
 
 
+def _secret_variables(c: dict[str, Any]) -> set[str]:
+    """The container's variables that hold a secret: from a Secret, or composed from one (a broker URL)."""
+    env = c.get("env", [])
+    found = {v["name"] for v in env if "secretKeyRef" in v.get("valueFrom", {})}
+    grown = True
+    while grown:
+        composed = {v["name"] for v in env if any(f"$({name})" in v.get("value", "") for name in found)}
+        grown, found = not composed <= found, found | composed
+    return found
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_no_password_reaches_a_command_line_outside_redis(layout):
+def test_no_password_reaches_any_command_line(layout):
+    # Command lines are readable by anyone on the node (/proc/<pid>/cmdline): secrets travel in
+    # the environment or in files, Redis's included
     for resource in BUILT[layout]:
-        spec = resource.get("spec", {}).get("template", {}).get("spec", {})
-        for c in spec.get("containers", []):
-            if resource["metadata"]["name"] == "rerank-redis":
-                continue
-            texts = [" ".join(c.get("command", []) + c.get("args", []))]
-            texts += [" ".join(c.get(p, {}).get("exec", {}).get("command", [])) for p in ("startupProbe", "readinessProbe", "livenessProbe")]
-            assert not any("PASSWORD" in t or "redis://" in t or "BROKER_URL" in t for t in texts), resource["metadata"]["name"]
+        for spec in pod_specs(resource):
+            for c in [*spec.get("initContainers", []), *spec.get("containers", [])]:
+                texts = [" ".join(c.get("command", []) + c.get("args", []))]
+                texts += [" ".join(c.get(p, {}).get("exec", {}).get("command", [])) for p in ("startupProbe", "readinessProbe", "livenessProbe")]
+                secret = _secret_variables(c)
+                for text in texts:
+                    assert not any(word in text for word in ("redis://", "--requirepass", " -a ", "--pass")), (c["name"], text)
+                    assert not any(re.search(rf"\$\(?\{{?{name}\b", text) for name in secret), (c["name"], text)
 
 
 def test_external_redis_drops_the_in_cluster_redis_and_points_everything_at_the_given_address():
@@ -401,3 +433,271 @@ def test_external_redis_drops_the_in_cluster_redis_and_points_everything_at_the_
     address = kinds(resources, "ConfigMap")["rerank-config"]["data"]["REDIS_ADDRESS"]
     assert address != CONFIG["REDIS_ADDRESS"] and address.rsplit(":", 1)[1].isdigit()
     assert set(kinds(resources, "ScaledObject")) == set(SCALED)
+
+
+# Pod Security "restricted" -----------------------------------------------------------------------
+# The checks of the Pod Security Standards' baseline and restricted profiles, as Kubernetes's own
+# Pod Security admission implements them (k8s.io/pod-security-admission, policy/check_*.go), for
+# the KUBERNETES_VERSION these manifests target; every container counts, init containers included.
+
+BASELINE_CAPABILITIES = {
+    "AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD", "NET_BIND_SERVICE", "SETFCAP", "SETGID", "SETPCAP",
+    "SETUID", "SYS_CHROOT",
+}
+SAFE_SYSCTLS = {
+    "kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start", "net.ipv4.tcp_syncookies",
+    "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports", "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_keepalive_intvl", "net.ipv4.tcp_keepalive_probes",
+}
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"}
+SELINUX_TYPES = {"", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"}
+SECCOMP_RESTRICTED = {"RuntimeDefault", "Localhost"}
+
+
+def pod_templates(resource: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pod (metadata and spec) a workload resource creates; none for other kinds."""
+    kind, spec = resource["kind"], resource.get("spec", {})
+    if kind == "Pod":
+        return [resource]
+    if kind == "CronJob":
+        return [spec["jobTemplate"]["spec"]["template"]]
+    if kind in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "ReplicationController"):
+        return [spec["template"]]
+    return []
+
+
+def pod_specs(resource: dict[str, Any]) -> list[dict[str, Any]]:
+    return [template["spec"] for template in pod_templates(resource)]
+
+
+def _handlers(c: dict[str, Any]) -> list[dict[str, Any]]:
+    probes = [c.get(p) or {} for p in ("livenessProbe", "readinessProbe", "startupProbe")]
+    hooks = list((c.get("lifecycle") or {}).values())
+    return [h.get(kind) or {} for h in probes + hooks for kind in ("httpGet", "tcpSocket")]
+
+
+def restricted_violations(template: dict[str, Any]) -> list[str]:
+    """What in this pod template the Pod Security "restricted" profile refuses (baseline included); empty when it passes."""
+    meta, spec = template.get("metadata") or {}, template["spec"]
+    pod = spec.get("securityContext") or {}
+    containers = [*spec.get("initContainers", []), *spec.get("containers", []), *spec.get("ephemeralContainers", [])]
+    scs = {c["name"]: c.get("securityContext") or {} for c in containers}
+    bad = []
+    # Baseline
+    bad += [f"{field}: true" for field in ("hostNetwork", "hostPID", "hostIPC") if spec.get(field)]
+    if (pod.get("windowsOptions") or {}).get("hostProcess") or any((sc.get("windowsOptions") or {}).get("hostProcess") for sc in scs.values()):
+        bad.append("hostProcess")
+    for c in containers:
+        name, sc = c["name"], scs[c["name"]]
+        if sc.get("privileged"):
+            bad.append(f"{name}: privileged")
+        if set((sc.get("capabilities") or {}).get("add", [])) - BASELINE_CAPABILITIES:
+            bad.append(f"{name}: capabilities beyond the baseline set")
+        if any(p.get("hostPort") for p in c.get("ports", [])):
+            bad.append(f"{name}: hostPort")
+        if sc.get("procMount", "Default") != "Default":
+            bad.append(f"{name}: procMount")
+        if any(h.get("host") for h in _handlers(c)):
+            bad.append(f"{name}: probe or lifecycle host")
+        if (sc.get("appArmorProfile") or {}).get("type", "RuntimeDefault") not in ("RuntimeDefault", "Localhost"):
+            bad.append(f"{name}: appArmorProfile")
+    for owner, sc in [("pod", pod), *scs.items()]:
+        selinux = sc.get("seLinuxOptions") or {}
+        if selinux.get("type", "") not in SELINUX_TYPES or selinux.get("user") or selinux.get("role"):
+            bad.append(f"{owner}: seLinuxOptions")
+        if (sc.get("seccompProfile") or {}).get("type") == "Unconfined":
+            bad.append(f"{owner}: seccomp Unconfined")
+    if (pod.get("appArmorProfile") or {}).get("type", "RuntimeDefault") not in ("RuntimeDefault", "Localhost"):
+        bad.append("pod: appArmorProfile")
+    for key, value in (meta.get("annotations") or {}).items():
+        if key.startswith("container.apparmor.security.beta.kubernetes.io/") and value != "runtime/default" and not value.startswith("localhost/"):
+            bad.append(f"AppArmor annotation {key}")
+    bad += [f"sysctl {s['name']}" for s in pod.get("sysctls", []) if s["name"] not in SAFE_SYSCTLS]
+    # Restricted
+    for volume in spec.get("volumes", []):
+        if not RESTRICTED_VOLUMES & set(volume):
+            bad.append(f"volume {volume['name']}: type {sorted(set(volume) - {'name'})}")
+    for name, sc in scs.items():
+        if sc.get("allowPrivilegeEscalation") is not False:
+            bad.append(f"{name}: allowPrivilegeEscalation is not false")
+        capabilities = sc.get("capabilities") or {}
+        if "ALL" not in capabilities.get("drop", []):
+            bad.append(f"{name}: capabilities do not drop ALL")
+        if set(capabilities.get("add", [])) - {"NET_BIND_SERVICE"}:
+            bad.append(f"{name}: adds capabilities other than NET_BIND_SERVICE")
+        if sc.get("runAsNonRoot") is False or (sc.get("runAsNonRoot") is not True and pod.get("runAsNonRoot") is not True):
+            bad.append(f"{name}: runAsNonRoot is not true")
+        if sc.get("runAsUser") == 0:
+            bad.append(f"{name}: runAsUser 0")
+        if (sc.get("seccompProfile") or pod.get("seccompProfile") or {}).get("type") not in SECCOMP_RESTRICTED:
+            bad.append(f"{name}: seccompProfile is not RuntimeDefault or Localhost")
+    if pod.get("runAsUser") == 0:
+        bad.append("pod: runAsUser 0")
+    return bad
+
+
+POD_TEMPLATES = {
+    f"{layout}/{r['kind']}/{r['metadata']['name']}": t for layout in LAYOUTS for r in BUILT[layout] for t in pod_templates(r)
+}
+
+
+@pytest.mark.parametrize("name", sorted(POD_TEMPLATES))
+def test_every_pod_passes_the_restricted_pod_security_profile_with_no_token_and_a_read_only_root(name):
+    template = POD_TEMPLATES[name]
+    assert restricted_violations(template) == []
+    spec = template["spec"]
+    # No service-account token: nothing here talks to the Kubernetes API
+    assert spec.get("automountServiceAccountToken") is False
+    # Read-only root filesystems; whatever must be written goes to a volume
+    for c in [*spec.get("initContainers", []), *spec["containers"]]:
+        assert (c.get("securityContext") or {}).get("readOnlyRootFilesystem") is True, c["name"]
+
+
+def test_the_profile_check_refuses_what_the_restricted_profile_refuses():
+    # Given a pod that passes, when any one restricted field is set wrong, then the check names it
+    good = POD_TEMPLATES["base/StatefulSet/rerank-redis"]
+    assert restricted_violations(good) == []
+    cases = {
+        "allowPrivilegeEscalation is not false": lambda t: t["spec"]["initContainers"][0]["securityContext"].pop("allowPrivilegeEscalation"),
+        "capabilities do not drop ALL": lambda t: t["spec"]["containers"][0]["securityContext"].update(capabilities={"drop": ["NET_RAW"]}),
+        "adds capabilities other than NET_BIND_SERVICE": lambda t: t["spec"]["containers"][0]["securityContext"].update(
+            capabilities={"drop": ["ALL"], "add": ["SYS_ADMIN"]}
+        ),
+        "runAsNonRoot is not true": lambda t: t["spec"]["securityContext"].pop("runAsNonRoot"),
+        "runAsUser 0": lambda t: t["spec"]["initContainers"][0]["securityContext"].update(runAsUser=0),
+        "seccomp": lambda t: t["spec"]["securityContext"].pop("seccompProfile"),
+        "seccomp Unconfined": lambda t: t["spec"]["containers"][0]["securityContext"].update(seccompProfile={"type": "Unconfined"}),
+        "volume host": lambda t: t["spec"]["volumes"].append({"name": "host", "hostPath": {"path": "/"}}),
+        "hostNetwork": lambda t: t["spec"].update(hostNetwork=True),
+        "privileged": lambda t: t["spec"]["containers"][0]["securityContext"].update(privileged=True),
+        "hostPort": lambda t: t["spec"]["containers"][0]["ports"][0].update(hostPort=6379),
+        "sysctl kernel.msgmax": lambda t: t["spec"]["securityContext"].update(sysctls=[{"name": "kernel.msgmax", "value": "1"}]),
+    }
+    for expected, spoil in cases.items():
+        template = copy.deepcopy(good)
+        spoil(template)
+        assert any(expected in v for v in restricted_violations(template)), expected
+
+
+# NetworkPolicy ----------------------------------------------------------------------------------
+
+NAMESPACE = kinds(BASE, "Namespace").popitem()[0]
+POLICIES = list(kinds(BASE, "NetworkPolicy").values())
+SCRAPER = ("monitoring", {"app.kubernetes.io/name": "prometheus"})
+INTRUDER = (NAMESPACE, {"app.kubernetes.io/name": "something-else"})
+ELSEWHERE = ("other-team", {"app": "web"})
+INTERNET = ("", {})  # outside the cluster: only an ipBlock or an empty peer list admits it
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    if not set((selector.get("matchLabels") or {}).items()) <= set(labels.items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        present, value = e["key"] in labels, labels.get(e["key"])
+        ok = {"In": present and value in e.get("values", []), "NotIn": not present or value not in e.get("values", []),
+              "Exists": present, "DoesNotExist": not present}[e["operator"]]
+        if not ok:
+            return False
+    return True
+
+
+def _peer_admits(peer: dict[str, Any], policy_namespace: str, other: tuple[str, dict[str, str]]) -> bool:
+    namespace, labels = other
+    if "ipBlock" in peer:
+        return namespace == ""
+    if not namespace:
+        return False
+    if "namespaceSelector" in peer:
+        in_namespace = _selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": namespace})
+    else:
+        in_namespace = namespace == policy_namespace
+    return in_namespace and _selects(peer.get("podSelector") or {}, labels)
+
+
+def allowed(direction: str, pod: tuple[str, dict[str, str], dict[str, int]], other: tuple[str, dict[str, str]], port: int) -> bool:
+    """Whether `pod`'s policies let traffic in from (Ingress) or out to (Egress) `other` on TCP `port` (named ports: the destination's)."""
+    namespace, labels, named = pod
+    policies = [
+        p for p in POLICIES
+        if p["metadata"].get("namespace", NAMESPACE) == namespace and _selects(p["spec"]["podSelector"], labels)
+        and direction in p["spec"].get("policyTypes", ["Ingress"])
+    ]
+    if not policies:
+        return True
+    names = {n for n, number in named.items() if number == port} if direction == "Ingress" else set()
+    key, peers = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
+    for policy in policies:
+        for rule in policy["spec"].get(key, []):
+            ports = rule.get("ports")
+            port_ok = not ports or any(p.get("protocol", "TCP") == "TCP" and p.get("port") in (None, port, *names) for p in ports)
+            peer_ok = peers not in rule or any(_peer_admits(peer, namespace, other) for peer in rule[peers])
+            if port_ok and peer_ok:
+                return True
+    return False
+
+
+def connects(source: tuple[str, dict[str, str], dict[str, int]] | tuple[str, dict[str, str]], target: tuple[str, dict[str, str], dict[str, int]], port: int) -> bool:
+    """Traffic from `source` reaches `target` on `port`: the source's egress and the target's ingress both allow it."""
+    out = allowed("Egress", source, target[:2], port) if len(source) == 3 and source[0] == NAMESPACE else True
+    return out and allowed("Ingress", target, source[:2], port)
+
+
+def _pod(resource: dict[str, Any]) -> tuple[str, dict[str, str], dict[str, int]]:
+    template = resource["spec"]["template"]
+    ports = {p["name"]: p["containerPort"] for c in template["spec"]["containers"] for p in c.get("ports", []) if "name" in p}
+    return NAMESPACE, template["metadata"]["labels"], ports
+
+
+PODS = {r["metadata"]["name"]: _pod(r) for r in BASE if r["kind"] in ("Deployment", "StatefulSet")}
+CLIENTS = [name for name in PODS if name != "rerank-redis"]
+
+
+def test_every_pod_is_denied_all_traffic_but_what_a_policy_allows():
+    deny = [p for p in POLICIES if p["spec"]["podSelector"] == {} and set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+            and not p["spec"].get("ingress") and not p["spec"].get("egress")]
+    assert deny, "a default-deny NetworkPolicy for the namespace"
+    for name, pod in PODS.items():
+        assert connects(pod, (*INTRUDER, {}), 9999) is False, name
+        assert connects(INTRUDER, pod, 9999) is False, name
+        # DNS: every pod resolves names (UDP is not modelled here; the TCP rule sits beside it)
+        assert connects(pod, ("kube-system", {"k8s-app": "kube-dns"}, {}), 53), name
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_redis_is_reachable_from_its_clients_and_keda_only(client):
+    redis, port = PODS["rerank-redis"], 6379
+    assert PODS[client][1].get("rerank.io/redis-client") == "true"
+    assert connects(PODS[client], redis, port)
+    # KEDA's operator reads queue lengths from its own namespace; producers elsewhere that label themselves
+    assert connects(("keda", {"app": "keda-operator"}), redis, port)
+    assert connects(("research", {"rerank.io/redis-client": "true"}), redis, port)
+    # Nobody else: an unlabelled pod here or elsewhere, the metrics scraper, the internet
+    for stranger in (INTRUDER, ELSEWHERE, SCRAPER, INTERNET):
+        assert not connects(stranger, redis, port), stranger
+    # Redis itself opens no connection out, and clients reach nothing else in the namespace
+    assert not connects(redis, PODS[client], 9809)
+    assert not connects(PODS[client], (*INTRUDER, {}), port)
+
+
+def test_metrics_ports_admit_only_the_scraper_and_only_workers_download_models():
+    for name, resource in kinds(BASE, "Deployment").items():
+        template = resource["spec"]["template"]
+        annotations = template["metadata"].get("annotations") or {}
+        if annotations.get("prometheus.io/scrape") != "true":
+            continue
+        port = int(annotations["prometheus.io/port"])
+        assert connects(SCRAPER, PODS[name], port), name
+        assert not connects(INTRUDER, PODS[name], port) or name == "rerank-gateway", name
+        assert not connects(("monitoring", {"app": "grafana"}), PODS[name], port) or name == "rerank-gateway", name
+    # The gateway's API answers the cluster (with an API key); nothing from outside it
+    assert connects(ELSEWHERE, PODS["rerank-gateway"], 8080) and not connects(INTERNET, PODS["rerank-gateway"], 8080)
+    # HTTPS out (the model's first download) for workers only
+    for name, pod in PODS.items():
+        assert connects(pod, (*INTERNET, {}), 443) == (pod[1]["app.kubernetes.io/name"] == "rerank-worker"), name
+
+
+def test_external_redis_lets_clients_out_to_its_port_and_drops_the_in_cluster_redis_policy():
+    policies = kinds(BUILT["external-redis"], "NetworkPolicy")
+    assert "rerank-redis" not in policies
+    (rule,) = policies["rerank-redis-clients"]["spec"]["egress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 6379}] and "ipBlock" in rule["to"][0]
