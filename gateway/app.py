@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext, suppress
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -20,12 +20,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, TypeAdapter
 from starlette.exceptions import HTTPException
 
-from producer.aio import wait
+from producer.aio import Nap, wait
 from producer.errors import InvalidRequest, RerankError, RerankTimeout, TaskTimedOut
 from producer.jobs import Finish, Handle, JobProgress
 from producer.schemas import RerankResult, TwoStageRequest, TwoStageResult
 from producer.settings import Settings, get_settings
 
+from gateway.announcements import Announcements
 from gateway.errors import ClientGone, TooLarge, Unprocessable, WaitTimedOut, error_response
 from gateway.fleet import Fleet
 from gateway.guard import Guard, load_keys
@@ -34,7 +35,6 @@ from gateway.settings import GatewaySettings
 from gateway.shapes import CohereRequest, CohereResponse, TeiRank, TeiRequest, cohere_response, tei_response
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 _PASSAGE = re.compile(r"\bpassages\.(\d+)")
 _RESULT = TypeAdapter(TwoStageResult | RerankResult)
@@ -71,11 +71,16 @@ def create_app(settings: Settings | None = None, gateway: GatewaySettings | None
         # Broker and backend calls block; the default executor (cores + 4 threads) would queue them.
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(gateway.threads, thread_name_prefix="gateway"))
         app.state.fleet = Fleet(settings, gateway)
+        app.state.announcements = Announcements.for_url(settings.result_backend or settings.broker_url)
+        if app.state.announcements is not None:
+            await app.state.announcements.start()
         watching = asyncio.create_task(app.state.fleet.run())
         yield
         watching.cancel()
         with suppress(asyncio.CancelledError):
             await watching
+        if app.state.announcements is not None:
+            await app.state.announcements.close()
 
     app = FastAPI(
         title="rerank-gateway",
@@ -105,18 +110,19 @@ def create_app(settings: Settings | None = None, gateway: GatewaySettings | None
         except InvalidRequest as e:
             raise _unprocessable(e, field) from e
         try:
-            return handle.id, await answered(request, handle, wait(handle, gateway.wait_timeout))
+            return handle.id, await answered(request, handle)
         except InvalidRequest as e:  # the worker refused it too
             raise _unprocessable(e, field) from e
 
-    async def answered(request: Request, handle: Handle, waiting: Awaitable[T]) -> T:
-        """Await `waiting`; revoke the job if the client leaves first, and turn a timeout into 504 with the job id."""
-        result = asyncio.ensure_future(waiting)
-        gone = asyncio.ensure_future(_disconnected(request))
-        try:
-            await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
+    async def answered(request: Request, handle: Handle) -> Any:
+        """Wait for `handle`'s result; revoke the job if the client leaves first, and turn a timeout into 504 with the job id."""
+        async with _announced(request, handle) as nap:
+            result = asyncio.ensure_future(wait(handle, gateway.wait_timeout, nap))
+            gone = asyncio.ensure_future(_disconnected(request))
+            try:
+                await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                gone.cancel()
         if not result.done():
             result.cancel()
             await asyncio.to_thread(handle.backend.revoke, [handle.id])
@@ -159,7 +165,7 @@ def create_app(settings: Settings | None = None, gateway: GatewaySettings | None
         """Our two-stage job (papers by title and abstract, then the kept papers' chunks), waited for."""
         fleet: Fleet = request.app.state.fleet
         job = await _submit(fleet, body, model)
-        return await answered(request, job.sync, job.result(gateway.wait_timeout))
+        return await answered(request, job.sync)
 
     @app.post("/v1/jobs", response_model=JobAccepted, status_code=202, dependencies=bearer, tags=["jobs"])
     async def submit(body: TwoStageRequest, request: Request, model: str | None = None) -> JobAccepted:
@@ -219,6 +225,13 @@ async def _submit(fleet: Fleet, body: TwoStageRequest, model: str | None) -> Any
     fleet.admit(served)
     options = {"min_score": body.min_score, "windows": body.windows}
     return await fleet.client(served).submit(body.query, body.candidates, body.top_k_docs, body.top_k_chunks, **options)
+
+
+def _announced(request: Request, handle: Handle) -> AbstractAsyncContextManager[Nap]:
+    announcements: Announcements | None = request.app.state.announcements
+    if announcements is None:
+        return nullcontext(asyncio.sleep)
+    return announcements.watching(handle.backend.app.backend.get_key_for_task(handle.id))
 
 
 async def _disconnected(request: Request) -> None:

@@ -12,7 +12,7 @@ awaited job, and a hundred jobs awaited at once would queue behind each other.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from functools import partial
 from typing import Any
 
@@ -23,6 +23,8 @@ from producer.jobs import BatchProgress, Handle, JobProgress, RerankBatch, Reran
 from producer.schemas import Chunk, RerankResult, TwoStageResult
 from producer.settings import Settings
 from producer.waiting import Outcomes, Waiter
+
+Nap = Callable[[float], Awaitable[object]]
 
 
 class AsyncRerankClient:
@@ -166,15 +168,19 @@ class AsyncRerankBatch:
         return await asyncio.to_thread(self.sync.cancel)
 
 
-async def wait(handle: Handle, timeout: float | None) -> Any:
-    """Await `handle`'s result: backend reads in a thread, `asyncio.sleep` in between."""
-    async for _ in completed([handle], timeout, f"job {handle.id}"):
+async def wait(handle: Handle, timeout: float | None, nap: Nap = asyncio.sleep) -> Any:
+    """Await `handle`'s result: backend reads in a thread, `nap(seconds)` (a sleep) in between."""
+    async for _ in completed([handle], timeout, f"job {handle.id}", nap):
         pass
     return handle.decode()
 
 
-async def completed(handles: Iterable[Handle], timeout: float | None, what: str) -> AsyncIterator[Any]:
-    """Yield `handles` as they finish: `producer.jobs.completed` for asyncio."""
+async def completed(handles: Iterable[Handle], timeout: float | None, what: str, nap: Nap = asyncio.sleep) -> AsyncIterator[Any]:
+    """Yield `handles` as they finish: `producer.jobs.completed` for asyncio.
+
+    `nap(seconds)` waits between reads; one that returns early on the result backend's
+    announcements (as the HTTP gateway's shared subscriber does) notices a finished job sooner.
+    """
     handles = list(handles)
     waiter = Waiter(handles, timeout, what)
     for handle in waiter.ready:
@@ -183,4 +189,4 @@ async def completed(handles: Iterable[Handle], timeout: float | None, what: str)
         for handle in waiter.settle(await asyncio.to_thread(handles[0].backend.finished, waiter.ids())):
             yield handle
         if waiter.pending:
-            await asyncio.sleep(waiter.pause())
+            await nap(waiter.pause())
