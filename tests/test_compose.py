@@ -49,8 +49,12 @@ def test_each_gpu_worker_reserves_the_gpu_it_sees(name):
 
 
 def test_redis_persists_never_evicts_and_requires_a_password_and_flower_requires_auth():
-    redis_command = " ".join(COMPOSE["services"]["redis"]["command"])
-    assert "--appendonly yes" in redis_command and "--requirepass" in redis_command
+    redis = COMPOSE["services"]["redis"]
+    redis_command = " ".join(redis["command"])
+    assert "--appendonly yes" in redis_command and "requirepass" in redis_command
+    # The password goes through a config file and the environment, never a command line
+    assert "--requirepass" not in redis_command and "-a " not in " ".join(redis["healthcheck"]["test"])
+    assert redis["environment"]["REDISCLI_AUTH"] == redis["environment"]["REDIS_PASSWORD"] and redis["user"] == "redis"
     assert "--maxmemory-policy noeviction" in redis_command
     assert "FLOWER_BASIC_AUTH" in COMPOSE["services"]["flower"]["environment"]
 
