@@ -652,6 +652,11 @@ PODS = {r["metadata"]["name"]: _pod(r) for r in BASE if r["kind"] in ("Deploymen
 CLIENTS = [name for name in PODS if name != "rerank-redis"]
 
 
+def test_the_namespace_enforces_the_restricted_profile():
+    labels = kinds(BASE, "Namespace")[NAMESPACE]["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
 def test_every_pod_is_denied_all_traffic_but_what_a_policy_allows():
     deny = [p for p in POLICIES if p["spec"]["podSelector"] == {} and set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}
             and not p["spec"].get("ingress") and not p["spec"].get("egress")]
