@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     metrics = commands.add_parser(
         "metrics", help="Serve Prometheus metrics of the queues: messages waiting and the oldest one's age."
     )
-    metrics.add_argument("--port", type=count(65_535), default=9808, help="Port to serve /metrics on (default 9808).")
+    metrics.add_argument("--port", type=count(65_535), default=9808, help="Port to serve /metrics on (default 9808), on RERANK_METRICS_ADDRESS, behind RERANK_METRICS_TOKEN_FILE's token if set.")
     metrics.add_argument("--queues", help="Comma-separated queues (default: every queue the models' workers consume).")
     metrics.add_argument("--models", help="Comma-separated models whose queues to watch (default: RERANK_MODEL).")
     metrics.add_argument("--once", action="store_true", help="Print the metrics once and exit instead of serving them.")
@@ -392,18 +392,27 @@ def _metrics(args: argparse.Namespace, settings: Settings) -> int:
         registry = registry_for(RerankClient(settings).app, queues)
     except ImportError as e:
         raise InvalidRequest(str(e)) from e
-    from prometheus_client import generate_latest, start_http_server
+    from prometheus_client import generate_latest
+
+    from producer.scrape import MetricsServer, read_token
 
     if args.once:
         sys.stdout.write(generate_latest(registry).decode())
         return EXIT_OK
-    server, _ = start_http_server(args.port, registry=registry)
-    print(f"rerank metrics: serving {len(queues)} queues on :{args.port}/metrics: {', '.join(queues)}", file=sys.stderr, flush=True)
+    # The workers' bounded server, on the same address and behind the same token as theirs.
+    try:
+        token = read_token(settings.metrics_token_file) if settings.metrics_token_file else None
+    except (OSError, ValueError) as e:
+        raise InvalidRequest(f"cannot read RERANK_METRICS_TOKEN_FILE: {e}; point it at a file holding the token") from e
+    server = MetricsServer(registry, args.port, settings.metrics_address, token=token)
+    server.start()
+    where = f"{settings.metrics_address}:{args.port}/metrics"
+    print(f"rerank metrics: serving {len(queues)} queues on {where}: {', '.join(queues)}", file=sys.stderr, flush=True)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        server.shutdown()
+        server.stop()
     return EXIT_OK
 
 
