@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException
 
 from producer.aio import Nap, wait
@@ -182,7 +182,10 @@ def create_app(settings: Settings | None = None, gateway: GatewaySettings | None
         status = JobStatus(id=job_id, state=progress.state, progress=progress)
         meta = await asyncio.to_thread(job.sync.backend.meta, job_id)
         if meta["status"] == "SUCCESS":
-            return status.model_copy(update={"result": _RESULT.validate_python(meta["result"])})
+            try:
+                return status.model_copy(update={"result": _RESULT.validate_python(meta["result"])})
+            except ValidationError:
+                return status.model_copy(update={"error": f"job {job_id} finished with something that is not a ranking; submit it again"})
         if meta["status"] in ("FAILURE", "REVOKED"):
             handle = Handle(job.sync.backend, job_id, Finish(RerankResult))
             handle.final = meta

@@ -91,10 +91,13 @@ class Fleet:
 
     async def _watch_workers(self) -> None:
         app = self.clients[self.settings.model].sync.app
+        last: dict[str, str] = {}
         while True:
             try:
                 workers = await asyncio.to_thread(inspect_workers, app, self.gateway.inspect_timeout)
-                self.served = self._served_by(workers)
+                # A model stays served until two answers in a row lack it: one busy worker's late reply must not flap it.
+                found = self._served_by(workers)
+                self.served, last = {**last, **found}, found
             except (RerankError, OSError) as e:
                 log.warning("cannot ask the workers what they serve: %s", e)
                 self.broker_up = False

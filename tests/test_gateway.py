@@ -172,6 +172,35 @@ def test_the_two_stage_job_waited_for_or_fetched_later(gateway, reference):
         assert [i["score"] for i in answer["chunks"]["items"]] == pytest.approx([i.score for i in expected.chunks.items], abs=1e-6)
 
 
+def test_a_waiting_request_wakes_on_the_result_backends_announcement(redis_server):
+    import asyncio
+
+    import redis
+
+    from gateway.announcements import Announcements
+
+    async def scenario() -> float:
+        # Given the gateway's one subscriber on the test Redis, and a request watching its job's channel
+        announcements = Announcements.for_url(redis_server.url)
+        await announcements.start()
+        for _ in range(500):
+            if announcements.up:
+                break
+            await asyncio.sleep(0.01)
+        loop = asyncio.get_running_loop()
+        async with announcements.watching(b"celery-task-meta-announced") as nap:
+            # When the result backend announces a state 50 ms into a 5 s nap
+            loop.call_later(0.05, lambda: redis.Redis.from_url(redis_server.url).publish("celery-task-meta-announced", "{}"))
+            started = loop.time()
+            await nap(5.0)
+            woke = loop.time() - started
+        await announcements.close()
+        return woke
+
+    # Then the nap ends at the announcement, not at its end
+    assert asyncio.run(scenario()) < 1.0
+
+
 # Every refusal -------------------------------------------------------------------------------------
 
 
