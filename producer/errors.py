@@ -67,6 +67,12 @@ def translate(error: BaseException, what: str, url: str | None = None) -> Rerank
             f"{what}: Redis at {redact(url)} is out of memory (used memory is above its maxmemory) and refuses "
             "new jobs: free memory or raise maxmemory, and keep maxmemory-policy at noeviction"
         )
+    if "WRONGTYPE" in str(error):
+        return BrokerUnavailable(
+            f"{what}: a key this needs in Redis at {redact(url)} holds another type than Celery writes there (someone wrote "
+            "into it); a worker consuming the queue moves a queue's misplaced key aside when it next looks, or rename it "
+            "yourself, then send again"
+        )
     # Celery raises a bare RuntimeError when it cannot subscribe to a result in the backend.
     if isinstance(error, _UNREACHABLE) or (isinstance(error, RuntimeError) and "result store" in str(error)):
         return BrokerUnavailable(

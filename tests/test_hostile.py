@@ -78,6 +78,19 @@ def chain_of(*tasks: str) -> dict[str, Any]:
     return {"callbacks": None, "errbacks": None, "chain": steps, "chord": None}
 
 
+def with_raw_body(raw_body: bytes, task_headers: dict[str, Any] | None = None) -> bytes:
+    """An envelope as Celery writes it, around body bytes that json.dumps could not produce."""
+    return json.dumps({
+        "body": base64.b64encode(raw_body).decode(), "content-encoding": "utf-8", "content-type": "application/json",
+        "headers": task_headers or headers(), "properties": {
+            "delivery_mode": 2, "priority": 0, "delivery_info": {"exchange": "", "routing_key": QUEUE},
+            "body_encoding": "base64", "delivery_tag": str(uuid.uuid4()),
+        },
+    }).encode()
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
 CASES = [
     # Protocol headers a consumer parses before any task code runs
     Hostile("task header but no id", {k: v for k, v in headers().items() if k != "id"}),
@@ -127,6 +140,17 @@ CASES = [
     Hostile("envelope headers are a list", envelope=json.dumps({"body": "", "headers": [1], "properties": {"delivery_tag": "t", "delivery_info": {"exchange": "", "routing_key": QUEUE}}}).encode()),
     Hostile("envelope is not UTF-8", envelope=b'{"body": "\xff\xfe"}'),
     Hostile("a compressed body (a decompression bomb)", headers(compression="application/x-gzip")),
+    # What kombu's JSON decoder turns into something other than plain data, and nesting past any decoder
+    Hostile("envelope is kombu's decimal hook", envelope=b'{"__type__": "decimal", "__value__": "not a number"}'),
+    Hostile("envelope properties are kombu's bytes hook", envelope=json.dumps({"body": "", "headers": headers(), "properties": {"__type__": "bytes", "__value__": "eA=="}}).encode()),
+    Hostile("envelope nested 100,000 deep", envelope=DEEP),
+    Hostile("envelope headers nested 40 deep", envelope=json.dumps({"body": "", "headers": json.loads("[" * 40 + "]" * 40), "properties": {}}).encode()),
+    Hostile("envelope priority is a string", envelope=json.dumps({"body": "", "headers": headers(), "properties": {"priority": "high", "delivery_tag": "t", "delivery_info": {"exchange": "", "routing_key": QUEUE}}}).encode()),
+    Hostile("body nested 100,000 deep", envelope=with_raw_body(DEEP)),
+    Hostile("body is kombu's decimal hook", envelope=with_raw_body(b'[[{"__type__": "decimal", "__value__": "x"}], {}, {}]')),
+    Hostile("body query is kombu's bytes hook", body=body(args=({"query": {"__type__": "bytes", "__value__": "eA=="}, "candidates": short_papers(2)},))),
+    Hostile("body candidates hold kombu's datetime hook", body=body(args=({"query": QUERY, "candidates": [{"__type__": "datetime", "__value__": "2020-01-01T00:00:00"}]},))),
+    Hostile("body nested 40 deep in kwargs", body=[[VALID], {"x": json.loads("[" * 40 + "]" * 40)}, {}]),
     Hostile("envelope body is not base64", envelope=json.dumps({"body": "%%%", "content-type": "application/json", "content-encoding": "utf-8", "headers": headers(), "properties": {"body_encoding": "base64", "delivery_tag": "t1", "delivery_info": {"exchange": "", "routing_key": QUEUE}}}).encode()),
 ]
 

@@ -286,3 +286,60 @@ def test_an_idle_worker_wakes_for_a_message_on_its_first_queue_at_once(redis_url
             queue.close()
     # Then it arrives well within the poll interval of the other queues
     assert len(received) == 1 and latency < 0.5
+
+
+def test_a_fresh_worker_starts_and_serves_within_30_s_whatever_is_in_redis(tmp_path, redis_url, tiny_model):
+    from producer import RerankClient, Settings
+    from tests.helpers import WorkerFleet, short_papers
+
+    # Given a Redis where someone wrote into every key a worker reads at start-up and while taking
+    redis = raw(redis_url)
+    for tag, entry in {"a": b"\x00", "b": b"[" * 100_000 + b"]" * 100_000, "c": b'[{"__type__": "decimal", "__value__": "x"}, "", "q"]', "d": b"[1]"}.items():
+        redis.hset("unacked", tag, entry)
+        redis.zadd("unacked_index", {tag: 1.0})
+    redis.zadd("unacked_index", {"ghost": 1.0})
+    redis.set("unacked_mutex", "forever")
+    redis.zadd(LEASES, {"lapsed": 1, "x" * 10_000: 1})
+    redis.set(HELD_PREFIX + "lapsed", "not a set")
+    queue = "fresh"
+    for item in (b"junk", b"[" * 100_000 + b"]" * 100_000, b'{"__type__": "uuid", "__value__": "x"}'):
+        redis.lpush(queue, item)
+    redis.set(f"{queue}\x06\x163", "a string where a priority list goes")
+    # When a worker starts on it
+    fleet = WorkerFleet(tmp_path, tiny_model, redis_url)
+    started = time.monotonic()
+    try:
+        worker = fleet.start("-Q", queue, env={"RERANK_VISIBILITY_TIMEOUT": "600"}, name="fresh")
+        worker.wait_until_loaded(processes=1, timeout=30)
+        client = RerankClient(Settings(broker_url=redis_url, queue=queue, model=str(tiny_model)))
+        # Then it serves a job within 30 s of its start, and stays up
+        result = client.rerank_documents("apixaban", short_papers(3), top_k=2, timeout=max(1, 30 - (time.monotonic() - started)))
+        served = time.monotonic() - started
+        assert len(result.items) == 2 and served < 30 and worker.process.poll() is None
+        assert "Unrecoverable error" not in worker.output()
+        # And what it could not use waits in the quarantine or aside, not in its way
+        wait_for(lambda: redis.llen(QUARANTINE) >= 3, 10, "the hostile queue items quarantined")
+        assert redis.keys(f"{queue}\x06\x163.misplaced.*")
+    finally:
+        fleet.stop_all()
+
+
+def test_a_producer_refused_by_a_misplaced_queue_key_says_so_and_sends_once_a_worker_moved_it(tmp_path, redis_url, tiny_model):
+    from producer import BrokerUnavailable, RerankClient, Settings
+    from tests.helpers import WorkerFleet, short_papers
+
+    # Given a string where the queue's list goes, and no worker yet
+    queue = "misplaced"
+    raw(redis_url).set(queue, "x")
+    client = RerankClient(Settings(broker_url=redis_url, queue=queue, model=str(tiny_model)))
+    # When a producer sends, Then it is told what is wrong, not that Redis is unreachable
+    with pytest.raises(BrokerUnavailable, match="holds another type") as refusal:
+        client.submit_documents("apixaban", short_papers(2), top_k=1)
+    assert "cannot reach" not in str(refusal.value)
+    # And once a worker consuming the queue started (and moved the key aside), the same send works
+    fleet = WorkerFleet(tmp_path, tiny_model, redis_url)
+    try:
+        fleet.start("-Q", queue, name="mover").wait_until_loaded(processes=1)
+        assert len(client.rerank_documents("apixaban", short_papers(2), top_k=1, timeout=30).items) == 1
+    finally:
+        fleet.stop_all()

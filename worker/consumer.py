@@ -109,6 +109,9 @@ def body_refusal(task: str, payload: Any) -> str | None:
     """
     if not (isinstance(payload, (list, tuple)) and len(payload) == 3):
         return "its body is not [args, kwargs, embed]"
+    impure = impurity(payload)
+    if impure is not None:
+        return impure
     args, kwargs, embed = payload
     if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict) or not isinstance(embed, dict):
         return "its body is not [args (a list), kwargs (an object), embed (an object)]"
@@ -121,6 +124,35 @@ def body_refusal(task: str, payload: Any) -> str | None:
     allowed = 1 if task == TASK_DOCUMENTS else 0
     if len(chain) > allowed or any(not isinstance(step, dict) or step.get("task") != TASK_CHUNKS for step in chain):
         return f"its chain {_short([s.get('task') if isinstance(s, dict) else s for s in chain])} is not one {TASK_CHUNKS} after {TASK_DOCUMENTS}"
+    return None
+
+
+PLAIN_SCALARS = (str, int, float, bool, type(None))
+MAX_BODY_DEPTH = 32
+
+
+def impurity(payload: Any) -> str | None:
+    """Why a decoded body is not plain JSON data, or None when it is.
+
+    kombu's JSON decoder turns `{"__type__": ..., "__value__": ...}` into bytes, datetimes, UUIDs
+    and decimals; our producers never send those, so a body holding one was not written by them.
+    """
+    level, frontier = 0, [payload]
+    while frontier:
+        level += 1
+        if level > MAX_BODY_DEPTH:
+            return f"its body nests deeper than {MAX_BODY_DEPTH} levels"
+        children: list[Any] = []
+        for value in frontier:
+            if isinstance(value, dict):
+                if not all(isinstance(k, str) for k in value):
+                    return "its body has an object key that is not a string"
+                children.extend(value.values())
+            elif isinstance(value, (list, tuple)):
+                children.extend(value)
+            elif not isinstance(value, PLAIN_SCALARS):
+                return f"its body holds a {type(value).__name__}, which plain JSON cannot (kombu's type hooks made it)"
+        frontier = children
     return None
 
 

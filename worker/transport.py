@@ -54,6 +54,19 @@ FULL = (
     "until then workers cannot record their work"
 )
 
+MISPLACED_ASIDE = """
+local moved = {}
+for _, key in ipairs(KEYS) do
+  local found = redis.call('TYPE', key)['ok']
+  if found ~= 'none' and found ~= ARGV[1] then
+    redis.call('RENAME', key, key .. '.misplaced.' .. ARGV[2])
+    moved[#moved + 1] = key
+  end
+end
+return moved
+"""
+"""KEYS: keys that must hold ARGV[1] (a Redis type) or nothing; others are renamed aside (ARGV[2]: a timestamp)."""
+
 UNEXPIRING_ASIDE = """
 if redis.call('TTL', KEYS[1]) == -1 then return redis.call('RENAME', KEYS[1], KEYS[1] .. '.misplaced.' .. ARGV[1]) end
 """
@@ -297,6 +310,18 @@ class TakingChannel:
                 message = self._checked(taken.item, taken.queue, tag)
                 if message is not None:
                     return message
+
+    def _size(self, queue: str) -> int:
+        """Messages waiting in `queue` (kombu asks at every declare); a priority key of another type is moved aside first."""
+        try:
+            return super()._size(queue)  # type: ignore[misc]
+        except ResponseError:
+            keys = [self._key(self._q_for_pri(queue, pri)) for pri in self.priority_steps]
+            with self.conn_or_acquire() as client:
+                moved = client.execute_command("EVAL", MISPLACED_ASIDE, len(keys), *keys, "list", int(time.time() * 1000))
+            for key in moved or []:
+                log.warning("Redis key %r had the wrong type for a queue and was moved aside", key)
+            return super()._size(queue)  # type: ignore[misc]
 
     def _deliver_taken(self, item: bytes, queue: str, tag: str) -> None:
         message = self._checked(item, queue, tag)
