@@ -92,6 +92,7 @@ def test_messages_held_under_a_lapsed_lease_go_back_to_their_queue(redis_url):
     # When another worker keeps its own lease after the dead one lapsed
     with connect(redis_url) as live:
         live.default_channel.basic_get("nothing-here")  # takes nothing, but holds a lease from now on
+        live.default_channel._opened_at -= 60  # a channel opened a minute ago: it sweeps (a young one waits a lease)
         time.sleep(0.6)
         live.default_channel.keep_lease()
         # Then both messages are back on their queue, marked redelivered, and the lapsed lease is gone
@@ -101,6 +102,23 @@ def test_messages_held_under_a_lapsed_lease_go_back_to_their_queue(redis_url):
         assert all(m.delivery_info.get("redelivered") for m in back)
         assert redis.zscore(LEASES, dead_lease) is None
     assert set(held).isdisjoint({m.delivery_tag for m in back}), "each take records a fresh tag"
+
+
+def test_a_channel_younger_than_a_lease_sweeps_nothing(redis_url):
+    # Given a lease that lapsed while Redis was down (its worker is alive and about to reconnect)
+    redis = raw(redis_url)
+    redis.zadd(LEASES, {"reconnecting": 1})
+    redis.sadd(HELD_PREFIX + "reconnecting", "tag")
+    with connect(redis_url) as connection:
+        channel = connection.default_channel
+        channel.basic_get("nothing-here")
+        # When a worker whose channel just opened keeps its lease, Then it leaves the other lease alone
+        channel.keep_lease()
+        assert redis.zscore(LEASES, "reconnecting") == 1 and redis.sismember(HELD_PREFIX + "reconnecting", "tag")
+        # And once its channel is a lease old, it sweeps
+        channel._opened_at -= 60
+        channel.keep_lease()
+        assert redis.zscore(LEASES, "reconnecting") is None
 
 
 def test_a_clean_shutdown_puts_back_what_the_worker_still_holds(redis_url):
@@ -259,6 +277,7 @@ def test_a_lease_whose_held_set_is_not_a_set_is_dropped_without_stopping_the_swe
     with connect(redis_url) as connection:
         channel = connection.default_channel
         message = channel.basic_get(QUEUE)
+        channel._opened_at -= 60  # a channel opened a minute ago: it sweeps
         # When the worker keeps its lease (and sweeps lapsed ones)
         channel.keep_lease()
         # Then the bogus leases are gone, its own stays, and its message is still held

@@ -227,6 +227,11 @@ class TakingChannel:
     _take_keys: list[str] = []
     _take_tag = ""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """Open as kombu does, noting when: a channel sweeps no lapsed lease in its first lease (see `keep_lease`)."""
+        self._opened_at = time.monotonic()
+        super().__init__(*args, **kwargs)
+
     @property
     def lease(self) -> str:
         """This process's lease (`process_lease()`): a channel opened after a reconnect holds under the same one."""
@@ -361,9 +366,16 @@ class TakingChannel:
     # -- leases: renewed from the event loop; lapsed ones swept by any live worker --------------------
 
     def keep_lease(self, sweep: int = 8, per_lease: int = 100) -> None:
-        """Renew this channel's lease, then put back messages held under up to `sweep` lapsed leases."""
+        """Renew this process's lease, then put back messages held under up to `sweep` lapsed leases.
+
+        A channel younger than one lease does not sweep: after Redis restarts or fails over, every
+        live worker reconnects within a lease of its new channel, and would otherwise find the
+        others' leases lapsed during the outage and run their tasks a second time.
+        """
         if not holds_lease():  # this process never took anything: nothing to keep
             return
+        if time.monotonic() - self._opened_at < float(self.worker_lease):
+            sweep = 0
         with self.conn_or_acquire() as client:
             lapsed = client.execute_command("EVAL", KEEP, 1, self._key(LEASES), self.lease, self._lease_ms(), sweep)
             for lease in lapsed or []:
