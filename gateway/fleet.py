@@ -10,6 +10,7 @@ A model counts as served when a worker that reports it consumes the queue this g
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 
 from producer.aio import AsyncRerankClient
@@ -36,6 +37,8 @@ class Fleet:
         self.served: dict[str, str] = {}
         """Model slug -> the model's name as its workers report it."""
         self.depths: dict[str, int] = {}
+        self.admitted: collections.Counter[str] = collections.Counter()
+        """Jobs this gateway sent to each queue since its depth was last read: counted in, so a burst cannot overshoot the bound."""
         self.broker_up = False
         self.known = asyncio.Event()
         """Set once the first inspect answered (or failed): requests wait for it rather than refuse at start-up."""
@@ -72,13 +75,14 @@ class Fleet:
     def admit(self, model: str) -> None:
         """Raise `Overloaded` when `model`'s queue holds more waiting messages than RERANK_GATEWAY_MAX_QUEUE_DEPTH."""
         queue = self.queue_for(model)
-        depth = self.depths.get(queue, 0)
+        depth = self.depths.get(queue, 0) + self.admitted[queue]
         if depth > self.gateway.max_queue_depth:
             raise Overloaded(
                 f"queue {queue!r} holds {depth} waiting jobs, over {self.gateway.max_queue_depth} "
                 "(RERANK_GATEWAY_MAX_QUEUE_DEPTH); retry later",
                 self.gateway.retry_after,
             )
+        self.admitted[queue] += 1
 
     @property
     def ready(self) -> bool:
@@ -116,11 +120,13 @@ class Fleet:
         app = self.clients[self.settings.model].sync.app
         while True:
             queues = sorted({self.queue_for(model) for model in self.served.values()} | {self.settings.queue})
+            admitted, self.admitted = self.admitted, collections.Counter()
             try:
                 found = await asyncio.to_thread(read_queues, app, queues)
                 self.depths = {depth.queue: depth.messages for depth in found}
                 self.broker_up = True
             except Exception as e:  # noqa: BLE001 - kombu raises many kinds for an unreachable broker; the loop must go on
+                self.admitted.update(admitted)  # not yet in any depth read
                 if self.broker_up:
                     log.warning("cannot read the queue depths: %s", type(e).__name__)
                 self.broker_up = False
