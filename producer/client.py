@@ -326,7 +326,7 @@ class RerankClient:
             self.settings,
         )
         # Digests of what this process built, so not checked again: hashing the pool is ~4 ms a MB.
-        return documents, chunks.model_copy(update={"digests": [chunk_digest(c) for c in chunks.chunks]})
+        return documents, chunks.model_copy(update={"digests": [chunk_digest(c, n) for n, c in enumerate(chunks.chunks)]})
 
     def _chain(self, documents: DocumentsRequest, chunks: ChunksRequest, job_id: str) -> Signature:
         # The job id is stage 2's task id and stage 1's is derived from it, so any process that

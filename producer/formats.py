@@ -62,13 +62,13 @@ def chunk_pool(candidates: Iterable[Candidate], chunk_chars: int = DEFAULT_MAX_C
     return pool
 
 
-def chunk_digest(chunk: Chunk) -> str:
-    """16 hex digits naming everything of `chunk` that is scored or joined back: id, paper, title, section, text.
+def chunk_digest(chunk: Chunk, position: int) -> str:
+    """16 hex digits naming `chunk` at `position` of a pool: its place, id, paper, title, section and text.
 
-    A two-stage job sends the digest of each chunk of its pool (`ChunksRequest.digests`), so
-    stage 2 can check that the chunk at each place is the one the producer put there.
+    A two-stage job sends one per chunk (`ChunksRequest.digests`), so stage 2 can check that
+    the chunk it scores for a place is the one the producer put there.
     """
-    digest = hashlib.blake2b(digest_size=8)
+    digest = hashlib.blake2b(str(position).encode(), digest_size=8)
     for field in (chunk.id, chunk.doc_id, chunk.title, chunk.section, chunk.text):
         # Each field after its length, so no two chunks' fields run together into the same bytes.
         encoded = b"\xff" if field is None else field.encode("utf-8", "surrogatepass")
@@ -99,8 +99,7 @@ def send_on_kept_chunks(chain: Any, kept: Collection[str]) -> None:
     pool of every candidate travels with stage 1, but stage 2 scores only the kept papers' chunks:
     sending it the rest (about four fifths) cost an encode, a transfer and a decode of each.
     The chunks keep their places in the pool (`positions`), so results index the same pool
-    either way, and the pool's `digests` travel with them for stage 2 to check each place
-    against. A step not shaped like our stage-2 request is left alone, for stage 2 to refuse.
+    either way, and their `digests`, which bind each chunk to its place, go with them. A step not shaped like our stage-2 request is left alone, for stage 2 to refuse.
     """
     step = chain[-1] if isinstance(chain, list) and chain else None
     kwargs = step.get("kwargs") if isinstance(step, dict) and step.get("task") == TASK_CHUNKS else None
@@ -113,9 +112,11 @@ def send_on_kept_chunks(chain: Any, kept: Collection[str]) -> None:
         return
     digests = request.get("digests")
     if digests is None:
-        # A producer older than digests: name the pool here, so stage 2 still checks every place.
+        # A producer older than digests: name the kept chunks here, so stage 2 still checks every place.
         try:
-            digests = [chunk_digest(Chunk.model_validate(c)) for c in chunks]
+            digests = [chunk_digest(Chunk.model_validate(chunks[n]), n) for n in positions]
         except ValidationError:
             return
+    elif isinstance(digests, list) and len(digests) == len(chunks):
+        digests = [digests[n] for n in positions]
     kwargs["request"] = {**request, "chunks": [chunks[n] for n in positions], "positions": positions, "digests": digests}

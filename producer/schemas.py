@@ -99,8 +99,8 @@ class ChunksRequest(_Model):
     )
     digests: list[Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")]] | None = Field(
         None,
-        description="In a two-stage job, `producer.formats.chunk_digest` of each chunk of the job's whole pool, in pool "
-        "order: stage 2 scores a chunk only if it is the one the producer sent at its place. Required with `positions`.",
+        description="In a two-stage job, one per chunk: `producer.formats.chunk_digest` of the chunk at its place in the "
+        "job's pool; stage 2 scores a chunk only if it is the one the producer sent there. Required with `positions`.",
     )
 
     @model_validator(mode="after")

@@ -77,7 +77,6 @@ def check_limits(request: BaseModel, settings: Settings) -> None:
     else:
         _check_count("chunks", len(request.chunks), settings.max_chunks, "RERANK_MAX_CHUNKS")
         _check_count("candidate_ids", len(request.candidate_ids or ()), settings.max_candidates, "RERANK_MAX_CANDIDATES")
-        _check_count("digests", len(request.digests or ()), settings.max_chunks, "RERANK_MAX_CHUNKS")
         if request.positions and request.positions[-1] >= settings.max_chunks:
             raise InvalidRequest(
                 f"position {request.positions[-1]} lies beyond a chunk pool of at most {settings.max_chunks} "
@@ -107,17 +106,15 @@ def check_pool(request: ChunksRequest) -> None:
     if request.digests is None:
         if request.positions is not None:
             raise InvalidRequest(
-                "a stage-2 request with positions must carry the digests of the pool they place its chunks in; "
+                "a stage-2 request with positions must carry a digest of each chunk at its place; "
                 "positions come only from stage 1 of a two-stage job: submit the job through the client"
             )
         return
+    if len(request.digests) != len(request.chunks):
+        raise InvalidRequest(f"{len(request.digests)} digests for {len(request.chunks)} chunks; send one per chunk")
     places: Sequence[int] = range(len(request.chunks)) if request.positions is None else request.positions
-    if request.positions is None and len(request.digests) != len(request.chunks):
-        raise InvalidRequest(f"{len(request.digests)} digests for {len(request.chunks)} chunks; send one per chunk of the pool")
-    if places and places[-1] >= len(request.digests):
-        raise InvalidRequest(f"position {places[-1]} lies beyond the pool of {len(request.digests)} chunks the digests name")
-    for chunk, place in zip(request.chunks, places):
-        if chunk_digest(chunk) != request.digests[place]:
+    for chunk, place, digest in zip(request.chunks, places, request.digests):
+        if chunk_digest(chunk, place) != digest:
             raise InvalidRequest(
                 f"chunk {chunk.id[:64]!r} is not the chunk the producer sent at position {place} of the pool (its digest "
                 "differs): the request was altered on its way; submit the job again"

@@ -209,13 +209,13 @@ def test_stage2_of_a_two_stage_job_carries_the_digest_of_every_chunk_of_the_pool
     # Given a two-stage job's stage-2 request as the client builds it
     client = RerankClient(in_process_settings)
     documents, chunks = client._two_stage_requests("q", [paper(i, text="Apixaban. " * 300) for i in range(4)], 2, None, False, None)
-    # Then it names each chunk of the pool by its digest, in pool order
-    assert chunks.digests == [chunk_digest(c) for c in chunks.chunks] and len(set(chunks.digests)) == len(chunks.chunks)
-    # And stage 1's trimming keeps the digests of the whole pool, which the trimmed request passes
+    # Then it names each chunk of the pool at its place by a digest
+    assert chunks.digests == [chunk_digest(c, n) for n, c in enumerate(chunks.chunks)] and len(set(chunks.digests)) == len(chunks.chunks)
+    # And stage 1's trimming sends on the digests of the kept chunks only, which the trimmed request passes
     pending = [{"task": TASK_CHUNKS, "kwargs": {"request": stage2_message(chunks)}}]
     send_on_kept_chunks(pending, {"p2"})
     sent = parse_request(ChunksRequest, pending[-1]["kwargs"]["request"], in_process_settings)
-    assert sent.digests == chunks.digests and {c.doc_id for c in sent.chunks} == {"p2"}
+    assert {c.doc_id for c in sent.chunks} == {"p2"} and sent.digests == [chunks.digests[n] for n in sent.positions]
 
 
 def test_stage1_names_the_pool_of_a_producer_older_than_digests(in_process_settings):
@@ -229,7 +229,8 @@ def test_stage1_names_the_pool_of_a_producer_older_than_digests(in_process_setti
     # When stage 1 trims it, Then stage 2 still receives the pool's digests and checks its chunks against them
     pending = [{"task": TASK_CHUNKS, "kwargs": {"request": old}}]
     send_on_kept_chunks(pending, {"p1", "p3"})
-    assert pending[-1]["kwargs"]["request"]["digests"] == chunks.digests
+    sent = pending[-1]["kwargs"]["request"]
+    assert sent["digests"] == [chunks.digests[n] for n in sent["positions"]]
     parse_request(ChunksRequest, pending[-1]["kwargs"]["request"], in_process_settings)
 
 
@@ -245,8 +246,9 @@ def test_stage1_names_the_pool_of_a_producer_older_than_digests(in_process_setti
         (lambda r: r["chunks"][0].update(section="Methods"), "at position 0"),
         (lambda r: r.update(digests=["XYZ"] * 2), "digests"),
         (lambda r: r.update(digests="0" * 32), "digests"),
-        (lambda r: r.update(positions=[0, 1]) or r.pop("digests"), "must carry the digests"),
-        (lambda r: r.update(positions=[0, 7]), "beyond the pool of 2 chunks"),
+        (lambda r: r.update(positions=[0, 1]) or r.pop("digests"), "must carry a digest of each chunk"),
+        (lambda r: r.update(positions=[0, 7]), "at position 7"),
+        (lambda r: r.update(positions=[1, 2]), "at position 1"),
     ],
 )
 def test_stage2_refuses_chunks_that_are_not_the_ones_sent_at_their_places(change, message):
@@ -255,7 +257,7 @@ def test_stage2_refuses_chunks_that_are_not_the_ones_sent_at_their_places(change
 
     # Given a stage-2 request whose digests name its two chunks
     chunks = [chunk(0, "a"), chunk(1, "a")]
-    request = {"query": "q", "chunks": chunks, "digests": [chunk_digest(Chunk.model_validate(c)) for c in chunks]}
+    request = {"query": "q", "chunks": chunks, "digests": [chunk_digest(Chunk.model_validate(c), n) for n, c in enumerate(chunks)]}
     parse_request(ChunksRequest, request, Settings())
     # When anything of it changes on the way, Then it is refused with the reason
     change(request)

@@ -249,8 +249,10 @@ def _forge(name: str) -> Callable[[dict[str, Any]], None]:
         return [n for n, c in enumerate(request["chunks"]) if c["doc_id"] in docs]
 
     def trim(request: dict[str, Any], positions: list[int], chunks: list[int] | None = None) -> None:
-        pool = request["chunks"]
-        request["chunks"] = [copy.deepcopy(pool[n]) for n in (positions if chunks is None else chunks)]
+        # Stage 1's trimming with a forger's positions: each chunk goes with the digest the producer gave it
+        taken = positions if chunks is None else chunks
+        request["chunks"] = [copy.deepcopy(request["chunks"][n]) for n in taken]
+        request["digests"] = [request["digests"][n] for n in taken]
         request["positions"] = positions
 
     def apply(request: dict[str, Any]) -> None:
@@ -263,9 +265,9 @@ def _forge(name: str) -> Callable[[dict[str, Any]], None]:
             trim(request, places, list(reversed(places)))
         elif name == "a position out of range":
             trim(request, [*places[:-1], len(request["chunks"]) + 3], places)
-        elif name == "a position past the digests":
+        elif name == "a digest missing":
             trim(request, places, places)
-            request["digests"] = request["digests"][: places[-1]]
+            request["digests"] = request["digests"][:-1]
         elif name == "a position pointing at another paper's chunk":
             positions = sorted([*places[1:], other[0]])
             trim(request, positions, [places[0] if n == other[0] else n for n in positions])
@@ -280,7 +282,7 @@ def _forge(name: str) -> Callable[[dict[str, Any]], None]:
             del request["digests"]
         elif name == "digests of another pool":
             trim(request, places)
-            request["digests"] = [chunk_digest(Chunk.model_validate({**c, "text": c["text"] + "!"})) for c in pool]
+            request["digests"] = [chunk_digest(Chunk.model_validate({**pool[n], "text": pool[n]["text"] + "!"}), n) for n in places]
         elif name == "a chunk sent twice at one position":
             trim(request, [places[0], places[0], *places[1:]], [places[0], places[0], *places[1:]])
         elif name == "two chunks at one position":
@@ -294,7 +296,7 @@ def _forge(name: str) -> Callable[[dict[str, Any]], None]:
 
 
 FORGERIES = [
-    "positions shifted by one", "chunks reordered", "a position out of range", "a position past the digests",
+    "positions shifted by one", "chunks reordered", "a position out of range", "a digest missing",
     "a position pointing at another paper's chunk", "a chunk's text swapped", "a chunk moved to another paper",
     "positions without digests", "digests of another pool", "a chunk sent twice at one position", "two chunks at one position", "a whole pool reordered, without positions",
 ]
@@ -458,9 +460,11 @@ def test_hostile_items_at_a_queues_tail_leave_every_scrape_answering(redis_serve
         first = wait_for(lambda: _try(lambda: scrape(port)), 30, "the exporter to serve")
         assert value(first, "rerank_queue_oldest_message_age_seconds", queue=queues[0]) >= 100
         for depth, tail in enumerate(HOSTILE_TAILS.values(), start=2):
-            # When each hostile item in turn becomes the oldest of the queue, and the exporter is scraped twice
+            # When each hostile item in turn becomes the oldest of the queue, and the exporter is scraped
+            # (the page is built at most once a second) until the depth shows it, and once more
             redis.rpush(queues[0], tail)
-            for samples in (scrape(port), scrape(port)):
+            fresh = wait_for(lambda: _showing(scrape(port), queues[0], depth), 10, "a page showing the new depth")
+            for samples in (fresh, scrape(port)):
                 # Then every scrape answers, with the broker up and the depth; the age is unknown, not made up
                 assert value(samples, "rerank_broker_up") == 1
                 assert value(samples, "rerank_queue_messages", queue=queues[0]) == depth
@@ -478,6 +482,12 @@ def test_hostile_items_at_a_queues_tail_leave_every_scrape_answering(redis_serve
             unreadable += 1
     log = errors.decode(errors="replace")
     assert unreadable >= 4 and log.count(f"the oldest item of {queues[0]} ") == unreadable, log[-3000:]
+
+
+def _showing(samples: Any, queue: str, depth: int) -> Any:
+    from tests.test_metrics import value
+
+    return samples if value(samples, "rerank_queue_messages", queue=queue) == depth else None
 
 
 def _try(call: Callable[[], Any]) -> Any:
