@@ -68,8 +68,8 @@ def chunk_digest(chunk: Chunk, position: int) -> str:
     A two-stage job sends one per chunk (`ChunksRequest.digests`), so stage 2 can check that
     the chunk it scores for a place is the one the producer put there.
     """
-    digest = hashlib.blake2b(str(position).encode(), digest_size=8)
-    for field in (chunk.id, chunk.doc_id, chunk.title, chunk.section, chunk.text):
+    digest = hashlib.blake2b(digest_size=8)
+    for field in (str(position), chunk.id, chunk.doc_id, chunk.title, chunk.section, chunk.text):
         # Each field after its length, so no two chunks' fields run together into the same bytes.
         encoded = b"\xff" if field is None else field.encode("utf-8", "surrogatepass")
         digest.update(len(encoded).to_bytes(8, "big"))
@@ -99,7 +99,8 @@ def send_on_kept_chunks(chain: Any, kept: Collection[str]) -> None:
     pool of every candidate travels with stage 1, but stage 2 scores only the kept papers' chunks:
     sending it the rest (about four fifths) cost an encode, a transfer and a decode of each.
     The chunks keep their places in the pool (`positions`), so results index the same pool
-    either way, and their `digests`, which bind each chunk to its place, go with them. A step not shaped like our stage-2 request is left alone, for stage 2 to refuse.
+    either way, and their `digests`, which bind each chunk to its place, go with them. A step
+    not shaped like our stage-2 request is left alone, for stage 2 to refuse.
     """
     step = chain[-1] if isinstance(chain, list) and chain else None
     kwargs = step.get("kwargs") if isinstance(step, dict) and step.get("task") == TASK_CHUNKS else None
