@@ -210,7 +210,10 @@ def create_app(settings: Settings | None = None, gateway: GatewaySettings | None
     async def ready(request: Request) -> Response:
         """Ready: the broker answers and a worker serves RERANK_MODEL on its queue (503 otherwise)."""
         fleet: Fleet = request.app.state.fleet
-        body = {"ready": fleet.ready, "broker": fleet.broker_up, "model": settings.model, "models_served": sorted(fleet.served.values())}
+        body = {
+            "ready": fleet.ready, "broker": fleet.broker_up, "workers_asked": fleet.known.is_set(),
+            "model": settings.model, "models_served": sorted(fleet.served.values()),
+        }
         return JSONResponse(body, status_code=200 if fleet.ready else 503)
 
     @app.get("/metrics", tags=["probes"])
