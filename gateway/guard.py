@@ -29,7 +29,7 @@ def load_keys(settings: GatewaySettings) -> list[bytes]:
     Raises:
         ValueError: no key is configured and anonymous access is not allowed, or the file cannot be read.
     """
-    keys = [k for k in (settings.api_keys.get_secret_value().split(",") if settings.api_keys else [])]
+    keys = settings.api_keys.get_secret_value().split(",") if settings.api_keys else []
     if settings.api_keys_file is not None:
         try:
             lines = Path(settings.api_keys_file).read_text().splitlines()

@@ -204,6 +204,14 @@ def test_a_waiting_request_wakes_on_the_result_backends_announcement(redis_serve
 # Every refusal -------------------------------------------------------------------------------------
 
 
+def test_the_gateway_refuses_to_start_without_an_api_key(redis_server):
+    # Given no key configured and anonymous access not allowed
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RERANK_GATEWAY_")} | {"RERANK_BROKER_URL": redis_server.url}
+    # When the gateway starts, Then it stops at once, saying how to give it keys
+    started = subprocess.run([sys.executable, "-m", "gateway.cli"], env=env, capture_output=True, text=True, timeout=60)
+    assert started.returncode == 2 and "RERANK_GATEWAY_API_KEYS" in started.stderr
+
+
 @pytest.mark.parametrize("authorization", [None, "Bearer wrong-key", f"Basic {KEY}", "Bearer", f"Bearer {KEY}x"])
 def test_401_without_a_valid_key(gateway, authorization):
     # Given a request with no key, a wrong one, or the right one in the wrong scheme
