@@ -56,12 +56,12 @@ def stored_meta(raw: bytes | str | None, task_id: str) -> Meta:
     try:
         meta = plain_json(raw, what, MAX_STORED_BYTES)
     except InvalidRequest as e:
-        raise _foreign(task_id, str(e)) from e
+        raise _foreign(f"task {task_id}", str(e)) from e
     status = meta.get("status") if isinstance(meta, dict) else None
     if not isinstance(status, str) or status not in KNOWN_STATES:
-        raise _foreign(task_id, f"{what} is a {type(meta).__name__} with no known task state")
+        raise _foreign(f"task {task_id}", f"{what} is a {type(meta).__name__} with no known task state")
     if status in (states.FAILURE, states.RETRY) and not _is_error(meta.get("result")):
-        raise _foreign(task_id, f"{what} is in state {status} without the error a worker stores")
+        raise _foreign(f"task {task_id}", f"{what} is in state {status} without the error a worker stores")
     return meta
 
 
@@ -93,9 +93,28 @@ def _is_error(raw: Any) -> bool:
     return all(isinstance(a, (str, int, float, bool, type(None))) for a in (args if isinstance(args, list) else [args]))
 
 
-def _foreign(task_id: str, problem: str) -> WorkerError:
+def _batch_ids(raw: bytes | str, batch_id: str) -> list[str]:
+    # Celery stores a group as {"result": [[group id, parent], [[[task id, parent], None], ...]]}.
+    try:
+        saved = plain_json(raw, "the stored batch", MAX_STORED_BYTES)
+    except InvalidRequest as e:
+        raise _foreign(f"batch {batch_id}", str(e)) from e
+    members = saved.get("result") if isinstance(saved, dict) else None
+    members = members[1] if isinstance(members, list) and len(members) == 2 else None
+    ids = [m[0][0] for m in members if _is_member(m)] if isinstance(members, list) else []
+    if not ids or len(ids) != len(members):
+        raise _foreign(f"batch {batch_id}", "the stored batch does not list its jobs as Celery does")
+    return ids
+
+
+def _is_member(member: Any) -> bool:
+    head = member[0] if isinstance(member, list) and member else None
+    return isinstance(head, list) and bool(head) and isinstance(head[0], str) and 0 < len(head[0]) <= 255
+
+
+def _foreign(what: str, problem: str) -> WorkerError:
     return WorkerError(
-        f"task {task_id}: {problem}; no worker writes that, so something else wrote it into the result backend or it is "
+        f"{what}: {problem}; no worker writes that, so something else wrote it into the result backend or it is "
         "corrupt: submit the job again, and find out who else writes to this Redis"
     )
 
@@ -207,12 +226,21 @@ class WorkerBackend:
         return batch.id
 
     def restore(self, batch_id: str) -> list[str]:
-        """The job ids of a batch sent by `send_many`, from any process."""
-        with reaching(f"reading batch {batch_id}", self.results_url):
-            saved = GroupResult.restore(batch_id, app=self.app)
-        if saved is None:
+        """The job ids of a batch sent by `send_many`, from any process; read as plain data, like `meta`."""
+        backend = self.app.backend
+        if not isinstance(backend, BaseKeyValueStoreBackend):  # not one this project configures; Celery decodes
+            with reaching(f"reading batch {batch_id}", self.results_url):
+                saved = GroupResult.restore(batch_id, app=self.app)
+            ids = None if saved is None else [result.id for result in saved.results]
+        else:
+            key = backend.get_key_for_group(batch_id)
+            with reaching(f"reading batch {batch_id}", self.results_url):
+                raw = backend.mget([key])
+            raw = raw.get(key) if isinstance(raw, dict) else raw[0]
+            ids = None if raw is None else _batch_ids(raw, batch_id)
+        if ids is None:
             raise InvalidRequest(f"no batch {batch_id!r} in the result backend: wrong id, or its results expired")
-        return [result.id for result in saved.results]
+        return ids
 
     def meta(self, task_id: str) -> Meta:
         """One task's state and result or meta, as plain data (one read, no waiting).

@@ -132,6 +132,35 @@ def test_a_stored_failure_of_ours_keeps_its_class_and_a_foreign_one_becomes_a_wo
     redis.delete(HELD)
 
 
+BATCHES = {
+    "not JSON": b"\x00\xff",
+    "nested past the interpreter": deep(100_000).encode(),
+    "kombu's hooks as the members": json.dumps({"result": [["g", None], {"__type__": "bytes", "__value__": "aGk="}]}).encode(),
+    "no result": b'{"jobs": []}',
+    "members of the wrong shape": b'{"result": [["g", null], [1, 2]]}',
+    "an empty batch": b'{"result": [["g", null], []]}',
+    "a member id that is a list": b'{"result": [["g", null], [[[["x"], null], null]]]}',
+    "a member id of 10 kB": json.dumps({"result": [["g", None], [[["x" * 10_000, None], None]]]}).encode(),
+}
+
+
+@pytest.mark.parametrize("raw", BATCHES.values(), ids=BATCHES.keys())
+def test_a_hostile_stored_batch_raises_a_typed_error(held, redis, raw: bytes):
+    # Given a batch id whose stored group someone overwrote
+    batch = held.submit_many([{"query": QUERY, "candidates": short_papers(2)}] * 2)
+    redis.set(f"celery-taskset-meta-{batch.id}", raw)
+    # When another process follows the batch by its id, Then it gets WorkerError, nothing untyped
+    with pytest.raises(WorkerError, match="stored batch"):
+        held.batch(batch.id)
+    redis.delete(HELD)
+
+
+def test_a_stored_batch_reads_back_its_jobs(held, redis):
+    batch = held.submit_many([{"query": QUERY, "candidates": short_papers(2)}] * 3)
+    assert [job.id for job in held.batch(batch.id)] == [job.id for job in batch]
+    redis.delete(HELD)
+
+
 # B and C. Announcements ----------------------------------------------------------------------------
 
 
@@ -203,6 +232,23 @@ def test_results_within_the_default_limits_can_be_larger_than_pubsub_carries():
     size = settings.max_chunks * len(dumps(chunk.model_dump(mode="json"))) + settings.max_candidates * len(dumps(paper.model_dump(mode="json")))
     # Then it passes Redis's 32 MB pub/sub limit (so the producer must read it stored), within the 512 MB a value may be
     assert 32 * 2**20 < size < 512 * 2**20, size
+
+
+def test_after_a_dropped_subscription_the_producer_listens_again(shared_worker, held, redis, low_pubsub_limit):
+    # Given a producer waiting for a held job, whose subscription one oversized message drops
+    handle = held.submit_documents(QUERY, short_papers(3, seed=5), top_k=1)
+    waiting = Waiting(lambda: handle.result(timeout=60))
+    channel = meta_key(handle.id)
+    wait_for(lambda: redis.pubsub_numsub(channel)[0][1] >= 1, 10, "the producer to subscribe")
+    before = {c["id"] for c in redis.client_list(_type="pubsub")}
+    redis.publish(channel, b"z" * (2 * low_pubsub_limit))
+    # Then it subscribes again, on a new connection, without failing
+    wait_for(lambda: {c["id"] for c in redis.client_list(_type="pubsub")} - before, 10, "a new subscriber connection")
+    assert redis.pubsub_numsub(channel)[0][1] >= 1 and not waiting.done.is_set(), waiting.outcome
+    # And it gets the result once a worker runs the job
+    redis.rpoplpush(HELD, Settings(model=held.settings.model).queue)
+    assert waiting.done.wait(30) and not isinstance(waiting.outcome, BaseException), repr(waiting.outcome)
+    assert len(waiting.outcome.items) == 1
 
 
 def test_a_result_larger_than_pubsub_carries_is_still_delivered(shared_worker, redis_settings, redis, low_pubsub_limit):
