@@ -201,6 +201,30 @@ ANNOUNCEMENTS = {
 }
 
 
+def test_only_an_announced_final_state_ends_a_pause_early(redis_settings, redis):
+    from producer.backends import Announcements
+
+    # Given a producer listening on a task's channel
+    client = RerankClient(redis_settings)
+    task_id = str(uuid.uuid4())
+    watch = Announcements(client.app.backend, [task_id], redis_settings.broker_url)
+    try:
+        wait_for(lambda: redis.pubsub_numsub(meta_key(task_id))[0][1] >= 1, 10, "the subscription")
+        # When progress, garbage and a forged head are announced, Then the pause runs its course
+        for raw in (json.dumps({"status": "PROGRESS", "result": {"done": 1}}).encode(), b"\x00", b'{"result": 1, "status": "SUCCESS"}'):
+            redis.publish(meta_key(task_id), raw)
+        started = time.monotonic()
+        watch.wait(0.5)
+        assert time.monotonic() - started >= 0.45
+        # When a final state is announced as Celery writes it, Then the pause ends at once
+        threading.Timer(0.2, redis.publish, (meta_key(task_id), success({"x": 1}))).start()
+        started = time.monotonic()
+        watch.wait(10)
+        assert time.monotonic() - started < 2
+    finally:
+        watch.close()
+
+
 def test_hostile_announcements_are_ignored_and_the_stored_result_is_still_delivered(shared_worker, held, redis, low_pubsub_limit):
     # Given a job waiting on a queue nobody consumes, and a producer waiting for it in a thread
     handle = held.submit_documents(QUERY, short_papers(4, seed=3), top_k=2)
