@@ -4,8 +4,10 @@ prometheus_client's own server spends a thread and a descriptor on every connect
 as the peer keeps it open: a thousand half-open connections exhaust the process. This one runs
 one event loop on one daemon thread and bounds everything a peer controls:
 
-- connections: at most `max_connections` at once; a new one past that closes the oldest that
-  has not yet sent a whole request (a scraper sends its request at once; an idle peer waits);
+- connections: at most `max_connections` at once (descriptors: a few more, while evicted ones
+  close); a new one past that closes the oldest that has not yet sent a whole request, of
+  the host with the most such (a scraper sends its request at once; an idle peer waits; a host
+  flooding the port evicts its own connections first);
 - time: a connection gets `timeout` seconds to send its request and as long to take the answer;
 - size: a request head over `max_head_bytes` is dropped;
 - work: the metrics page is built at most once per `cache_seconds`, however many ask;
@@ -22,6 +24,7 @@ import logging
 import socket
 import threading
 import time
+from collections import Counter
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -64,15 +67,14 @@ class MetricsServer:
         try:
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self.socket.bind((address, port))
-            self.socket.listen(128)
+            self.socket.listen(1024)  # a long kernel queue: during a flood a scraper waits there, not dropped
             self.socket.setblocking(False)
         except OSError:
             self.socket.close()
             raise
         self.port: int = self.socket.getsockname()[1]
-        self._waiting: dict[asyncio.StreamWriter, None] = {}  # connections yet to send a whole request, oldest first
-        self._answering = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._open: dict[_Exchange, str] = {}  # every accepted connection, oldest first, with its peer's host
+        self._connecting: set[asyncio.Task[None]] = set()
         self._page: tuple[float, bytes] = (float("-inf"), b"")
         self._loop = asyncio.new_event_loop()
         self._stopped = asyncio.Event()
@@ -97,48 +99,56 @@ class MetricsServer:
             self._loop.close()
 
     async def _serve(self) -> None:
-        server = await asyncio.start_server(self._connection, sock=self.socket, limit=self.max_head_bytes)
+        accepting = asyncio.ensure_future(self._accept())
         await self._stopped.wait()
-        server.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        accepting.cancel()
+        await asyncio.gather(accepting, return_exceptions=True)
+        self.socket.close()
+        for exchange in list(self._open):
+            exchange.drop()
+        await asyncio.gather(*self._connecting, return_exceptions=True)
+        await asyncio.sleep(0)  # let the aborted transports close their sockets
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            await self._exchange(reader, writer)
-        finally:
-            self._tasks.discard(task)
-            self._waiting.pop(writer, None)
-            if writer.transport.get_write_buffer_size() or not writer.transport.is_closing():
-                writer.transport.abort()  # nothing is owed to a peer once its exchange is over
+    async def _accept(self) -> None:
+        # Every connection is counted (and one evicted if need be) as it is accepted, and set up
+        # before the next is taken, however fast peers connect: evicted sockets close within the
+        # loop's next turns, so descriptors stay within a few of max_connections.
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                connection, peer = await loop.sock_accept(self.socket)
+            except OSError as e:  # e.g. out of descriptors: wait, rather than spin
+                log.warning("metrics server cannot accept a connection: %s", e)
+                await asyncio.sleep(0.5)
+                continue
+            if len(self._open) >= self.max_connections and not self._evict():
+                connection.close()  # every slot is answering a whole request: this one is refused
+                continue
+            exchange = _Exchange(self, connection)
+            self._open[exchange] = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+            connecting = loop.create_task(self._connect(exchange))
+            self._connecting.add(connecting)
+            connecting.add_done_callback(self._connecting.discard)
+            await asyncio.sleep(0)  # sock_accept does not yield while connections queue: let this one set up
 
-    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._waiting) + self._answering >= self.max_connections:
-            if not self._waiting:  # every slot is answering a whole request: this one is refused
-                return
-            oldest = next(iter(self._waiting))
-            del self._waiting[oldest]  # now, so the next connection evicts another
-            oldest.transport.abort()
-        self._waiting[writer] = None
+    async def _connect(self, exchange: _Exchange) -> None:
+        exchange.setting_up = True
         try:
-            head = await asyncio.wait_for(reader.readuntil(_HEAD_END), self.timeout)
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-            return  # too slow, too long, gone, or evicted: nothing to answer
-        finally:
-            self._waiting.pop(writer, None)
-        self._answering += 1
-        try:
-            writer.write(self._answer(head))
-            await asyncio.wait_for(writer.drain(), self.timeout)
-            writer.close()
-        except (asyncio.TimeoutError, ConnectionError):
-            pass  # the peer went away or does not read
-        finally:
-            self._answering -= 1
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: exchange, exchange.socket)
+        except OSError:  # gone before it was set up
+            self._open.pop(exchange, None)
+            exchange.socket.close()
+
+    def _evict(self) -> bool:
+        """Close the oldest connection still sending its request, of the host holding the most; False when there is none."""
+        waiting = {e: host for e, host in self._open.items() if not e.answered}
+        if not waiting:
+            return False
+        crowded = Counter(waiting.values()).most_common(1)[0][0]  # a host flooding the port evicts its own
+        oldest = next(e for e, host in waiting.items() if host == crowded)
+        del self._open[oldest]
+        oldest.drop()
+        return True
 
     def _answer(self, head: bytes) -> bytes:
         lines = head.decode("latin-1").split("\r\n")
@@ -173,6 +183,57 @@ class MetricsServer:
             page = generate_latest(self.registry)
             self._page = (time.monotonic(), page)
         return page
+
+
+class _Exchange(asyncio.Protocol):
+    """One connection: a request head of at most max_head_bytes within the timeout, one answer, then closed."""
+
+    def __init__(self, server: MetricsServer, connection: socket.socket) -> None:
+        self.server = server
+        self.socket = connection
+        self.head = b""
+        self.answered = False
+        self.dropped = False
+        self.setting_up = False
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
+        self.deadline: asyncio.TimerHandle | None = None
+
+    def drop(self) -> None:
+        """Close the connection: now, unless its setting up has begun, then as soon as it is set up."""
+        self.dropped = True
+        if self.transport is not None:
+            self.transport.abort()
+        elif not self.setting_up:
+            self.socket.close()  # _connect then finds it closed
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if self.dropped:
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        # One deadline for the whole exchange: sending the request and taking the answer.
+        self.deadline = asyncio.get_running_loop().call_later(self.server.timeout, transport.abort)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        if self.answered:
+            return
+        self.head += data
+        end = self.head.find(_HEAD_END)
+        if end < 0:
+            if len(self.head) > self.server.max_head_bytes:
+                self.transport.abort()
+            return
+        if end > self.server.max_head_bytes:
+            self.transport.abort()
+            return
+        self.answered = True
+        self.transport.write(self.server._answer(self.head[: end + len(_HEAD_END)]))
+        self.transport.close()  # once the answer is sent; the deadline aborts a peer that does not take it
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+        self.server._open.pop(self, None)
 
 
 def _bearer_matches(authorization: str, token: bytes) -> bool:

@@ -319,6 +319,38 @@ def test_the_metrics_server_answers_only_get_metrics_with_the_token_and_drops_ov
         server.stop()
 
 
+def test_a_host_flooding_the_metrics_port_evicts_its_own_idle_connections_not_another_hosts():
+    from producer.scrape import MetricsServer
+
+    # Given a server of at most 8 connections, and a scraper on 127.0.0.1 that connected but has not sent its request yet
+    registry = prometheus_client.CollectorRegistry()
+    prometheus_client.Counter("doors", "Doors knocked on.", registry=registry).inc()
+    server = MetricsServer(registry, 0, "0.0.0.0", max_connections=8, timeout=10.0)
+    server.start()
+    flood: list[socket.socket] = []
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as scraper:
+            wait_for(lambda: len(server._open) == 1, 10, "the server to accept the scraper")
+            # When another host opens 200 idle connections
+            for _ in range(200):
+                s = socket.socket()
+                s.bind(("127.0.0.2", 0))
+                s.connect(("127.0.0.1", server.port))
+                flood.append(s)
+            wait_for(lambda: sum(1 for host in server._open.values() if host == "127.0.0.2") == 7, 10, "the flood to be accepted")
+            # Then the scraper's connection is still open, and its request is answered
+            scraper.sendall(b"GET /metrics HTTP/1.1\r\nHost: worker\r\n\r\n")
+            answer = b""
+            while chunk := scraper.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 OK") and b"doors_total 1.0" in answer
+        assert len(server._open) <= 8
+    finally:
+        for s in flood:
+            s.close()
+        server.stop()
+
+
 @pytest.mark.integration
 def test_a_thousand_half_open_connections_to_the_metrics_port_leave_the_worker_bounded_and_serving(
     start_worker, redis_server, tiny_model, tmp_path, enough_descriptors
@@ -332,37 +364,45 @@ def test_a_thousand_half_open_connections_to_the_metrics_port_leave_the_worker_b
     worker.wait_until_loaded(processes=1)
     client = RerankClient(Settings(broker_url=redis_server.url, queue="doors", model=str(tiny_model)))
 
-    def p50_of_small_jobs() -> float:
+    def small_jobs(n: int, seed: int) -> list[float]:
         seconds = []
-        for n in range(21):
+        for k in range(n):
             started = time.perf_counter()
-            assert len(client.rerank_documents(QUERY, short_papers(5, n), top_k=2, timeout=30).items) == 2
+            assert len(client.rerank_documents(QUERY, short_papers(5, seed + k), top_k=2, timeout=30).items) == 2
             seconds.append(time.perf_counter() - started)
-        return statistics.median(seconds)
+        return seconds
 
-    p50_of_small_jobs()  # warm-up: first connections, first batches
-    before = p50_of_small_jobs()
+    small_jobs(10, 0)  # warm-up: first connections, first batches
     threads_before, fds_before = _threads_and_fds(worker.process.pid)
     assert _get(port, token="scrape-me")[0] == 200
-    # When a thousand connections are opened to its metrics port and never finish a request
-    held = _half_open(port, 1000)
-    try:
-        threads, fds = zip(*(_threads_and_fds(worker.process.pid) for _ in range(20)))
-        # Then scrapes with the token keep answering, and without it are refused
-        for _ in range(5):
-            status, body = _get(port, token="scrape-me")
-            assert status == 200 and value(parse(body.decode()), "rerank_tasks_total", state="SUCCESS") >= 42
-        assert _get(port)[0] == 401
-        # And jobs keep their latency
-        during = p50_of_small_jobs()
-        threads, fds = threads + (_threads_and_fds(worker.process.pid)[0],), fds + (_threads_and_fds(worker.process.pid)[1],)
-    finally:
-        for s in held:
-            s.close()
+    # When, three times, a thousand connections are opened to its metrics port and never finish a
+    # request (latency alone and beside them taken in turn, so a busy machine weighs on both alike)
+    alone, beside, threads, fds = [], [], [], []
+    for round_ in range(3):
+        alone += small_jobs(11, 100 * round_)
+        held = _half_open(port, 1000)
+        try:
+            for _ in range(10):
+                threads.append(_threads_and_fds(worker.process.pid)[0])
+                fds.append(_threads_and_fds(worker.process.pid)[1])
+            # Then scrapes with the token keep answering, and without it are refused
+            for _ in range(3):
+                status, body = _get(port, token="scrape-me")
+                assert status == 200 and value(parse(body.decode()), "rerank_tasks_total", state="SUCCESS") >= 10
+            assert _get(port)[0] == 401
+            # And jobs keep their latency
+            beside += small_jobs(11, 100 * round_ + 50)
+            threads.append(_threads_and_fds(worker.process.pid)[0])
+            fds.append(_threads_and_fds(worker.process.pid)[1])
+        finally:
+            for s in held:
+                s.close()
+    before, during = statistics.median(alone), statistics.median(beside)
     report = f"threads {threads_before} -> max {max(threads)}, fds {fds_before} -> max {max(fds)}, p50 {before * 1000:.1f} -> {during * 1000:.1f} ms"
     print(f"\n[metrics] 1,000 half-open connections: {report}")
-    # And the worker's threads stay as they were, its descriptors within the server's 32 connections
+    # And the worker's threads stay as they were, its descriptors within the server's 32
+    # connections (and a few evicted ones closing)
     assert max(threads) <= threads_before + 1, report
-    assert max(fds) <= fds_before + 40, report
+    assert max(fds) <= fds_before + 32 + 8, report
     assert during <= 2 * before, report
     assert worker.process.poll() is None
