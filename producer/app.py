@@ -32,7 +32,6 @@ def create_app(settings: Settings) -> Celery:
         **transport_options,
         # Workers' atomic takes (worker/transport.py); other transports ignore them.
         "worker_lease": settings.worker_lease,
-        "take_poll": settings.take_poll,
         # kombu >= 5.7 sweeps Redis for unacked messages older than the visibility timeout every
         # interval x throttle seconds (10 x 10 by default). Sweeping every tenth of the timeout
         # (1-60 s) bounds a dead worker's task's redelivery at about 1.1 visibility timeouts;

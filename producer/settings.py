@@ -75,9 +75,6 @@ class Settings(BaseSettings):
         description="Seconds a worker's hold on the messages it took lasts unless renewed (every fifth of it); "
         "a dead worker's messages go back on their queues this long after it dies.",
     )
-    take_poll: float = Field(
-        0.1, ge=0.005, le=10.0, description="While idle, seconds between looks at a worker's queues after its first one."
-    )
     sentinel_master: str | None = Field(
         None, min_length=1, description="Redis Sentinel's name for the master, with `sentinel://` broker and result URLs."
     )

@@ -11,7 +11,6 @@ import json
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -286,25 +285,36 @@ def test_a_lease_whose_held_set_is_not_a_set_is_dropped_without_stopping_the_swe
         assert redis.get(HELD_PREFIX + "bogus") == b"x", "not ours to delete"
 
 
-def test_an_idle_worker_wakes_for_a_message_on_its_first_queue_at_once(redis_url):
-    # Given a consumer waiting on an empty queue (the event-loop path: wait, then take)
+@pytest.mark.parametrize("target", ["first", "second", "third"])
+def test_an_idle_worker_wakes_at_once_for_a_message_on_any_of_its_queues(redis_url, target):
+    from kombu import Consumer, Queue
+
+    # Given a consumer of three queues, idle past a wait's one-second timeout (the event-loop path: wait, then take)
+    names = {"first": "q.first", "second": "q.second", "third": "q.third"}
     received: list[Any] = []
     with connect(redis_url) as connection:
-        queue = connection.SimpleQueue(QUEUE, no_ack=False)
-        try:
-            with pytest.raises(queue.Empty):
-                queue.get(timeout=0.3)
-            # When a message is published
-            sent = time.monotonic()
-            publish(redis_url, {"n": str(uuid.uuid4())})
-            message = queue.get(timeout=5)
-            latency = time.monotonic() - sent
-            received.append(message.payload)
-            message.ack()
-        finally:
-            queue.close()
-    # Then it arrives well within the poll interval of the other queues
-    assert len(received) == 1 and latency < 0.5
+        consumer = Consumer(connection, [Queue(n, routing_key=n) for n in names.values()], callbacks=[lambda body, m: (received.append(body), m.ack())], accept=["json"])
+        with consumer:
+            deadline = time.monotonic() + 1.5
+            while time.monotonic() < deadline:
+                try:
+                    connection.drain_events(timeout=0.2)
+                except TimeoutError:
+                    pass
+            # When messages arrive on one of them, three times a third of a wait's timeout apart
+            latencies = []
+            for n in range(3):
+                time.sleep(0.35)
+                sent = time.monotonic()
+                publish(redis_url, {"n": n}, queue=names[target])
+                while len(received) <= n and time.monotonic() - sent < 5:
+                    try:
+                        connection.drain_events(timeout=0.02)
+                    except TimeoutError:
+                        pass
+                latencies.append(time.monotonic() - sent)
+    # Then each is taken at once, not at the next wait's timeout (a second): that queue's own wait woke the worker
+    assert received == [{"n": 0}, {"n": 1}, {"n": 2}] and max(latencies) < 0.25, latencies
 
 
 def test_a_fresh_worker_starts_and_serves_within_30_s_whatever_is_in_redis(tmp_path, redis_url, tiny_model):

@@ -8,9 +8,9 @@ workers of the previous version all keep working) and into the taker's `held` se
 the taker keeps alive. A kill at any instant leaves the item either in its queue or recorded;
 when a lease lapses, any live worker puts its held messages back on their queues.
 
-Scripts cannot block, so an idle worker waits with `BLMOVE q q RIGHT RIGHT`, which blocks until
-its first queue holds an item and then moves nothing (the tail goes back to the tail): a wait that
-takes nothing. Its other queues are looked at every `RERANK_TAKE_POLL` seconds while it waits.
+Scripts cannot block, so an idle worker waits on each of its queues with `BLMOVE q q RIGHT RIGHT`
+(one connection per queue), which blocks until the queue holds an item and then moves nothing (the
+tail goes back to the tail): a wait that takes nothing. Whichever wait returns first, it takes.
 
 The script never decodes what it moves (a hostile item costs Redis nothing but a copy); it
 records the item under a fresh delivery tag, with the queue it came from as its routing key, so a

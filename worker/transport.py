@@ -74,8 +74,8 @@ if redis.call('TTL', KEYS[1]) == -1 then return redis.call('RENAME', KEYS[1], KE
 LEASE_SECONDS = 10
 """How long a worker's lease on the messages it holds lasts unless renewed (RERANK_WORKER_LEASE)."""
 
-TAKE_POLL_SECONDS = 0.1
-"""While idle, how often a worker looks at queues other than its first one (RERANK_TAKE_POLL)."""
+WAIT_SECONDS = 1.0
+"""An idle worker's wait on a queue returns after this long at most, and it takes again (priority sub-lists included)."""
 
 
 def envelope_refusal(envelope: Any) -> str | None:
@@ -221,8 +221,7 @@ class TakingChannel:
 
     QoS = QoS
     worker_lease: float = LEASE_SECONDS
-    take_poll: float = TAKE_POLL_SECONDS
-    _waiting = False  # the command in flight is a wait (BLMOVE), not a take
+    _wake = True  # take at the next chance; False while idle, until a wait returns
     _take_queues: list[str] = []
     _take_keys: list[str] = []
     _take_tag = ""
@@ -230,6 +229,8 @@ class TakingChannel:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         """Open as kombu does, noting when: a channel sweeps no lapsed lease in its first lease (see `keep_lease`)."""
         self._opened_at = time.monotonic()
+        self._waiters: dict[str, Any] = {}  # queue -> a Redis client with a connection of its own
+        self._waits: dict[str, float] = {}  # queue -> when its wait was sent, while it is in flight
         super().__init__(*args, **kwargs)
 
     @property
@@ -254,28 +255,23 @@ class TakingChannel:
     # -- taking, driven by kombu's poller: one command in flight on the BRPOP connection ----------
 
     def _brpop_start(self, timeout: float | None = None) -> None:
+        if not self._wake:  # idle: the waits (below) wake us when a queue gets something
+            return
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return
-        if self._waiting:
-            # Block until the first queue holds something, moving nothing; then take.
-            key = self._key(queues[0])
-            wait = min(float(self.take_poll), float(timeout or self.brpop_timeout or self.take_poll))
-            command = ["BLMOVE", key, key, "RIGHT", "RIGHT", wait]
-        else:
-            self._take_queues = [q for pri in self.priority_steps for q in queues]
-            self._take_keys = [self._key(self._q_for_pri(q, pri)) for pri in self.priority_steps for q in queues]
-            self._take_tag = str(uuid.uuid4())
-            command = take_call(self._take_keys, self._take_queues, self._bookkeeping(), self._take_tag, self.lease, self._lease_ms())
+        self._take_queues = [q for pri in self.priority_steps for q in queues]
+        self._take_keys = [self._key(self._q_for_pri(q, pri)) for pri in self.priority_steps for q in queues]
+        self._take_tag = str(uuid.uuid4())
         self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()
+        command = take_call(self._take_keys, self._take_queues, self._bookkeeping(), self._take_tag, self.lease, self._lease_ms())
         self.client.connection.send_command(*command)
 
     def _brpop_read(self, **options: Any) -> bool:
-        waiting, self._waiting = self._waiting, False
         try:
             try:
-                reply = self.client.parse_response(self.client.connection, "BLMOVE" if waiting else "EVAL", **options)
+                reply = self.client.parse_response(self.client.connection, "EVAL", **options)
             except self.connection_errors:
                 self.client.connection.disconnect()
                 raise
@@ -284,15 +280,13 @@ class TakingChannel:
                     warn_once("full", "%s; nothing is taken until it has room (the messages stay queued)", FULL)
                 else:
                     warn_once("take", "Redis refused to take a message (%s); retrying", e)
-                self._waiting = True
+                self._sleep(self._take_queues)
                 raise virtual.Empty() from None
-            if waiting:
-                raise virtual.Empty()
             taken = parse_taken(reply, self._take_queues)
             for key in taken.misplaced:
                 log.warning("Redis key %s had the wrong type for a queue or kombu's bookkeeping and was moved aside", key)
             if taken.queue is None:
-                self._waiting = True
+                self._sleep(self._take_queues)
                 raise virtual.Empty()
             self._queue_cycle.rotate(taken.queue)
             self._deliver_taken(taken.item, taken.queue, self._take_tag)
@@ -300,6 +294,71 @@ class TakingChannel:
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
+
+    # -- waiting while idle: one blocked connection per queue, moving nothing ------------------------
+
+    def _sleep(self, queues: list[str]) -> None:
+        """Stop taking until one of `queues` gets a message (or a wait times out): each gets a wait of its own."""
+        self._wake = False
+        for queue in dict.fromkeys(queues):
+            if queue not in self._waits:
+                self._wait_on(queue)
+
+    def _wait_on(self, queue: str) -> None:
+        key = self._key(queue)
+        client = self._waiters.get(queue)
+        if client is None:
+            client = self.Client(connection_pool=self.pool)
+            client.connection = self.pool.get_connection()
+            self._waiters[queue] = client
+            self.handlers[f"WAIT {queue}"] = lambda: self._woken(queue)
+        if client.connection._sock is None:
+            client.connection.connect()
+        # Blocks until the queue holds an item, then moves its tail to its tail: nothing taken.
+        client.connection.send_command("BLMOVE", key, key, "RIGHT", "RIGHT", WAIT_SECONDS)
+        self._waits[queue] = time.monotonic()
+        self.connection.cycle._register(self, client, f"WAIT {queue}")
+
+    def _woken(self, queue: str) -> None:
+        """A queue's wait returned (a message arrived, or it timed out): take again."""
+        self._waits.pop(queue, None)
+        self._wake = True
+        client = self._waiters[queue]
+        try:
+            client.parse_response(client.connection, "BLMOVE")
+        except self.connection_errors:
+            client.connection.disconnect()
+            self._waiters.pop(queue, None)
+        except ResponseError as e:  # another type at the queue's key: the next take moves it aside
+            warn_once("wait", "Redis refused to wait on queue %r (%s)", queue, e)
+
+    def _poll_error(self, type: str, **options: Any) -> None:
+        if type.startswith("WAIT "):
+            self._woken(type[len("WAIT ") :])
+        else:
+            super()._poll_error(type, **options)  # type: ignore[misc]
+
+    def close(self) -> None:
+        """Close the waits' connections, then the channel as kombu does."""
+        for client in self._waiters.values():
+            try:
+                client.connection.disconnect()
+            except Exception:  # noqa: BLE001 - closing anyway
+                pass
+        self._waiters.clear()
+        self._waits.clear()
+        super().close()  # type: ignore[misc]
+
+    def _check_waits(self) -> None:
+        """Drop a wait that outlived its timeout by far (a half-open connection) and take again."""
+        for queue, sent in list(self._waits.items()):
+            if time.monotonic() - sent > WAIT_SECONDS + float(self.health_check_interval or 25):
+                log.warning("Redis did not answer a wait on queue %r; reconnecting", queue)
+                self._waits.pop(queue, None)
+                client = self._waiters.pop(queue, None)
+                if client is not None:
+                    client.connection.disconnect()
+                self._wake = True
 
     def _get(self, queue: str) -> Any:
         """Take one message from `queue` (kombu's `basic_get`), recorded as the event loop's takes are."""
@@ -402,8 +461,8 @@ class TakingChannel:
                 self._put_back(client, self.lease, 1_000_000)
 
 
-OPTIONS = ("worker_lease", "take_poll")
-"""Transport options of ours, set from RERANK_WORKER_LEASE and RERANK_TAKE_POLL (producer/app.py)."""
+OPTIONS = ("worker_lease",)
+"""Transport options of ours, set from RERANK_WORKER_LEASE (producer/app.py)."""
 
 
 class Channel(TakingChannel, redis.Channel):
@@ -418,10 +477,23 @@ class SentinelChannel(TakingChannel, redis.SentinelChannel):
     from_transport_options = redis.SentinelChannel.from_transport_options + OPTIONS
 
 
+class TakingPoller(redis.MultiChannelPoller):
+    """kombu's poller, also reading a queue's wait whenever it returns (kombu reads only while it may consume)."""
+
+    def on_readable(self, fileno: int) -> Any:
+        """Hand a wait's reply to its channel; anything else to kombu."""
+        chan_type = self._fd_to_chan.get(fileno)
+        if chan_type is not None and chan_type[1].startswith("WAIT ") and fileno not in self._paused_brpop:
+            channel, kind = chan_type
+            return channel.handlers[kind]()
+        return super().on_readable(fileno)
+
+
 def _keep_leases(channels: Iterable[Any]) -> None:
     for channel in list(channels):
         if isinstance(channel, TakingChannel) and channel.active_queues:
             try:
+                channel._check_waits()
                 channel.keep_lease()
             except channel.connection_errors:
                 log.info("could not renew the lease (Redis unreachable); retrying", exc_info=True)
@@ -430,7 +502,12 @@ def _keep_leases(channels: Iterable[Any]) -> None:
 
 
 class _LeaseKeeping:
-    """Renews leases and sweeps lapsed ones from the worker's event loop: a wedged loop lets its lease lapse."""
+    """Polls the queues' waits, and renews leases and sweeps lapsed ones from the worker's event loop (a wedged loop lets its lease lapse)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """Open as kombu does, with a poller that reads the waits."""
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        self.cycle = TakingPoller()
 
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:
         """Register kombu's handlers, then the lease keeper at a fifth of the lease."""
