@@ -20,7 +20,6 @@ from celery.backends.redis import RedisBackend
 from celery.canvas import Signature
 from celery.result import GroupResult
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer import errors
@@ -37,7 +36,7 @@ KNOWN_STATES = frozenset(states.ALL_STATES | {PROGRESS_STATE})
 """The states a worker stores: Celery's and our PROGRESS. Any other is not a worker's doing."""
 
 MAX_STORED_BYTES = 512 * 1024 * 1024
-"""Redis's largest string, and so the most a stored result can be; what the limits allow is far less (README, Results)."""
+"""Redis's largest string, so the most a stored value can be; a result within the default limits is at most about 68 MB."""
 
 
 def stored_meta(raw: bytes | str | None, task_id: str) -> Meta:
@@ -87,10 +86,12 @@ def stored_error(status: str, raw: Any, what: str) -> RerankError:
 
 
 def _is_error(raw: Any) -> bool:
-    if not isinstance(raw, dict) or not isinstance(raw.get("exc_type"), str) or not isinstance(raw.get("exc_module"), (str, type(None))):
+    """Whether `raw` has the shape Celery stores an exception in: a type name, a module name or None, plain arguments."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("exc_type"), str):
         return False
     args = raw.get("exc_message")
-    return all(isinstance(a, (str, int, float, bool, type(None))) for a in (args if isinstance(args, list) else [args]))
+    plain = (str, int, float, bool, type(None))
+    return isinstance(raw.get("exc_module"), (str, type(None))) and all(isinstance(a, plain) for a in (args if isinstance(args, list) else [args]))
 
 
 def _batch_ids(raw: bytes | str, batch_id: str) -> list[str]:
