@@ -36,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # pydantic's ValidationError is one; messages hide the input (it may be a key)
         print(f"rerank-gateway: {e}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=gateway.host, port=gateway.port, log_level=args.log_level, server_header=False, date_header=False)
+    # Idle connections outlive clients' own keep-alive (httpx 5 s, Go 90 s): a server that closes first races a
+    # client reusing the connection, which then sees a reset instead of an answer.
+    uvicorn.run(
+        app, host=gateway.host, port=gateway.port, log_level=args.log_level, server_header=False, date_header=False, timeout_keep_alive=120
+    )
     return 0
 
 
