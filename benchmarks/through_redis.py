@@ -25,13 +25,14 @@ def _free_port() -> int:
 @contextmanager
 def running_system(
     model: Path, device: str, dtype: str, max_batch_tokens: int | None, worker_log: Path | None = None,
-    tasks_in_hand: int = 1, env: dict[str, str] | None = None,
+    tasks_in_hand: int = 1, env: dict[str, str] | None = None, app: str = "benchmarks.noop_worker", queues: list[str] | None = None,
 ) -> Iterator[RerankClient]:
     """Start Redis and one worker and yield a client bound to them.
 
     One task at a time on one prefork process, or, with `tasks_in_hand` > 1, the batching mode:
     one process on the threads pool. The worker logs to `worker_log` when given (kept
-    afterwards), else to a scratch file; `env` adds RERANK_* settings.
+    afterwards), else to a scratch file; `env` adds RERANK_* settings. `app` is the Celery app
+    module the worker runs, `queues` what it consumes (default: the model's queue).
     """
     redis_binary = shutil.which("redis-server")
     if redis_binary is None:
@@ -54,8 +55,8 @@ def running_system(
         environment["RERANK_MAX_BATCH_TOKENS"] = str(max_batch_tokens)
     # The same options `rerank-worker` passes, on an app that also has a no-op task (benchmarks.noop_worker).
     pool = ["--pool=threads", f"--concurrency={tasks_in_hand}"] if tasks_in_hand > 1 else ["--pool=prefork", "--concurrency=1"]
-    command = [sys.executable, "-m", "celery", "-A", "benchmarks.noop_worker", "worker", *pool,
-               "--hostname=bench@%h", f"--queues={settings.queue}", "--task-events", "--loglevel=INFO"]
+    command = [sys.executable, "-m", "celery", "-A", app, "worker", *pool,
+               "--hostname=bench@%h", f"--queues={','.join(queues or [settings.queue])}", "--task-events", "--loglevel=INFO"]
     worker = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 600

@@ -1,0 +1,117 @@
+"""What the atomic take costs per task: our transport beside kombu's own, in alternation, in one run.
+
+    python -m benchmarks.take_overhead --rounds 3 --samples 200
+
+Each round starts Redis and one worker per transport (ours: `worker.transport`, one Lua take and a
+wait per queue; kombu's: BRPOP, then a second command to record), the worker consuming three
+queues as a GPU worker does (interactive, the model's own, bulk), and times, one after another,
+1-document requests and no-op tasks sent to the model's own queue, the second in the worker's
+order. The order of the two transports alternates by round, since this shared machine drifts.
+Writes benchmarks/results/take-overhead-cpu-<shape>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+from benchmarks.corpus import QUERY, model_dir, papers
+from benchmarks.through_redis import running_system
+from worker.synthetic import SHAPES
+
+TRANSPORTS = {"ours": "benchmarks.noop_worker", "kombu": "benchmarks.kombu_transport_worker"}
+RESULTS = Path(__file__).parent / "results"
+
+
+def cpu_name() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def time_one(app: str, model: Path, samples: int) -> dict[str, list[float]]:
+    """Round trips (s) of 1-doc requests and no-op tasks through a fresh Redis and worker running `app`."""
+    from producer import Settings
+    from producer.names import model_queue
+
+    queue = model_queue(str(model))
+    queues = [f"{queue}.gpu.interactive", queue, f"{queue}.gpu.bulk"]
+    paper = papers(1)
+    with running_system(model, "cpu", "fp32", None, app=app, queues=queues) as client:
+        assert isinstance(client.settings, Settings)
+        for _ in range(10):
+            client.rerank_documents(QUERY, paper, top_k=1, timeout=60)
+        # Requests first, then no-ops, as benchmarks.latency does.
+        requests, noops = [], []
+        for _ in range(samples):
+            started = time.perf_counter()
+            client.rerank_documents(QUERY, paper, top_k=1, timeout=60)
+            requests.append(time.perf_counter() - started)
+        for _ in range(samples):
+            started = time.perf_counter()
+            client.app.send_task("bench.noop", args=(1,), queue=queue).get(timeout=60)
+            noops.append(time.perf_counter() - started)
+    return {"request": requests, "noop": noops}
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    """Median and 90th percentile in ms."""
+    ordered = sorted(values)
+    return {"p50_ms": round(statistics.median(ordered) * 1000, 3), "p90_ms": round(ordered[int(0.9 * (len(ordered) - 1))] * 1000, 3)}
+
+
+def main() -> None:
+    """Time both transports in alternation and write the results files."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=200)
+    args = parser.parse_args()
+
+    model = model_dir(args.shape)
+    runs: dict[str, dict[str, list[float]]] = {name: {"request": [], "noop": []} for name in TRANSPORTS}
+    for round_ in range(args.rounds):
+        order = list(TRANSPORTS) if round_ % 2 == 0 else list(reversed(TRANSPORTS))
+        for name in order:
+            for kind, values in time_one(TRANSPORTS[name], model, args.samples).items():
+                runs[name][kind].extend(values)
+            print(f"round {round_ + 1}: {name} done", flush=True)
+    table = {name: {kind: summary(values) for kind, values in kinds.items()} for name, kinds in runs.items()}
+    delta = {kind: round(table["ours"][kind]["p50_ms"] - table["kombu"][kind]["p50_ms"], 3) for kind in ("request", "noop")}
+    ratio = {kind: round(table["ours"][kind]["p50_ms"] / table["kombu"][kind]["p50_ms"], 3) for kind in ("request", "noop")}
+    record = {
+        "cpu": cpu_name(), "shape": args.shape, "rounds": args.rounds, "samples_per_round": args.samples,
+        "queues": "interactive, the model's own (sent to), bulk", "results": table,
+        "ours_minus_kombu_p50_ms": delta, "ours_over_kombu_p50": ratio,
+        "command": f"python -m benchmarks.take_overhead --shape {args.shape} --rounds {args.rounds} --samples {args.samples}",
+    }
+    RESULTS.mkdir(exist_ok=True)
+    stem = RESULTS / f"take-overhead-cpu-{args.shape}"
+    stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    lines = [
+        f"# Per-task cost of the atomic take ({args.shape} model, {record['cpu']})",
+        "",
+        f"`{record['command']}`: {args.rounds} rounds x {args.samples} samples per transport, alternating order; "
+        "the worker consumes three queues, jobs go to the second.",
+        "",
+        "| transport | 1-doc request p50 | p90 | no-op task p50 | p90 |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {name} | {t['request']['p50_ms']} ms | {t['request']['p90_ms']} ms | {t['noop']['p50_ms']} ms | {t['noop']['p90_ms']} ms |"
+            for name, t in table.items()
+        ),
+        "",
+        f"Ours minus kombu's, p50: request {delta['request']:+} ms ({ratio['request']}x), no-op {delta['noop']:+} ms ({ratio['noop']}x).",
+    ]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
