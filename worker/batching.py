@@ -32,7 +32,7 @@ from worker.engine import CrossEncoderEngine, Scores, UniquePairs
 log = logging.getLogger(__name__)
 
 _PATIENCE = 8
-"""Batches the oldest request may be passed over (for requests with fewer tokens left) before it leads the next."""
+"""Batches the oldest request may be passed over (for requests with fewer tokens left) before a pair of it leads the next."""
 
 
 @dataclass(eq=False)
@@ -161,21 +161,24 @@ class BatchingScorer:
 
         Serving the smallest requests first lets a ten-passage request finish in the next batch
         while four thousand-passage ones wait. So that a stream of small requests cannot starve a
-        large one until its time limit, the oldest request leads any batch after _PATIENCE
-        batches without a pair of its own.
+        large one until its time limit, one pair of the oldest request leads any batch after
+        _PATIENCE batches without a pair of its own.
         """
         while self._requests and (self._requests[0].cancelled or not self._requests[0].waiting):
             self._requests.popleft()
         active = [r for r in self._requests if r.waiting and not r.cancelled]
         if not active:
             return []
-        order = sorted(active, key=lambda r: r.left)
+        # (request, pairs it may take at most): the starved oldest's one pair, then the rest by tokens left
+        order = [(r, len(r.waiting)) for r in sorted(active, key=lambda r: r.left)]
         if active[0].passed >= _PATIENCE:
-            order.insert(0, active[0])
+            order.insert(0, (active[0], 1))
         batch: list[tuple[_Request, int]] = []
         longest = total = 0
-        for request in order:
-            while request.waiting:
+        for request, most in order:
+            for _ in range(most):
+                if not request.waiting:
+                    break
                 n = len(request.pairs.unique[request.waiting[0]].input_ids)
                 if batch and self.engine.batch_tokens(max(longest, n), len(batch) + 1, total + n) > self.engine.max_batch_tokens:
                     break
