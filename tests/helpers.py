@@ -203,11 +203,11 @@ class RedisServer:
 class WorkerProcess:
     """A `rerank-worker` started the way a user starts it, with its log captured."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], log: Path, module: str = "worker.cli") -> None:
         self.log = log
         self._log_file = log.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", *args], env=env, stdout=self._log_file, stderr=subprocess.STDOUT
+            [sys.executable, "-m", module, *args], env=env, stdout=self._log_file, stderr=subprocess.STDOUT
         )
 
     def output(self) -> str:
@@ -239,7 +239,8 @@ class WorkerFleet:
         self.broker_url = broker_url
         self.started: list[WorkerProcess] = []
 
-    def start(self, *args: str, env: dict[str, str] | None = None, name: str = "w") -> WorkerProcess:
+    def start(self, *args: str, env: dict[str, str] | None = None, name: str = "w", app: str | None = None) -> WorkerProcess:
+        """Start `rerank-worker *args`; with `app`, `celery -A app worker *args` instead (a worker built differently)."""
         environment = {
             **os.environ,
             "RERANK_BROKER_URL": self.broker_url,
@@ -248,7 +249,11 @@ class WorkerFleet:
             **(env or {}),
         }
         label = f"{name}{len(self.started)}"
-        worker = WorkerProcess(["-n", f"{label}@%h", *args], environment, self.logs / f"{label}.log")
+        if app is None:
+            worker = WorkerProcess(["-n", f"{label}@%h", *args], environment, self.logs / f"{label}.log")
+        else:
+            command = ["-A", app, "worker", "-n", f"{label}@%h", "--loglevel=INFO", "-E", *args]
+            worker = WorkerProcess(command, environment, self.logs / f"{label}.log", module="celery")
         self.started.append(worker)
         return worker
 
