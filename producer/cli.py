@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import textwrap
 import time
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import IO, Any
 
+from celery import states
 from pydantic import ValidationError
+from rich import box
+from rich.console import Console
+from rich.table import Table
 
 from producer.client import RerankClient
-from producer.errors import BrokerUnavailable, InvalidRequest, JobCancelled, RerankError, RerankTimeout
-from producer.fleet import inspect_workers
+from producer.errors import BrokerUnavailable, InvalidRequest, JobCancelled, RerankError, RerankTimeout, reaching, redact
+from producer.fleet import WorkerInfo, inspect_workers
 from producer.formats import chunk_pool
 from producer.jobs import JobProgress, RerankJob
+from producer.names import DEFAULT_QUEUE
 from producer.schemas import MAX_WINDOWS, Candidate, TwoStageRequest, TwoStageResult
 from producer.settings import Settings
 
@@ -26,13 +34,20 @@ EXIT_INVALID = 2
 EXIT_BROKER = 3
 EXIT_TIMEOUT = 4
 EXIT_CANCELLED = 5
+EXIT_NOT_FOUND = 6
+EXIT_INTERRUPTED = 130
+EXIT_PIPE = 141
 EXIT_CODES = {
-    EXIT_OK: "success",
-    EXIT_FAILED: "a job failed in a worker (for batch: at least one line failed), or no worker answered",
-    EXIT_INVALID: "invalid input, settings or usage; nothing was queued",
-    EXIT_BROKER: "the broker or result backend cannot be reached",
+    EXIT_OK: "success; for status, also a job still running",
+    EXIT_FAILED: "a job failed in a worker; for batch, a line did not succeed",
+    EXIT_INVALID: "invalid input, settings or usage (RERANK_BROKER_URL unset where a broker is needed); nothing was queued",
+    EXIT_BROKER: "the broker or result backend cannot be reached, or is out of memory",
     EXIT_TIMEOUT: "no result within --timeout; the job may still finish (its id is printed)",
     EXIT_CANCELLED: "the job was cancelled",
+    EXIT_NOT_FOUND: "nothing found: no worker has started a job with this id (unknown, expired or still queued: "
+    "Celery cannot tell these apart), or no worker answered",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+    EXIT_PIPE: "the reader of standard output went away (e.g. `| head`), as for any tool ended by SIGPIPE",
 }
 # First match wins: TaskTimedOut is a RerankTimeout, and everything is a RerankError.
 ERROR_EXIT_CODES = [
@@ -42,55 +57,71 @@ ERROR_EXIT_CODES = [
     (JobCancelled, EXIT_CANCELLED),
     (RerankError, EXIT_FAILED),
 ]
+# `status` without --wait: a job's state is its answer, not an error.
+STATE_EXIT_CODES = {states.FAILURE: EXIT_FAILED, states.REVOKED: EXIT_CANCELLED, states.PENDING: EXIT_NOT_FOUND}
+STDIN = "-"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Return the `rerank` argument parser."""
-    codes = "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items())
-    parser = argparse.ArgumentParser(
-        prog="rerank", description="Two-stage BGE re-ranking on Celery.", epilog=f"exit codes: {codes}"
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """Return the `rerank` argument parser and its subcommands' parsers by name."""
+    epilog = "exit codes, the same for every command:\n" + "\n".join(
+        textwrap.fill(meaning, 78, initial_indent=f"  {code:>3}  ", subsequent_indent=" " * 7) for code, meaning in EXIT_CODES.items()
     )
+    shared = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: `rerank --json status ID` and `rerank status ID --json` both count.
+    shared.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="Print JSON on stdout instead of tables.")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name, help=text, description=text, parents=[shared], epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+
+    parser = argparse.ArgumentParser(
+        prog="rerank", description="Two-stage BGE re-ranking on Celery.", epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--json", action="store_true", help="Print JSON on stdout instead of tables.")
+    parser.add_argument("--version", action="version", version=f"rerank {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="Run a two-stage job from a JSON file (query + candidates).")
-    run.add_argument("job", type=Path, help='JSON: {"query": ..., "candidates": [...], "top_k_docs"?, "top_k_chunks"?}')
+    run = command("run", "Run a two-stage job from a JSON file (query + candidates).")
+    run.add_argument("job", help='JSON file, or - for standard input: {"query": ..., "candidates": [...], "top_k_docs"?, "top_k_chunks"?}')
     run.add_argument("--top-k-docs", type=count(), help="Papers kept by stage 1 (default: the file's, else 20).")
     run.add_argument("--top-k-chunks", type=count(), help="Chunks returned by stage 2 (default: the file's, else all).")
     _job_options(run)
     run.add_argument("--timeout", type=seconds, default=600.0, help="Seconds to wait for the result.")
     run.add_argument("--no-wait", action="store_true", help="Print the job id and exit; follow it with `rerank status`.")
-    _json(run)
 
-    batch = commands.add_parser("batch", help="Run many two-stage jobs from JSONL (one job per line), in parallel.")
-    batch.add_argument("jobs", type=Path, help="JSONL: one job per line, each like the JSON file of `run`.")
-    batch.add_argument("-o", "--output", default="-", help="Where to write one result per line, in input order (default: stdout).")
+    batch = command("batch", "Run many two-stage jobs from JSONL (one job per line), in parallel.")
+    batch.add_argument("jobs", help="JSONL file, or - for standard input: one job per line, each like the JSON file of `run`.")
+    batch.add_argument("-o", "--output", default=STDIN, help="Where to write one result per line, in input order (default: stdout).")
     _job_options(batch)
     batch.add_argument("--timeout", type=seconds, default=3600.0, help="Seconds to wait for the whole batch.")
     batch.add_argument("--no-progress", action="store_true", help="No progress bar on stderr.")
-    _json(batch, "Print the summary as JSON.")
 
-    status = commands.add_parser("status", help="Show a job's state by id, and its result once done.")
+    status = command("status", "Show a job's state by id, and its result once done.")
     status.add_argument("job_id")
     status.add_argument("--wait", action="store_true", help="Wait for the result (up to --timeout).")
     status.add_argument("--timeout", type=seconds, default=600.0, help="Seconds to wait with --wait.")
-    _json(status)
 
-    cancel = commands.add_parser("cancel", help="Cancel (revoke) a job by id.")
+    cancel = command("cancel", "Cancel (revoke) a job by id.")
     cancel.add_argument("job_id")
-    _json(cancel)
 
-    workers = commands.add_parser("workers", help="List the workers that answer, their queues and what they serve.")
+    workers = command("workers", "List the workers that answer: model, queues, pool size, tasks done.")
     workers.add_argument("--timeout", type=seconds, default=2.0, help="Seconds to wait for replies.")
-    _json(workers)
 
-    metrics = commands.add_parser(
-        "metrics", help="Serve Prometheus metrics of the queues: messages waiting and the oldest one's age."
-    )
+    metrics = command("metrics", "Serve Prometheus metrics of the queues: depth, and the oldest message's age.")
     metrics.add_argument("--port", type=count(65_535), default=9808, help="Port to serve /metrics on (default 9808), on RERANK_METRICS_ADDRESS, behind RERANK_METRICS_TOKEN_FILE's token if set.")
     metrics.add_argument("--queues", help="Comma-separated queues (default: every queue the models' workers consume).")
     metrics.add_argument("--models", help="Comma-separated models whose queues to watch (default: RERANK_MODEL).")
-    metrics.add_argument("--once", action="store_true", help="Print the metrics once and exit instead of serving them.")
-    return parser
+    metrics.add_argument("--once", action="store_true", help="Print the metrics once and exit instead of serving them (with --json: one object per queue).")
+    return parser, dict(commands.choices)
+
+
+def _version() -> str:
+    try:
+        return version("bge-rerank-celery")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _job_options(parser: argparse.ArgumentParser) -> None:
@@ -135,13 +166,27 @@ def seconds(text: str) -> float:
     return value
 
 
-def _json(parser: argparse.ArgumentParser, text: str = "Print JSON instead of a table.") -> None:
-    parser.add_argument("--json", action="store_true", help=text)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `rerank`; returns one of EXIT_CODES."""
-    args = build_parser().parse_args(argv)
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # here, not at exit, so a closed pipe is caught below
+    except BrokenPipeError:
+        # Later writes (and the interpreter's own flush at exit) go nowhere instead of raising again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PIPE
+    except KeyboardInterrupt:
+        print("rerank: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str] | None) -> int:
+    parser, commands = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")  # its own usage, not the top level's
     try:
         settings = Settings()
     except ValidationError as e:
@@ -154,7 +199,16 @@ def main(argv: list[str] | None = None) -> int:
         code = next(code for kind, code in ERROR_EXIT_CODES if isinstance(e, kind))
         name = "" if code != EXIT_FAILED else f"{type(e).__name__}: "
         print(f"rerank: {name}{e}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"error": {"type": type(e).__name__, "message": str(e)}, "exit_code": code}))
         return code
+
+
+def _broker_client(settings: Settings, what: str) -> RerankClient:
+    """A client for commands that only make sense with workers; without a broker that is a settings error (exit 2)."""
+    if not settings.broker_url:
+        raise InvalidRequest(f"no RERANK_BROKER_URL: cannot {what} without a broker (tasks run inside each producer); set it")
+    return RerankClient(settings)
 
 
 def parse_job(text: str, args: argparse.Namespace) -> TwoStageRequest:
@@ -178,23 +232,27 @@ def parse_job(text: str, args: argparse.Namespace) -> TwoStageRequest:
         raise InvalidRequest(str(e)) from e
 
 
-def read_text(path: Path) -> str:
-    """The UTF-8 text of `path`; an unreadable file is invalid input (exit 2), not a traceback."""
+def read_text(path: str) -> str:
+    """The UTF-8 text of `path` (`-`: standard input); an unreadable file is invalid input (exit 2), not a traceback."""
     try:
-        return path.read_text(encoding="utf-8")
+        if path == STDIN:
+            return sys.stdin.buffer.read().decode("utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise InvalidRequest(f"cannot read {path}: {e}") from e
+        raise InvalidRequest(f"cannot read {_name(path)}: {e}") from e
+
+
+def _name(path: str) -> str:
+    return "standard input" if path == STDIN else path
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
-    client = RerankClient(settings)
-    if args.no_wait and not client.backend.durable:
-        raise InvalidRequest("--no-wait needs RERANK_BROKER_URL: without a broker the job runs inside this command")
+    client = _broker_client(settings, "--no-wait (the job would run inside this command)") if args.no_wait else RerankClient(settings)
     try:
         request = parse_job(read_text(args.job), args)
         handle = client.submit(**request.model_dump(exclude={"candidates"}), candidates=request.candidates)
     except InvalidRequest as e:
-        raise InvalidRequest(f"invalid job {args.job}: {e}") from e
+        raise InvalidRequest(f"invalid job {_name(args.job)}: {e}") from e
     if args.no_wait:
         print(json.dumps({"job_id": handle.id}) if args.json else handle.id)
         return EXIT_OK
@@ -214,7 +272,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 def _batch(args: argparse.Namespace, settings: Settings) -> int:
     lines = [(n, line) for n, line in enumerate(read_text(args.jobs).splitlines(), 1) if line.strip()]
     if not lines:
-        raise InvalidRequest(f"{args.jobs} holds no job: write one JSON job per line")
+        raise InvalidRequest(f"{_name(args.jobs)} holds no job: write one JSON job per line")
     client = RerankClient(settings)
     outcomes: dict[int, dict[str, Any]] = {}
     valid: list[tuple[int, TwoStageRequest]] = []
@@ -228,7 +286,7 @@ def _batch(args: argparse.Namespace, settings: Settings) -> int:
     except OSError as e:
         raise InvalidRequest(f"cannot write results to {args.output}: {e}; nothing was queued") from e
     if not valid:
-        print(f"rerank: no valid job in {args.jobs}", file=sys.stderr)
+        print(f"rerank: no valid job in {_name(args.jobs)}; nothing was queued", file=sys.stderr)
     batch = client.submit_many([r for _, r in valid]) if valid else None
     bar = Progress(len(lines), enabled=not args.no_progress)
     written = 0
@@ -273,7 +331,9 @@ def _batch(args: argparse.Namespace, settings: Settings) -> int:
     else:
         states = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
         print(f"batch {summary['batch_id']}: {len(lines)} jobs in {summary['seconds']:.1f} s: {states}", file=summary_out)
-    return EXIT_OK if counts.get("SUCCESS", 0) == len(lines) else EXIT_FAILED
+    if counts.get("SUCCESS", 0) == len(lines):
+        return EXIT_OK
+    return EXIT_INVALID if not valid else EXIT_TIMEOUT if "TIMEOUT" in counts else EXIT_FAILED
 
 
 def _outcome(job: RerankJob, line: int) -> dict[str, Any]:
@@ -320,7 +380,7 @@ class Progress:
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:
-    job = RerankClient(settings).job(args.job_id)
+    job = _broker_client(settings, "follow a job by id").job(args.job_id)
     if args.wait:
         try:
             job.result(args.timeout)
@@ -329,8 +389,7 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
         except RerankError:
             pass  # a failed or cancelled job: its state and error are shown below
     progress = job.progress()
-    result = job.result() if progress.state == "SUCCESS" else None
-    code = {"FAILURE": EXIT_FAILED, "REVOKED": EXIT_CANCELLED}.get(progress.state, EXIT_OK)
+    result = job.result() if progress.state == states.SUCCESS else None
     if args.json:
         print(json.dumps({**progress.model_dump(mode="json"), "result": result.model_dump(mode="json") if result else None}, indent=2))
     else:
@@ -338,7 +397,10 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
         if result is not None:
             print()
             print(render(result))
-    return code
+    if progress.state == states.PENDING:
+        print(f"rerank: no worker has started job {args.job_id}: it is still queued, or no job has this id (never sent, "
+              "or its result expired); Celery cannot tell which. Wait with --wait, or check the id", file=sys.stderr)
+    return STATE_EXIT_CODES.get(progress.state, EXIT_OK)
 
 
 def render_progress(progress: JobProgress) -> str:
@@ -351,45 +413,78 @@ def render_progress(progress: JobProgress) -> str:
 
 
 def _cancel(args: argparse.Namespace, settings: Settings) -> int:
-    cancelled = RerankClient(settings).job(args.job_id).cancel()
+    job = _broker_client(settings, "cancel a job by id").job(args.job_id)
+    before = job.status()
+    cancelled = job.cancel()
     if args.json:
-        print(json.dumps({"job_id": args.job_id, "cancelled": cancelled}))
+        print(json.dumps({"job_id": args.job_id, "cancelled": cancelled, "state_before": before}))
+    elif not cancelled:
+        print(f"job {args.job_id}: already finished ({before}), nothing to cancel")
     else:
-        print(f"job {args.job_id}: {'cancelled' if cancelled else 'already finished, nothing to cancel'}")
+        unknown = " (no worker had started it: queued, or no job has this id; either way it will not run)" if before == states.PENDING else ""
+        print(f"job {args.job_id}: cancelled{unknown}")
     return EXIT_OK
 
 
 def _workers(args: argparse.Namespace, settings: Settings) -> int:
-    client = RerankClient(settings)
-    if not client.backend.durable:
-        raise InvalidRequest("no RERANK_BROKER_URL: tasks run inside each producer; there are no workers to list")
+    client = _broker_client(settings, "list workers")
     workers = inspect_workers(client.app, timeout=args.timeout)
     if args.json:
         print(json.dumps([w.model_dump(mode="json") for w in workers], indent=2))
     elif workers:
-        print(f"{'worker':<28}  {'queues':<16}  {'procs':>5}  {'tasks':>6}  serves")
-        for w in workers:
-            serves = ", ".join(t for t in w.registered if t.startswith("rerank.")) or "-"
-            print(f"{w.name:<28.28}  {','.join(w.queues):<16.16}  {w.processes if w.processes is not None else '?':>5}  "
-                  f"{w.tasks_done if w.tasks_done is not None else '?':>6}  {serves}")
-            if w.report:
-                for key, value in w.report.items():
-                    print(f"{'':<30}{key}: {value}")
+        Console(markup=False, highlight=False, emoji=False).print(workers_table(workers))
     if not workers:
-        print(f"rerank: no worker answered within {args.timeout}s on {settings.queue!r}'s broker", file=sys.stderr)
-        return EXIT_FAILED
+        print(f"rerank: no worker answered within {args.timeout}s on {redact(settings.broker_url)}", file=sys.stderr)
+        return EXIT_NOT_FOUND
     return EXIT_OK
 
 
-def _metrics(args: argparse.Namespace, settings: Settings) -> int:
-    from producer.metrics import default_queues, registry_for
+def workers_table(workers: list[WorkerInfo]) -> Table:
+    """The workers as a table that fits 80 columns: queue names shortened to the part that tells them apart."""
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, caption=f"queues: {DEFAULT_QUEUE}.<model>.<queue>, shared = {DEFAULT_QUEUE}.<model>; --json for everything")
+    for column in ("worker", "model", "queues", "procs", "tasks"):
+        table.add_column(column, overflow="fold", justify="right" if column in ("procs", "tasks") else "left")
+    for w in workers:
+        model, queues = split_queues(w.queues)
+        report = w.report or {}
+        where = " ".join(_plain(report[key]) for key in ("device", "dtype") if report.get(key))
+        table.add_row(
+            _plain(w.name), _plain(model or "-") + (f"\n{where}" if where else ""), ", ".join(_plain(q) for q in queues) or "-",
+            _plain("?" if w.processes is None else w.processes), _plain("?" if w.tasks_done is None else w.tasks_done),
+        )
+    return table
 
-    if not settings.broker_url:
-        raise InvalidRequest("no RERANK_BROKER_URL: there are no queues to watch")
+
+def split_queues(queues: list[str]) -> tuple[str | None, list[str]]:
+    """The model slug a worker's queues share (`rerank.<slug>...`) and each queue without it; (None, names) when they share none."""
+    prefix = f"{DEFAULT_QUEUE}."
+    slugs = {q[len(prefix):].split(".", 1)[0] for q in queues}
+    if len(slugs) != 1 or not all(q.startswith(prefix) for q in queues):
+        return None, queues
+    stem = prefix + slugs.pop()
+    return stem[len(prefix):], [q[len(stem) + 1:] or "shared" for q in queues]
+
+
+def _plain(value: Any, most: int = 200) -> str:
+    # Replies come from whoever can write to the broker: no terminal control sequences, no walls of text.
+    text = "".join(c if c.isprintable() else "?" for c in str(value))
+    return text if len(text) <= most else text[: most - 1] + "…"
+
+
+def _metrics(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.metrics import default_queues, read_queues, registry_for
+
+    client = _broker_client(settings, "watch queues")
     models = [m.strip() for m in (args.models or "").split(",") if m.strip()]
     queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else default_queues(settings, models)
+    if args.once:
+        with reaching("reading the queues", settings.broker_url):
+            depths = read_queues(client.app, queues)
+        if args.json:
+            print(json.dumps([{"queue": d.queue, "messages": d.messages, "oldest_age_s": d.oldest_age} for d in depths], indent=2))
+            return EXIT_OK
     try:
-        registry = registry_for(RerankClient(settings).app, queues)
+        registry = registry_for(client.app, queues)
     except ImportError as e:
         raise InvalidRequest(str(e)) from e
     from prometheus_client import generate_latest
@@ -407,6 +502,8 @@ def _metrics(args: argparse.Namespace, settings: Settings) -> int:
     server = MetricsServer(registry, args.port, settings.metrics_address, token=token)
     server.start()
     where = f"{settings.metrics_address}:{args.port}/metrics"
+    if args.json:
+        print(json.dumps({"serving": where, "queues": queues}), flush=True)
     print(f"rerank metrics: serving {len(queues)} queues on {where}: {', '.join(queues)}", file=sys.stderr, flush=True)
     try:
         while True:
