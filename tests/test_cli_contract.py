@@ -257,3 +257,9 @@ def test_workers_fits_80_columns_and_shortens_queues_to_their_distinct_part(shar
     for queue in shared["queues"]:
         assert (queue.removeprefix(stem + ".") if queue != stem else "shared") in row
     assert "{" not in completed.stdout and "'" not in completed.stdout
+
+
+def test_the_readme_lists_the_same_exit_codes():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for code in EXIT_CODES:
+        assert f"\n| {code} | " in readme, f"exit code {code} is missing from the README's CLI section"
