@@ -187,13 +187,12 @@ def _main(argv: list[str] | None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")  # its own usage, not the top level's
-    try:
-        settings = Settings()
-    except ValidationError as e:
-        print(f"rerank: invalid settings: {e}", file=sys.stderr)
-        return EXIT_INVALID
     command = {"run": _run, "batch": _batch, "status": _status, "cancel": _cancel, "workers": _workers, "metrics": _metrics}[args.command]
     try:
+        try:
+            settings = Settings()
+        except ValidationError as e:
+            raise InvalidRequest(f"invalid settings: {e}") from e
         return command(args, settings)
     except RerankError as e:
         code = next(code for kind, code in ERROR_EXIT_CODES if isinstance(e, kind))
@@ -247,7 +246,7 @@ def _name(path: str) -> str:
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
-    client = _broker_client(settings, "--no-wait (the job would run inside this command)") if args.no_wait else RerankClient(settings)
+    client = _broker_client(settings, "use --no-wait") if args.no_wait else RerankClient(settings)
     try:
         request = parse_job(read_text(args.job), args)
         handle = client.submit(**request.model_dump(exclude={"candidates"}), candidates=request.candidates)

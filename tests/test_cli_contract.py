@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -263,3 +264,50 @@ def test_the_readme_lists_the_same_exit_codes():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     for code in EXIT_CODES:
         assert f"\n| {code} | " in readme, f"exit code {code} is missing from the README's CLI section"
+
+
+def job_waiting_in(redis_url: str, queue: str, process: subprocess.Popen) -> str:
+    """The id of the job `process` (a waiting `rerank run`) sent to `queue`, read from the queued message's headers."""
+    from redis import Redis
+
+    redis = Redis.from_url(redis_url)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        for raw in redis.lrange(queue, 0, -1):
+            task_id = json.loads(raw)["headers"]["id"]
+            if task_id.endswith(":documents"):
+                return task_id.removesuffix(":documents")
+        time.sleep(0.05)
+    raise AssertionError(f"no job reached {queue}: {process.communicate()}")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("ending", "code"), [("cancelled", 5), ("failed", 1)])
+def test_run_waiting_on_a_job_exits_5_when_it_is_cancelled_and_1_when_it_fails(ending, code, empty_redis, tmp_path):
+    # Given `rerank run` waiting on a job that sits in a queue
+    from producer import RerankClient, Settings
+
+    queue = f"cli-run-{ending}"
+    env = {**os.environ, "RERANK_BROKER_URL": empty_redis.url, "RERANK_MODEL": "BAAI/bge-reranker-base", "RERANK_QUEUE": queue}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "producer.cli", "run", files(tmp_path)["@job"], "--timeout", "120"], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    job_id = job_waiting_in(empty_redis.url, queue, process)
+    # When another shell cancels it, or a worker records it failed (Celery's own backend call)
+    if ending == "cancelled":
+        assert rerank("cancel", job_id, broker=empty_redis.url).returncode == 0
+    else:
+        client = RerankClient(Settings(broker_url=empty_redis.url, model="BAAI/bge-reranker-base"))
+        client.app.backend.mark_as_failure(job_id, WorkerError("scoring failed: out of memory"))
+    # Then the waiting command ends with that code and says why
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == code, stderr
+    assert ("cancelled" if ending == "cancelled" else "out of memory") in stderr
+
+
+@pytest.mark.integration
+def test_a_batch_that_runs_out_of_time_exits_4(empty_redis, tmp_path):
+    completed = rerank("batch", files(tmp_path)["@jobs"], "--timeout", "1", "--no-progress", broker=empty_redis.url, queue="cli-batch-timeout")
+    assert completed.returncode == 4, completed.stderr
+    assert [json.loads(line)["state"] for line in completed.stdout.splitlines()] == ["TIMEOUT"]
