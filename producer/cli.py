@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import textwrap
 import time
@@ -62,8 +63,8 @@ STATE_EXIT_CODES = {states.FAILURE: EXIT_FAILED, states.REVOKED: EXIT_CANCELLED,
 STDIN = "-"
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    """Return the `rerank` argument parser and its subcommands' parsers by name."""
+def build_parser() -> argparse.ArgumentParser:
+    """Return the `rerank` argument parser."""
     epilog = "exit codes, the same for every command:\n" + "\n".join(
         textwrap.fill(meaning, 78, initial_indent=f"  {code:>3}  ", subsequent_indent=" " * 7) for code, meaning in EXIT_CODES.items()
     )
@@ -72,9 +73,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     shared.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="Print JSON on stdout instead of tables.")
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
-        return commands.add_parser(
+        sub = commands.add_parser(
             name, help=text, description=text, parents=[shared], epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
         )
+        sub.set_defaults(parser=sub)  # to report a bad option with this command's usage, not the top level's
+        return sub
 
     parser = argparse.ArgumentParser(
         prog="rerank", description="Two-stage BGE re-ranking on Celery.", epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -114,7 +117,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     metrics.add_argument("--queues", help="Comma-separated queues (default: every queue the models' workers consume).")
     metrics.add_argument("--models", help="Comma-separated models whose queues to watch (default: RERANK_MODEL).")
     metrics.add_argument("--once", action="store_true", help="Print the metrics once and exit instead of serving them (with --json: one object per queue).")
-    return parser, dict(commands.choices)
+    return parser
 
 
 def _version() -> str:
@@ -183,10 +186,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    parser, commands = build_parser()
-    args, unknown = parser.parse_known_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
     if unknown:
-        commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")  # its own usage, not the top level's
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     command = {"run": _run, "batch": _batch, "status": _status, "cancel": _cancel, "workers": _workers, "metrics": _metrics}[args.command]
     try:
         try:
@@ -539,7 +541,8 @@ def render(result: TwoStageResult, candidates: list[Candidate] | None = None, ch
     return "\n".join(lines)
 
 
-def _row(rank: Any, score: str, ident: str, text: str, width: int = 72) -> str:
+def _row(rank: Any, score: str, ident: str, text: str) -> str:
+    width = max(20, shutil.get_terminal_size().columns - 35)  # 80 when not a terminal; the row is 34 wide before the text
     text = " ".join(text.split())
     return f"{rank!s:>4}  {score:>6}  {ident:<18.18}  {text[:width]}{'…' if len(text) > width else ''}"
 

@@ -17,7 +17,7 @@ EXAMPLE = Path(__file__).parents[1] / "examples" / "af_ckd_job.json"
 
 
 def run_cli(*args: str, model: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RERANK_MODEL": str(model), "RERANK_TORCH_THREADS": "1"}
+    env = {**os.environ, "RERANK_MODEL": str(model), "RERANK_TORCH_THREADS": "1", "COLUMNS": "80"}
     env.pop("RERANK_BROKER_URL", None)
     return subprocess.run([sys.executable, "-m", "producer.cli", *args], env=env, capture_output=True, text=True, timeout=300)
 
@@ -199,3 +199,9 @@ def test_a_password_with_special_characters_is_refused_without_showing_it(passwo
     completed = cli("run", str(files(tmp_path)["@job"]), broker=f"redis://:{password}@127.0.0.1:6379/0")
     assert completed.returncode == 2 and "percent-encode" in completed.stderr
     assert "Zq7" not in completed.stderr and "x9" not in completed.stderr
+
+
+def test_the_result_tables_fit_80_columns(tiny_model):
+    completed = run_cli("run", str(EXAMPLE), "--top-k-docs", "3", "--top-k-chunks", "2", model=tiny_model)
+    assert completed.returncode == 0, completed.stderr
+    assert max(len(line) for line in completed.stdout.splitlines() if not line.startswith(("query:", "model:"))) <= 80
