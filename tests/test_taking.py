@@ -372,3 +372,40 @@ def test_a_producer_refused_by_a_misplaced_queue_key_says_so_and_sends_once_a_wo
         assert len(client.rerank_documents("apixaban", short_papers(2), top_k=1, timeout=30).items) == 1
     finally:
         fleet.stop_all()
+
+
+def test_a_full_redis_makes_an_idle_worker_retry_each_second_not_spin(redis_url):
+    from kombu import Consumer, Queue
+
+    # Given a consumer, a queued message and a Redis that refuses every write for want of memory
+    publish(redis_url, {"n": 1})
+    redis = raw(redis_url)
+    redis.config_set("maxmemory-policy", "noeviction")
+    received: list[Any] = []
+    try:
+        with connect(redis_url) as connection:
+            consumer = Consumer(connection, [Queue(QUEUE, routing_key=QUEUE)], callbacks=[lambda body, m: (received.append(body), m.ack())], accept=["json"])
+            with consumer:
+                redis.config_set("maxmemory", 1)
+                redis.config_resetstat()
+                # When a consumer runs for two seconds
+                deadline = time.monotonic() + 2
+                while time.monotonic() < deadline:
+                    try:
+                        connection.drain_events(timeout=0.1)
+                    except TimeoutError:
+                        pass
+                # Then it tried a few times (once a second), the message still queued
+                evals = int(redis.info("commandstats").get("cmdstat_eval", {}).get("calls", 0))
+                assert 1 <= evals <= 6 and redis.llen(QUEUE) == 1 and not received
+                # And once memory is free, it takes the message
+                redis.config_set("maxmemory", 0)
+                deadline = time.monotonic() + 5
+                while not received and time.monotonic() < deadline:
+                    try:
+                        connection.drain_events(timeout=0.1)
+                    except TimeoutError:
+                        pass
+        assert received == [{"n": 1}]
+    finally:
+        redis.config_set("maxmemory", 0)

@@ -74,6 +74,9 @@ if redis.call('TTL', KEYS[1]) == -1 then return redis.call('RENAME', KEYS[1], KE
 LEASE_SECONDS = 10
 """How long a worker's lease on the messages it holds lasts unless renewed (RERANK_WORKER_LEASE)."""
 
+RETRY_SECONDS = 1.0
+"""After Redis refused a take (full, or an error), how long a worker waits before it tries again."""
+
 WAIT_SECONDS = 1.0
 """An idle worker's wait on a queue returns after this long at most, and it takes again (priority sub-lists included)."""
 
@@ -142,12 +145,12 @@ class QoS(redis.QoS):
         """Track the delivery here only: the take script recorded it in Redis already."""
         virtual.QoS.append(self, message, delivery_tag)
 
-    def _remove_from_indices(self, delivery_tag: str, pipe: Any = None) -> Any:
+    def _remove_from_indices(self, delivery_tag: str, pipe: Any = None, held_key: str | None = None) -> Any:
         with self.pipe_or_acquire(pipe) as pipe:
             return (
                 pipe.zrem(self.unacked_index_key, delivery_tag)
                 .hdel(self.unacked_key, delivery_tag)
-                .srem(self.channel.held_key, delivery_tag)
+                .srem(held_key or self.channel.held_key, delivery_tag)
             )
 
     def ack(self, delivery_tag: str) -> None:
@@ -171,12 +174,18 @@ class QoS(redis.QoS):
         with self.channel.conn_or_acquire() as client:
             mutex = self.channel.global_keyprefix + self.unacked_mutex_key
             # kombu's mutex always expires; one that never does was not written by a worker.
-            if client.execute_command("EVAL", UNEXPIRING_ASIDE, 1, mutex, int(time.time() * 1000)):
-                warn_once("mutex", "Redis key %r had no expiry and blocked redelivery; it was moved aside", mutex)
-        super().restore_visible(start, num, interval)
+            try:
+                # Only when kombu's throttled sweep below runs this time (every `interval`th call).
+                due = self._vrestore_count % (interval or 1) == 0
+                if due and client.execute_command("EVAL", UNEXPIRING_ASIDE, 1, mutex, int(time.time() * 1000)):
+                    warn_once("mutex", "Redis key %r had no expiry and blocked redelivery; it was moved aside", mutex)
+                super().restore_visible(start, num, interval)
+            except ResponseError as e:  # a full Redis refuses the mutex: the next sweep tries again
+                warn_once("restore", "could not sweep for messages past the visibility timeout (%s); retrying", e)
 
-    def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> None:
-        """Put a recorded message back on its queue; an entry that is not one goes to the quarantine instead."""
+    def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False, held_key: str | None = None) -> None:
+        """Put a recorded message back on its queue, and out of `held_key` (default: ours), in one transaction;
+        an entry that is not a message goes to the quarantine instead."""
         channel = self.channel
 
         def restore(pipe: Any) -> None:
@@ -189,7 +198,7 @@ class QoS(redis.QoS):
                 except ValueError as e:
                     reason = f"it is not plain JSON: {e}"
             pipe.multi()
-            self._remove_from_indices(tag, pipe)
+            self._remove_from_indices(tag, pipe, held_key)
             if reason is not None:
                 channel.quarantine_in(pipe, raw, None, f"unacked entry {_short(tag)}: {reason}")
             elif entry is not None:
@@ -222,6 +231,7 @@ class TakingChannel:
     QoS = QoS
     worker_lease: float = LEASE_SECONDS
     _wake = True  # take at the next chance; False while idle, until a wait returns
+    _retry_at: float | None = None  # after Redis refused a take: when to try again
     _take_queues: list[str] = []
     _take_keys: list[str] = []
     _take_tag = ""
@@ -256,7 +266,9 @@ class TakingChannel:
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         if not self._wake:  # idle: the waits (below) wake us when a queue gets something
-            return
+            if self._retry_at is None or time.monotonic() < self._retry_at:
+                return
+            self._retry_at, self._wake = None, True
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return
@@ -280,7 +292,8 @@ class TakingChannel:
                     warn_once("full", "%s; nothing is taken until it has room (the messages stay queued)", FULL)
                 else:
                     warn_once("take", "Redis refused to take a message (%s); retrying", e)
-                self._sleep(self._take_queues)
+                # Not a wait: a queue that holds messages would wake it at once, and it would spin.
+                self._wake, self._retry_at = False, time.monotonic() + RETRY_SECONDS
                 raise virtual.Empty() from None
             taken = parse_taken(reply, self._take_queues)
             for key in taken.misplaced:
@@ -441,14 +454,16 @@ class TakingChannel:
                 self._put_back(client, lease.decode(errors="replace") if isinstance(lease, bytes) else str(lease), per_lease)
 
     def _put_back(self, client: Any, lease: str, most: int) -> None:
-        held = self._key(HELD_PREFIX + lease)
+        # Each message leaves the lapsed lease's held set in the transaction that requeues it: a
+        # sweeper killed midway leaves the rest held there, for the next sweep.
+        held = HELD_PREFIX + lease
         try:
-            tags = client.execute_command("SPOP", held, most) or []
+            tags = client.execute_command("SRANDMEMBER", self._key(held), most) or []
         except ResponseError as e:
             warn_once("held", "lease %r names a held set Redis cannot read (%s); dropping the lease", _short(lease), e)
             tags = []
         for tag in tags:
-            self.qos.restore_by_tag(tag.decode(errors="replace") if isinstance(tag, bytes) else tag, client)
+            self.qos.restore_by_tag(tag.decode(errors="replace") if isinstance(tag, bytes) else tag, client, held_key=held)
         if tags:
             log.info("Put back %d message(s) held by %s, whose lease lapsed", len(tags), _short(lease))
         if len(tags) < most:
