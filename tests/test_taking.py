@@ -52,6 +52,23 @@ def raw(url: str) -> Redis:
     return Redis.from_url(url)
 
 
+def drain(connection: Connection, seconds: float, until: Any = lambda: False, step: float = 0.05) -> None:
+    """Run `connection`'s consumers for `seconds`, or until `until()` is true."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not until():
+        try:
+            connection.drain_events(timeout=step)
+        except TimeoutError:
+            pass
+
+
+def consume(connection: Connection, queues: list[str], into: list[Any]) -> Any:
+    """A kombu consumer of `queues` that acknowledges each message and appends its body to `into`."""
+    from kombu import Consumer, Queue
+
+    return Consumer(connection, [Queue(q, routing_key=q) for q in queues], callbacks=[lambda body, m: (into.append(body), m.ack())], accept=["json"])
+
+
 def test_a_take_moves_the_message_into_the_bookkeeping_in_one_step(redis_url):
     # Given a queued message
     publish(redis_url, {"n": 1})
@@ -195,8 +212,6 @@ def test_the_quarantine_keeps_a_bounded_prefix_of_huge_items_and_a_bounded_count
         redis.lpush(QUEUE, b"junk")
     with connect(redis_url) as connection:
         # When a worker works through them
-        from kombu.exceptions import KombuError  # noqa: F401 - basic_get returns None at the end
-
         assert connection.default_channel.basic_get(QUEUE) is None
     # Then the quarantine holds the newest 1,000, none over 64 KiB of item
     assert redis.llen(QUARANTINE) == 1000
@@ -287,31 +302,19 @@ def test_a_lease_whose_held_set_is_not_a_set_is_dropped_without_stopping_the_swe
 
 @pytest.mark.parametrize("target", ["first", "second", "third"])
 def test_an_idle_worker_wakes_at_once_for_a_message_on_any_of_its_queues(redis_url, target):
-    from kombu import Consumer, Queue
-
     # Given a consumer of three queues, idle past a wait's one-second timeout (the event-loop path: wait, then take)
     names = {"first": "q.first", "second": "q.second", "third": "q.third"}
     received: list[Any] = []
     with connect(redis_url) as connection:
-        consumer = Consumer(connection, [Queue(n, routing_key=n) for n in names.values()], callbacks=[lambda body, m: (received.append(body), m.ack())], accept=["json"])
-        with consumer:
-            deadline = time.monotonic() + 1.5
-            while time.monotonic() < deadline:
-                try:
-                    connection.drain_events(timeout=0.2)
-                except TimeoutError:
-                    pass
+        with consume(connection, list(names.values()), received):
+            drain(connection, 1.5)
             # When messages arrive on one of them, three times a third of a wait's timeout apart
             latencies = []
             for n in range(3):
                 time.sleep(0.35)
                 sent = time.monotonic()
                 publish(redis_url, {"n": n}, queue=names[target])
-                while len(received) <= n and time.monotonic() - sent < 5:
-                    try:
-                        connection.drain_events(timeout=0.02)
-                    except TimeoutError:
-                        pass
+                drain(connection, 5, until=lambda: len(received) > n, step=0.02)
                 latencies.append(time.monotonic() - sent)
     # Then each is taken at once, not at the next wait's timeout (a second): that queue's own wait woke the worker
     assert received == [{"n": 0}, {"n": 1}, {"n": 2}] and max(latencies) < 0.25, latencies
@@ -375,8 +378,6 @@ def test_a_producer_refused_by_a_misplaced_queue_key_says_so_and_sends_once_a_wo
 
 
 def test_a_full_redis_makes_an_idle_worker_retry_each_second_not_spin(redis_url):
-    from kombu import Consumer, Queue
-
     # Given a consumer, a queued message and a Redis that refuses every write for want of memory
     publish(redis_url, {"n": 1})
     redis = raw(redis_url)
@@ -384,28 +385,17 @@ def test_a_full_redis_makes_an_idle_worker_retry_each_second_not_spin(redis_url)
     received: list[Any] = []
     try:
         with connect(redis_url) as connection:
-            consumer = Consumer(connection, [Queue(QUEUE, routing_key=QUEUE)], callbacks=[lambda body, m: (received.append(body), m.ack())], accept=["json"])
-            with consumer:
+            with consume(connection, [QUEUE], received):
                 redis.config_set("maxmemory", 1)
                 redis.config_resetstat()
                 # When a consumer runs for two seconds
-                deadline = time.monotonic() + 2
-                while time.monotonic() < deadline:
-                    try:
-                        connection.drain_events(timeout=0.1)
-                    except TimeoutError:
-                        pass
+                drain(connection, 2)
                 # Then it tried a few times (once a second), the message still queued
                 evals = int(redis.info("commandstats").get("cmdstat_eval", {}).get("calls", 0))
                 assert 1 <= evals <= 6 and redis.llen(QUEUE) == 1 and not received
                 # And once memory is free, it takes the message
                 redis.config_set("maxmemory", 0)
-                deadline = time.monotonic() + 5
-                while not received and time.monotonic() < deadline:
-                    try:
-                        connection.drain_events(timeout=0.1)
-                    except TimeoutError:
-                        pass
+                drain(connection, 5, until=lambda: bool(received))
         assert received == [{"n": 1}]
     finally:
         redis.config_set("maxmemory", 0)

@@ -76,6 +76,24 @@ return redis.call('ZRANGE', KEYS[1], '-inf', now_ms, 'BYSCORE', 'LIMIT', 0, tonu
 """KEYS: leases. ARGV: this lease, its lifetime in ms, how many lapsed leases to return. Renews it; returns lapsed ones."""
 
 
+MISPLACED_ASIDE = """
+local moved = {}
+for _, key in ipairs(KEYS) do
+  local found = redis.call('TYPE', key)['ok']
+  if found ~= 'none' and found ~= ARGV[1] then
+    redis.call('RENAME', key, key .. '.misplaced.' .. ARGV[2])
+    moved[#moved + 1] = key
+  end
+end
+return moved
+"""
+"""KEYS: keys that must hold ARGV[1] (a Redis type) or nothing; others are renamed aside (ARGV[2]: a timestamp)."""
+
+UNEXPIRING_ASIDE = """
+if redis.call('TTL', KEYS[1]) == -1 then return redis.call('RENAME', KEYS[1], KEYS[1] .. '.misplaced.' .. ARGV[1]) end
+"""
+
+
 @dataclass(frozen=True)
 class Taken:
     """What one take returned: the queue it came from (None: nothing waiting), the raw item, keys moved aside."""

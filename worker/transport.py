@@ -29,13 +29,14 @@ from collections.abc import Iterable
 from typing import Any
 
 from kombu.transport import redis, virtual
-from kombu.utils.json import dumps
 from redis.exceptions import OutOfMemoryError, ResponseError
 
 from worker.taking import (
     HELD_PREFIX,
     KEEP,
     LEASES,
+    MISPLACED_ASIDE,
+    UNEXPIRING_ASIDE,
     QUARANTINE,
     QUARANTINE_ENTRIES,
     decode_item,
@@ -53,23 +54,6 @@ FULL = (
     "Redis is out of memory (used memory is above its maxmemory): free memory or raise maxmemory; "
     "until then workers cannot record their work"
 )
-
-MISPLACED_ASIDE = """
-local moved = {}
-for _, key in ipairs(KEYS) do
-  local found = redis.call('TYPE', key)['ok']
-  if found ~= 'none' and found ~= ARGV[1] then
-    redis.call('RENAME', key, key .. '.misplaced.' .. ARGV[2])
-    moved[#moved + 1] = key
-  end
-end
-return moved
-"""
-"""KEYS: keys that must hold ARGV[1] (a Redis type) or nothing; others are renamed aside (ARGV[2]: a timestamp)."""
-
-UNEXPIRING_ASIDE = """
-if redis.call('TTL', KEYS[1]) == -1 then return redis.call('RENAME', KEYS[1], KEYS[1] .. '.misplaced.' .. ARGV[1]) end
-"""
 
 LEASE_SECONDS = 10
 """How long a worker's lease on the messages it holds lasts unless renewed (RERANK_WORKER_LEASE)."""
@@ -233,7 +217,6 @@ class TakingChannel:
     _wake = True  # take at the next chance; False while idle, until a wait returns
     _retry_at: float | None = None  # after Redis refused a take: when to try again
     _take_queues: list[str] = []
-    _take_keys: list[str] = []
     _take_tag = ""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -273,11 +256,11 @@ class TakingChannel:
         if not queues:
             return
         self._take_queues = [q for pri in self.priority_steps for q in queues]
-        self._take_keys = [self._key(self._q_for_pri(q, pri)) for pri in self.priority_steps for q in queues]
+        keys = [self._key(self._q_for_pri(q, pri)) for pri in self.priority_steps for q in queues]
         self._take_tag = str(uuid.uuid4())
         self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()
-        command = take_call(self._take_keys, self._take_queues, self._bookkeeping(), self._take_tag, self.lease, self._lease_ms())
+        command = take_call(keys, self._take_queues, self._bookkeeping(), self._take_tag, self.lease, self._lease_ms())
         self.client.connection.send_command(*command)
 
     def _brpop_read(self, **options: Any) -> bool:
