@@ -14,25 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
-from benchmarks.corpus import QUERY, model_dir, papers
+from benchmarks.corpus import QUERY, cpu_name, model_dir, papers
 from benchmarks.through_redis import running_system
 from worker.synthetic import SHAPES
 
 TRANSPORTS = {"ours": "benchmarks.noop_worker", "kombu": "benchmarks.kombu_transport_worker"}
 RESULTS = Path(__file__).parent / "results"
-
-
-def cpu_name() -> str:
-    """The CPU's model name, as /proc/cpuinfo gives it."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def time_one(app: str, model: Path, samples: int) -> dict[str, list[float]]:
