@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Celery
@@ -9,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from producer.errors import reaching
 from producer.names import REPORT_COMMAND
+
+log = logging.getLogger(__name__)
 
 
 class WorkerInfo(BaseModel):
@@ -38,23 +41,33 @@ def inspect_workers(app: Celery, timeout: float = 2.0) -> list[WorkerInfo]:
         stats = inspector.stats() or {}
         registered = inspector.registered() or {}
         reports = _reports(inspector)
+    return merge_replies(queues, stats, registered, reports)
+
+
+def merge_replies(queues: Any, stats: Any, registered: Any, reports: Any) -> list[WorkerInfo]:
+    """One WorkerInfo per worker that answered; a reply that is not a worker's (anyone can write one) is logged and left out."""
+    replies = [r if isinstance(r, dict) else {} for r in (queues, stats, registered, reports)]
+    queues, stats, registered, reports = replies
     workers = []
     for name in sorted(set(queues) | set(stats) | set(registered)):
-        stat = stats.get(name) or {}
-        pool = stat.get("pool") or {}
-        totals = stat.get("total") or {}
-        workers.append(
-            WorkerInfo(
-                name=name,
-                queues=sorted(q["name"] for q in queues.get(name) or []),
-                registered=sorted(registered.get(name) or []),
-                processes=pool.get("max-concurrency"),
-                pid=stat.get("pid"),
-                uptime_s=stat.get("uptime"),
-                tasks_done=sum(totals.values()) if totals else (0 if stat else None),
-                report=reports.get(name),
+        try:
+            stat = stats.get(name) or {}
+            pool = stat.get("pool") or {}
+            totals = stat.get("total") or {}
+            workers.append(
+                WorkerInfo(
+                    name=name,
+                    queues=sorted(q["name"] for q in queues.get(name) or []),
+                    registered=sorted(registered.get(name) or []),
+                    processes=pool.get("max-concurrency"),
+                    pid=stat.get("pid"),
+                    uptime_s=stat.get("uptime"),
+                    tasks_done=sum(totals.values()) if totals else (0 if stat else None),
+                    report=reports.get(name),
+                )
             )
-        )
+        except (AttributeError, KeyError, TypeError, ValueError) as e:  # pydantic's ValidationError is a ValueError
+            log.warning("ignored a reply from %.80r that is not a worker's: %.200s", name, e)
     return workers
 
 
