@@ -51,6 +51,10 @@ if urlsplit(app.conf.result_backend or "").scheme in ("redis", "rediss", "sentin
 # when storing the result: retry result-backend writes for about 10 s (at most ~18 s: 20 tries,
 # jittered backoff up to 1 s). Only workers wait; producers report BrokerUnavailable instead.
 app.conf.update(
+    # A message delivered again after its worker died between storing the result and acknowledging
+    # is dropped when its task already succeeded (Celery checks the result backend), so a job runs
+    # at most twice even when two such deaths hit it (docs/reliability.md, "At most twice").
+    worker_deduplicate_successful_tasks=True,
     result_backend_transport_options={**app.conf.result_backend_transport_options, "retry_policy": WORKER_RETRY},
     result_backend_always_retry=True,
     result_backend_max_retries=20,

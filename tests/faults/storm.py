@@ -67,11 +67,12 @@ class Storm:
     redis_down_s: float = 0.0
     logs: list[Path] = field(default_factory=list)
 
-    def runs(self) -> Counter[str]:
-        """How many times each task id ran to success, over every worker's log (killed ones included)."""
+    def runs(self, outcome: str = "succeeded") -> Counter[str]:
+        """How many times each task id was logged with `outcome` over every worker's log (killed ones included):
+        "succeeded" (ran to success), or "Task already completed successfully" (delivered again, not run)."""
         counts: Counter[str] = Counter()
         for log in self.logs:
-            counts.update(re.findall(r"Task rerank\.\w+\[([0-9a-f-]{36})\] succeeded", log.read_text(errors="replace")))
+            counts.update(re.findall(rf"Task rerank\.\w+\[([0-9a-f-]{{36}})\] {outcome}", log.read_text(errors="replace")))
         return counts
 
 

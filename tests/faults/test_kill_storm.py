@@ -47,17 +47,20 @@ def run_storm(shape, fleet, fault_redis, tiny_model, in_process_settings, tmp_pa
         )
         if not ok:
             wrong.append((job_id, got))
-    runs = seen.runs()
+    runs, skipped = seen.runs(), seen.runs("Task already completed successfully")
     ran = Counter(runs[job_id] for job_id, _ in seen.sent)
+    # A worker killed after storing a result but before logging it leaves no "succeeded" line;
+    # its message, delivered again, is then skipped as already done (and logged so).
+    unlogged = [job_id for job_id, _ in seen.sent if runs[job_id] == 0 and skipped[job_id] == 0]
     report(
         f"kill storm ({shape})", jobs=len(seen.sent), producers=producers, kills=seen.kills, workers_started=seen.workers_started,
         redis_down_s=round(seen.redis_down_s, 2), refused_submits=seen.refused_submits, lost=len(seen.sent) - len(results),
         wrong=len(wrong), ran_once=ran[1], ran_twice=ran[2], ran_3_or_more=sum(v for k, v in ran.items() if k >= 3),
-        never_logged=ran[0],
+        skipped_as_done=sum(1 for job_id, _ in seen.sent if skipped[job_id]), success_unlogged=ran[0],
     )
     assert len(seen.sent) == producers * jobs_each
     assert not wrong, wrong[:3]
-    assert ran[0] == 0, "every job's success is in some worker's log"
+    assert not unlogged, f"{len(unlogged)} jobs finished with no worker saying so"
     assert max(ran) <= 2, f"{sum(v for k, v in ran.items() if k >= 3)} jobs ran three times or more"
 
 
