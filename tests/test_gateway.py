@@ -66,7 +66,8 @@ def test_plain_passages_are_scored_exactly_as_sent(reference, tiny_model):
     expected = reference_logits(tiny_model, QUERY, DOCUMENTS)
     best = sorted(range(len(DOCUMENTS)), key=lambda i: -expected[i])[:5]
     assert [item.index for item in result.items] == best
-    assert [item.logit for item in result.items] == pytest.approx([expected[i] for i in best], abs=1e-5)
+    # Logits to 1e-5 relative: fp32 batches of another composition moved a logit of 5.6 by 1.05e-5 in CI
+    assert [item.logit for item in result.items] == pytest.approx([expected[i] for i in best], rel=1e-5, abs=1e-5)
     assert [item.score for item in result.items] == pytest.approx(sigmoid([expected[i] for i in best]), abs=1e-6)
     assert result.stage == "passages" and result.scored == 20
 
