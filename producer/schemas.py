@@ -159,6 +159,7 @@ class ScoringInfo(_Model):
     tokens: int
     padded_tokens: int
     batches: int
+    oom_splits: int = Field(0, description="Batches split in two after running out of device memory while scoring this (also counted in `batches`).")
     tokenize_ms: float
     forward_ms: float
     worker: str | None = None

@@ -46,6 +46,7 @@ class _Request:
     passed: int = 0  # batches formed since this request last had a pair in one
     done: int = 0
     batches: int = 0
+    splits: int = 0
     padded: int = 0
     error: BaseException | None = None
     cancelled: bool = False
@@ -120,6 +121,7 @@ class BatchingScorer:
             batches=request.batches,
             tokenize_seconds=tokenized - started,
             forward_seconds=finished - tokenized,
+            oom_splits=request.splits,
         )
 
     def _run(self) -> None:
@@ -216,6 +218,7 @@ class BatchingScorer:
                     request.pairs.collect(indexes, logits[rows[0] : rows[-1] + 1] if contiguous else logits[rows])
                     request.done += len(rows)
                     request.batches += runs
+                    request.splits += runs - 1
                     request.padded += round(share * len(rows))
             self._changed.notify_all()
 

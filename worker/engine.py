@@ -59,6 +59,7 @@ class Scores:
     batches: int
     tokenize_seconds: float
     forward_seconds: float
+    oom_splits: int = 0
 
     @property
     def probabilities(self) -> list[float]:
@@ -425,6 +426,7 @@ class CrossEncoderEngine:
             batches=batches,
             tokenize_seconds=waited,
             forward_seconds=finished - started - waited,
+            oom_splits=scoring.batches - scoring.planned,
         )
 
     def _tokenized_slices(self, query: str, passages: list[str]) -> Iterator[list[EncodedPair]]:

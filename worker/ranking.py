@@ -127,6 +127,7 @@ def _info(engine: CrossEncoderEngine, scores: Scores, pairs: int, worker: str | 
         tokens=scores.tokens,
         padded_tokens=scores.padded_tokens,
         batches=scores.batches,
+        oom_splits=scores.oom_splits,
         tokenize_ms=round(scores.tokenize_seconds * 1000, 3),
         forward_ms=round(scores.forward_seconds * 1000, 3),
         worker=worker or socket.gethostname(),
