@@ -1,5 +1,5 @@
 """What the cross-encoder reads, and what travels to the workers: the passage formats, the
-stage-1 window, the chunk pool of a two-stage job, and the trimmed stage-1 and stage-2 messages.
+stage-1 window, the chunk pool of a two-stage job, and the stage-1 and stage-2 messages.
 
 Producers cut texts with these and workers format them with these, so the two cannot drift.
 """
@@ -7,13 +7,10 @@ Producers cut texts with these and workers format them with these, so the two ca
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection, Iterable
+from collections.abc import Iterable
 from typing import Any
 
-from pydantic import ValidationError
-
 from producer.chunking import DEFAULT_MAX_CHARS, chunk_text
-from producer.names import TASK_CHUNKS
 from producer.schemas import Candidate, Chunk, ChunksRequest, DocumentsRequest
 
 WINDOW_CHARS = 1500
@@ -90,34 +87,3 @@ def stage1_message(request: DocumentsRequest) -> dict[str, Any]:
 def stage2_message(request: ChunksRequest) -> dict[str, Any]:
     """The stage-2 task's request: unset fields left out, so workers that predate a field still read it."""
     return request.model_dump(mode="json", exclude_none=True)
-
-
-def send_on_kept_chunks(chain: Any, kept: Collection[str]) -> None:
-    """Cut the chained stage-2 request down to the chunks of the papers stage 1 kept, before Celery sends it.
-
-    `chain` is stage 1's `request.chain` (the steps still to run, the next one last). The chunk
-    pool of every candidate travels with stage 1, but stage 2 scores only the kept papers' chunks:
-    sending it the rest (about four fifths) cost an encode, a transfer and a decode of each.
-    The chunks keep their places in the pool (`positions`), so results index the same pool
-    either way, and their `digests`, which bind each chunk to its place, go with them. A step
-    not shaped like our stage-2 request is left alone, for stage 2 to refuse.
-    """
-    step = chain[-1] if isinstance(chain, list) and chain else None
-    kwargs = step.get("kwargs") if isinstance(step, dict) and step.get("task") == TASK_CHUNKS else None
-    request = kwargs.get("request") if isinstance(kwargs, dict) else None
-    chunks = request.get("chunks") if isinstance(request, dict) and request.get("positions") is None else None
-    if not isinstance(chunks, list) or not all(isinstance(c, dict) for c in chunks):
-        return
-    positions = [n for n, chunk in enumerate(chunks) if isinstance(chunk.get("doc_id"), str) and chunk["doc_id"] in kept]
-    if not positions:  # the kept papers have no chunks: a request needs one, and stage 2 scores none anyway
-        return
-    digests = request.get("digests")
-    if digests is None:
-        # A producer older than digests: name the kept chunks here, so stage 2 still checks every place.
-        try:
-            digests = [chunk_digest(Chunk.model_validate(chunks[n]), n) for n in positions]
-        except ValidationError:
-            return
-    elif isinstance(digests, list) and len(digests) == len(chunks):
-        digests = [digests[n] for n in positions]
-    kwargs["request"] = {**request, "chunks": [chunks[n] for n in positions], "positions": positions, "digests": digests}

@@ -48,7 +48,7 @@ def parse_request(model: type[RequestT], data: Any, settings: Settings) -> Reque
         try:
             request = model.model_validate(data)
         except ValidationError as e:
-            raise InvalidRequest(f"invalid {model.__name__}: {_summarize(e)}") from e
+            raise InvalidRequest(f"invalid {model.__name__}: {summarize(e)}") from e
         except RecursionError as e:  # metadata nested deeper than the interpreter can walk
             raise InvalidRequest(f"invalid {model.__name__}: nested too deeply to validate") from e
     check_limits(request, settings)
@@ -183,37 +183,6 @@ def plain_json(raw: bytes | str, what: str, max_bytes: int | None = None) -> Any
     return data
 
 
-def check_stage1(stage1: Any, request: ChunksRequest) -> RerankResult:
-    """Parse the stage-1 result a chained stage 2 received and check it refers only to its own request.
-
-    A message straight from the queue may carry any "result": ids never sent, indexes out of
-    range, another query's ranking. Each item must be the candidate at its index, once.
-    """
-    try:
-        documents = RerankResult.model_validate(stage1)
-    except ValidationError as e:
-        raise InvalidRequest(f"stage 2 received something other than a stage-1 result: {_summarize(e)}") from e
-    candidates = request.candidate_ids
-    if candidates is None:
-        raise InvalidRequest("a chained stage-2 request must list the candidate_ids its stage-1 result refers to")
-    problem = None
-    if documents.stage != "documents" or documents.query != request.query:
-        problem = "it is not a stage-1 ranking of this request's query"
-    elif documents.scored != len(candidates) or len(documents.items) > len(candidates):
-        problem = f"it scored {documents.scored} candidates and kept {len(documents.items)}, but the request has {len(candidates)}"
-    elif len({item.id for item in documents.items}) != len(documents.items):
-        problem = "it lists a candidate more than once"
-    else:
-        strangers = [item for item in documents.items if not 0 <= item.index < len(candidates) or candidates[item.index] != item.id]
-        if strangers:
-            problem = f"item {strangers[0].id[:64]!r} at index {strangers[0].index} is not that candidate of this request"
-    if problem is None and not {c.doc_id for c in request.chunks} <= set(candidates):
-        problem = "some chunks belong to no candidate of this request"
-    if problem is not None:
-        raise InvalidRequest(f"stage 2 received a stage-1 result that does not belong to its request: {problem}")
-    return documents
-
-
 def _texts(request: BaseModel) -> Iterator[tuple[str, str, str]]:
     if isinstance(request, DocumentsRequest):
         for c in request.candidates:
@@ -278,7 +247,8 @@ def _check_top_k(top_k: int) -> None:
         raise InvalidRequest(f"top_k={top_k} is over {MAX_TOP_K:,}, more items than any request may hold")
 
 
-def _summarize(error: ValidationError, most: int = 5) -> str:
+def summarize(error: ValidationError, most: int = 5) -> str:
+    """One line naming the first `most` problems of `error`, and how many more there are."""
     problems = [
         f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in error.errors()[:most]
     ]

@@ -136,7 +136,7 @@ def test_chunk_positions_must_place_each_chunk_in_a_pool_once(positions, message
 
 
 def test_stage1_sends_stage2_only_the_kept_papers_chunks_in_their_places_in_the_pool(in_process_settings):
-    from producer.formats import send_on_kept_chunks
+    from worker.chaining import send_on_kept_chunks
 
     # Given a two-stage job's chain as stage 1 receives it: the next step holds the whole pool
     client = RerankClient(in_process_settings)
@@ -171,7 +171,7 @@ def test_stage1_sends_stage2_only_the_kept_papers_chunks_in_their_places_in_the_
 def test_a_next_step_not_shaped_like_our_stage2_is_sent_on_untouched(step):
     from copy import deepcopy
 
-    from producer.formats import send_on_kept_chunks
+    from worker.chaining import send_on_kept_chunks
 
     # Given a chain whose next step is not a stage-2 request with chunks of the kept paper "a"
     pending = [deepcopy(step)]
@@ -184,7 +184,7 @@ def test_stage1_finds_stage2_where_celery_puts_it_in_a_real_stage1_message(redis
     import base64
     import json
 
-    from producer.formats import send_on_kept_chunks
+    from worker.chaining import send_on_kept_chunks
 
     # Given a two-stage job queued on a broker nobody consumes
     settings = Settings(broker_url=redis_server.url, queue="chain-shape")
@@ -204,7 +204,8 @@ def test_stage1_finds_stage2_where_celery_puts_it_in_a_real_stage1_message(redis
 
 
 def test_stage2_of_a_two_stage_job_carries_the_digest_of_every_chunk_of_the_pool(in_process_settings):
-    from producer.formats import chunk_digest, send_on_kept_chunks, stage2_message
+    from producer.formats import chunk_digest, stage2_message
+    from worker.chaining import send_on_kept_chunks
 
     # Given a two-stage job's stage-2 request as the client builds it
     client = RerankClient(in_process_settings)
@@ -219,7 +220,8 @@ def test_stage2_of_a_two_stage_job_carries_the_digest_of_every_chunk_of_the_pool
 
 
 def test_stage1_names_the_pool_of_a_producer_older_than_digests(in_process_settings):
-    from producer.formats import send_on_kept_chunks, stage2_message
+    from producer.formats import stage2_message
+    from worker.chaining import send_on_kept_chunks
 
     # Given a stage-2 request from a producer that sends no digests
     client = RerankClient(in_process_settings)

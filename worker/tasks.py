@@ -11,11 +11,11 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from producer.app import settings_of
 from producer.errors import InvalidRequest, TaskTimedOut
-from producer.formats import send_on_kept_chunks
 from producer.names import TASK_CHUNKS, TASK_DOCUMENTS, TASK_PASSAGES
 from producer.schemas import ChunksRequest, DocumentsRequest, PassagesRequest
-from producer.validation import check_stage1, parse_request
+from producer.validation import parse_request
 from worker import ranking
+from worker.chaining import check_stage1, send_on_kept_chunks
 from worker.progress import TaskProgress
 from worker.runtime import load_engine
 
