@@ -20,6 +20,7 @@ from producer.metrics import default_queues
 from producer.names import model_slug, worker_queues
 from producer.settings import Settings
 from tests.helpers import skip_or_fail
+from tests.test_security import certificates  # noqa: F401  (the fixture: a throw-away CA and server certificate)
 from worker.cli import build_parser as worker_parser
 
 try:
@@ -29,7 +30,7 @@ except ImportError:
 
 ROOT = Path(__file__).parents[1]
 KUBE = ROOT / "deploy" / "kubernetes"
-LAYOUTS = ["base", "external-redis"]
+LAYOUTS = ["base", "external-redis", "redis-tls"]
 KUBERNETES_VERSION = "1.30"
 CLUSTER_SCOPED = {"Namespace"}
 
@@ -97,13 +98,22 @@ def container(deployment: dict[str, Any]) -> dict[str, Any]:
     return only
 
 
-def settings_of(deployment: dict[str, Any]) -> Settings:
+def settings_of(deployment: dict[str, Any], config: dict[str, str] = CONFIG) -> Settings:
     """The settings the container's process reads: the ConfigMap, then its own RERANK_* values."""
-    env = {k: v for k, v in CONFIG.items() if k.startswith("RERANK_")}
+    env = {k: v for k, v in config.items() if k.startswith("RERANK_")}
     for var in container(deployment).get("env", []):
         if var["name"].startswith("RERANK_") and "value" in var:
-            env[var["name"]] = var["value"].replace("$(REDIS_PASSWORD)", "pw").replace("$(REDIS_ADDRESS)", CONFIG["REDIS_ADDRESS"])
+            env[var["name"]] = var["value"].replace("$(REDIS_PASSWORD)", "pw").replace("$(REDIS_ADDRESS)", config["REDIS_ADDRESS"])
     return Settings(**{name.removeprefix("RERANK_").lower(): value for name, value in env.items()})
+
+
+# Every Deployment that runs `rerank-worker`, in every layout, with that layout's settings.
+ALL_WORKERS = {
+    f"{layout}/{d['metadata']['name']}": (d, kinds(BUILT[layout], "ConfigMap")["rerank-config"]["data"])
+    for layout in LAYOUTS
+    for d in kinds(BUILT[layout], "Deployment").values()
+    if container(d)["command"][0] == "rerank-worker"
+}
 
 
 def consumed(deployment: dict[str, Any]) -> list[str]:
@@ -283,11 +293,16 @@ def test_worker_commands_use_our_entry_point_real_options_and_real_settings(name
     assert volumes["model-cache"]["persistentVolumeClaim"]["claimName"] in kinds(BASE, "PersistentVolumeClaim")
 
 
-@pytest.mark.parametrize("name", sorted(WORKERS))
-def test_probes_grace_period_and_rollout_suit_a_worker_that_loads_a_model(name):
-    deployment = WORKERS[name]
+def test_every_layout_runs_the_same_workers():
+    assert {key.split("/")[1] for key in ALL_WORKERS} == set(WORKERS)
+    assert len(ALL_WORKERS) == len(LAYOUTS) * len(WORKERS)
+
+
+@pytest.mark.parametrize("key", sorted(ALL_WORKERS))
+def test_probes_grace_period_and_rollout_suit_a_worker_that_loads_a_model(key):
+    deployment, config = ALL_WORKERS[key]
     worker = container(deployment)
-    settings = settings_of(deployment)
+    settings = settings_of(deployment, config)
     # Ready (and started) once it answers ping under its own name: the pool loaded the model first
     for probe in ("startupProbe", "readinessProbe"):
         shell = worker[probe]["exec"]["command"]
@@ -302,14 +317,29 @@ def test_probes_grace_period_and_rollout_suit_a_worker_that_loads_a_model(name):
 
     max_age = float(liveness[liveness.index("--max-age") + 1])
     assert max_age >= 10 * HEARTBEAT_INTERVAL
-    # SIGTERM lets the running task finish before Kubernetes kills the pod
+    # SIGTERM lets the running task finish (at most RERANK_TASK_TIME_LIMIT) before Kubernetes kills the pod
     grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert grace > settings.task_time_limit
+    assert grace > settings.task_time_limit, f"{key}: terminationGracePeriodSeconds must exceed RERANK_TASK_TIME_LIMIT"
     # A rollout starts a new pod before it stops an old one
     assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
-    # Prometheus scrapes the port the worker serves its metrics on
+    # Prometheus scrapes the port the worker serves its metrics on, bound where the scraper reaches it
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(settings.metrics_port) and annotations["prometheus.io/scrape"] == "true"
+    assert {p["name"]: p["containerPort"] for p in worker["ports"]}["metrics"] == settings.metrics_port
+    assert not settings.metrics_address.startswith("127."), "a loopback address is out of the scraper's reach"
+    assert annotations.get("prometheus.io/path", "/metrics") == "/metrics"
+
+
+def test_the_grace_period_check_refuses_a_pod_stopped_before_its_time_limit():
+    # Given a worker whose grace period equals its task time limit, then the check fails
+    deployment, config = copy.deepcopy(ALL_WORKERS["base/rerank-worker-gpu"])
+    deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = int(config["RERANK_TASK_TIME_LIMIT"])
+    ALL_WORKERS["spoilt"] = (deployment, config)
+    try:
+        with pytest.raises(AssertionError, match="terminationGracePeriodSeconds must exceed"):
+            test_probes_grace_period_and_rollout_suit_a_worker_that_loads_a_model("spoilt")
+    finally:
+        del ALL_WORKERS["spoilt"]
 
 
 def test_the_liveness_command_exists():
@@ -706,3 +736,89 @@ def test_external_redis_lets_clients_out_to_its_port_and_drops_the_in_cluster_re
     assert "rerank-redis" not in policies
     (rule,) = policies["rerank-redis-clients"]["spec"]["egress"]
     assert rule["ports"] == [{"protocol": "TCP", "port": 6379}] and "ipBlock" in rule["to"][0]
+
+
+# Redis for clients outside the cluster ---------------------------------------------------------------
+
+def test_base_exposes_nothing_outside_the_cluster():
+    for name, service in kinds(BASE, "Service").items():
+        assert service["spec"].get("type", "ClusterIP") == "ClusterIP", name
+
+
+def test_redis_tls_overlay_publishes_only_the_tls_port_to_the_listed_ranges():
+    resources = BUILT["redis-tls"]
+    redis_set = kinds(resources, "StatefulSet")["rerank-redis"]
+    redis_ports = {p["name"]: p["containerPort"] for p in container(redis_set)["ports"]}
+    # Given the only Service of the overlay that reaches outside the cluster
+    (external,) = [s for s in kinds(resources, "Service").values() if s["spec"].get("type", "ClusterIP") != "ClusterIP"]
+    spec = external["spec"]
+    assert spec["type"] in ("LoadBalancer", "NodePort") and spec["selector"] == redis_set["spec"]["selector"]["matchLabels"]
+    # Then it forwards Redis's TLS port and nothing else, keeping the client's address for the NetworkPolicy
+    (port,) = spec["ports"]
+    assert redis_ports[port["targetPort"]] == redis_ports["redis-tls"] != redis_ports["redis"]
+    assert spec["externalTrafficPolicy"] == "Local"
+    ranges = spec["loadBalancerSourceRanges"]
+    assert ranges and "0.0.0.0/0" not in ranges
+    # And a NetworkPolicy admits exactly those ranges, on that port only, to Redis
+    (policy,) = [p for p in kinds(resources, "NetworkPolicy").values() if any(
+        "ipBlock" in peer for rule in p["spec"].get("ingress", []) for peer in rule.get("from", []))]
+    assert policy["spec"]["podSelector"]["matchLabels"] == spec["selector"]
+    (rule,) = policy["spec"]["ingress"]
+    assert sorted(peer["ipBlock"]["cidr"] for peer in rule["from"]) == sorted(ranges)
+    assert rule["ports"] == [{"protocol": "TCP", "port": redis_ports["redis-tls"]}]
+
+
+def _redis_config(tmp_path: Path, password: str, tls: Path | None) -> dict[str, str]:
+    """Run the Redis init container's script with its folders moved under tmp_path; the config it writes."""
+    spec = kinds(BASE, "StatefulSet")["rerank-redis"]["spec"]["template"]["spec"]
+    (init,) = spec["initContainers"]
+    script = init["command"][2]
+    for folder in ("secret", "tls", "config"):
+        (tmp_path / folder).mkdir(parents=True)
+    # Move the paths the script reads and writes (`< /secret/`, `-f /tls/`, `> /config/`), not those it writes into the config
+    script = re.sub(r"(?<=[<>] )/(secret|config)/|(?<=-f )/(tls)/", lambda m: f"{tmp_path}/{m.group(1) or m.group(2)}/", script)
+    (tmp_path / "secret" / "redis-password").write_text(password + "\n")
+    if tls is not None:
+        for source, target in (("server.crt", "tls.crt"), ("server.key", "tls.key"), ("ca.crt", "ca.crt")):
+            (tmp_path / "tls" / target).write_bytes((tls / source).read_bytes())
+    subprocess.run(["sh", "-c", script], check=True, timeout=10)
+    lines = (tmp_path / "config" / "redis.conf").read_text().splitlines()
+    return dict(line.split(" ", 1) for line in lines)
+
+
+def test_redis_init_script_turns_tls_on_only_when_the_certificate_secret_is_mounted(tmp_path, certificates):
+    # Given no certificate, the config holds the password alone
+    assert _redis_config(tmp_path / "plain", "pw", None) == {"requirepass": "pw"}
+    # Given the Secret's three files, Redis also listens with TLS on the port the Pod declares
+    config = _redis_config(tmp_path / "tls", "pw", certificates)
+    ports = {p["name"]: p["containerPort"] for p in container(kinds(BASE, "StatefulSet")["rerank-redis"])["ports"]}
+    assert config["tls-port"] == str(ports["redis-tls"]) and config["tls-auth-clients"] == "no"
+    # And the files it names are where the Pod mounts the Secret
+    mounts = {m["name"]: m["mountPath"] for m in container(kinds(BASE, "StatefulSet")["rerank-redis"])["volumeMounts"]}
+    assert {config[k] for k in ("tls-cert-file", "tls-key-file", "tls-ca-cert-file")} == {f"{mounts['tls']}/{f}" for f in ("tls.crt", "tls.key", "ca.crt")}
+
+
+@pytest.mark.integration
+def test_redis_with_the_init_scripts_config_serves_tls_to_a_client_that_checks_it(tmp_path, certificates):
+    import redis
+
+    from tests.helpers import RedisServer, free_port
+
+    # Given the config the init container writes, its files as Kubernetes mounts them (here under tmp_path)
+    config = _redis_config(tmp_path, "pw-k8s", certificates)
+    options = [part for key, value in config.items() for part in (f"--{key}", value.replace("/tls/", f"{tmp_path}/tls/"))]
+    tls_port = free_port()
+    server = RedisServer(tmp_path)
+    server.start(*options, "--tls-port", str(tls_port))
+    try:
+        # When a client dials the TLS port, checking the server against the CA, with the password
+        client = redis.Redis.from_url(
+            f"rediss://:pw-k8s@127.0.0.1:{tls_port}/0?ssl_cert_reqs=required&ssl_ca_certs={certificates / 'ca.crt'}"
+        )
+        # Then it is served; without the password it is refused
+        assert client.ping() is True
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis.from_url(f"rediss://127.0.0.1:{tls_port}/0?ssl_cert_reqs=required&ssl_ca_certs={certificates / 'ca.crt'}").ping()
+        client.close()
+    finally:
+        server.stop()
