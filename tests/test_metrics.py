@@ -18,7 +18,7 @@ import redis
 
 from producer import RerankClient, Settings
 from producer.metrics import QueueCollector, default_queues, read_queues
-from producer.names import TASK_CHUNKS, TASK_DOCUMENTS, model_slug, queue_name
+from producer.names import TASK_CHUNKS, TASK_DOCUMENTS, TASK_PASSAGES, model_slug, queue_name
 from tests.helpers import QUERY, candidates, free_port, short_papers, skip_or_fail, wait_for
 
 try:
@@ -106,7 +106,8 @@ def test_a_worker_serves_metrics_that_add_up_to_the_jobs_it_ran(start_worker, re
     model = {"worker": name, "model": str(tiny_model), "slug": model_slug(str(tiny_model)), "device": "cpu", "dtype": "float32"}
     assert value(samples, "rerank_model_info", **model) == 1
     # A CPU worker has no GPU memory to report, and nothing ran out of memory
-    assert not {"rerank_gpu_memory_allocated_bytes", "rerank_gpu_memory_reserved_bytes", "rerank_oom_splits_total"} & names(samples)
+    assert not {"rerank_gpu_memory_allocated_bytes", "rerank_gpu_memory_reserved_bytes"} & names(samples)
+    assert value(samples, "rerank_oom_splits_total", worker=name) == 0
     # The heartbeat is fresh while the worker runs, and gone once it stopped
     probe = [sys.executable, "-m", "worker.cli", "alive", "--max-age", "30", "--file", str(heartbeat)]
     assert subprocess.run(probe, capture_output=True, timeout=60).returncode == 0
@@ -126,38 +127,29 @@ def test_a_stale_heartbeat_fails_the_liveness_probe(tmp_path, capsys):
     assert "last heartbeat 300s ago" in capsys.readouterr().err
 
 
-def test_out_of_memory_splits_are_counted_from_the_engines_own_warning(tiny_model, monkeypatch):
-    import torch
+def test_out_of_memory_splits_are_counted_from_what_results_say(in_process_settings, tmp_path, monkeypatch):
+    from worker import accounting
+    from worker.metrics import WorkerCollector
 
-    from worker import metrics
-    from worker.engine import CrossEncoderEngine
-
-    # Given metrics on and an engine whose forward pass runs out of memory on any batch over 4 pairs
-    monkeypatch.setattr(metrics, "_metrics", metrics.WorkerMetrics())
-    engine = CrossEncoderEngine.load(str(tiny_model), max_batch_tokens=65536)
-    metrics.model_loaded(engine, 0.25)
-    real_forward, calls = engine._forward_batch, []
-
-    def forward_with_small_memory(pairs):
-        calls.append(len(pairs))
-        if len(pairs) > 4:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_forward(pairs)
-
-    monkeypatch.setattr(engine, "_forward_batch", forward_with_small_memory)
-    try:
-        # When it scores 20 passages
-        engine.score(QUERY, [p["text"] for p in short_papers(20)])
-        # Then every batch that was split counts once
-        splits = metrics._metrics.oom_splits.labels(metrics._hostname)._value.get()
-        assert splits == len([n for n in calls if n > 4]) >= 3
-        assert metrics._metrics.model_load.labels(metrics._hostname, str(tiny_model))._sum.get() == 0.25
-    finally:
-        import logging
-
-        for handler in list(logging.getLogger("worker.engine").handlers):
-            if isinstance(handler, metrics._OutOfMemorySplits):
-                logging.getLogger("worker.engine").removeHandler(handler)
+    # Given a real result, as if scoring it had split 3 batches after running out of memory
+    scored = RerankClient(in_process_settings).rerank_passages(QUERY, [p["text"] for p in short_papers(6)])
+    split = scored.model_copy(update={"info": scored.info.model_copy(update={"oom_splits": 3})}).model_dump(mode="json")
+    # And a fresh pool process that writes its figures where its parent reads them
+    monkeypatch.setattr(accounting, "_directory", tmp_path)
+    monkeypatch.setattr(accounting, "_ledger", None)
+    # When two such tasks finish
+    for n in range(2):
+        documents, info = accounting.read_result(split)
+        task = accounting.TaskFigures(TASK_PASSAGES, f"t{n}", "SUCCESS", 0.5, 0.1, "q", "w", documents, info)
+        accounting.ledger().count(task)
+    accounting.ledger().write()
+    # Then the worker's metrics count every split, beside the batches that include them
+    registry = prometheus_client.CollectorRegistry()
+    registry.register(WorkerCollector("w@host"))
+    samples = parse(prometheus_client.generate_latest(registry).decode())
+    assert value(samples, "rerank_oom_splits_total", worker="w@host") == 6
+    assert value(samples, "rerank_batches_total", worker="w@host", task=TASK_PASSAGES) == 2 * scored.info.batches
+    assert value(samples, "rerank_tasks_total", worker="w@host", task=TASK_PASSAGES, state="SUCCESS") == 2
 
 
 # The queue exporter ---------------------------------------------------------------------------------

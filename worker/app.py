@@ -17,7 +17,7 @@ from celery.signals import worker_process_init, worker_shutdown
 from producer.app import create_app
 from producer.errors import ModelLoadError
 from producer.settings import get_settings
-from worker import metrics, report, tasks  # noqa: F401  (registers the tasks and the report command)
+from worker import accounting, metrics, report, tasks  # noqa: F401  (registers the tasks, their accounting and the report command)
 from worker.backend import backend_url
 from worker.control import restrict_remote_control
 from worker.engine import check_model
@@ -85,7 +85,7 @@ class ModelCheck(bootsteps.StartStopStep):
 class BatchingLoad(bootsteps.StartStopStep):
     """With several tasks in hand: one process on Celery's threads pool, a thread per task, the model loaded here once."""
 
-    requires = {"worker.report:ReportStep", "worker.metrics:MetricsStep"}
+    requires = {"worker.accounting:AccountingStep"}
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         """Check the pool fits RERANK_BATCH_TASKS, then load the model and start the device thread before consuming."""
@@ -110,6 +110,7 @@ class BatchingLoad(bootsteps.StartStopStep):
 restrict_remote_control()
 app.steps["worker"].add(ModelCheck)
 app.steps["worker"].add(EvictionCheck)
+app.steps["worker"].add(accounting.AccountingStep)
 app.steps["worker"].add(report.ReportStep)
 app.steps["worker"].add(metrics.MetricsStep)
 app.steps["worker"].add(HeartbeatStep)
@@ -138,8 +139,7 @@ def _exit_1_after_a_failed_load(sender: Any = None, **_: Any) -> None:
 def _load_model() -> None:
     started = time.perf_counter()
     engine = load_engine(settings)
-    metrics.model_loaded(engine, time.perf_counter() - started)
-    report.publish(engine, settings)
+    accounting.model_loaded(engine, time.perf_counter() - started, settings)
 
 
 @worker_process_init.connect

@@ -1,255 +1,156 @@
 """Prometheus metrics of a worker: what its pool processes scored, how, and how long jobs waited.
 
-Opt-in with RERANK_METRICS_PORT. The work happens in the prefork pool processes, but only the
-parent can serve one port, so this uses prometheus_client's multiprocess mode:
-
-1. Before the pool forks, the parent creates a private directory and points
-   PROMETHEUS_MULTIPROC_DIR at it; pool processes inherit it.
-2. Each pool process counts into its own memory-mapped files there: after loading the model,
-   when a task starts (its queue wait) and when it ends (the figures of its result's `info`).
-3. The parent serves `/metrics` by summing every process's files, on one thread with bounded
-   connections (producer.scrape). Counters of processes that exited are kept (the work was
-   done); their gauges are dropped.
-
-Everything here is computed from what a task already returns, so the engine carries no metrics
-code; out-of-memory splits are counted from the engine's own warning.
+Opt-in with RERANK_METRICS_PORT. The parent serves `/metrics` on one thread with bounded
+connections (producer.scrape), rendering at each scrape what every pool process has recorded
+(worker/accounting.py): counts of processes that exited are kept (the work was done), their
+memory and model are dropped. Nothing here counts; the engine carries no metrics code.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import re
-import shutil
-import tempfile
-import time
+from collections import defaultdict
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-from celery import Task, bootsteps
-from celery.signals import task_postrun, task_prerun, worker_process_shutdown
+from celery import bootsteps
 
-from producer.names import SENT_AT_HEADER, TASK_CHUNKS, TASK_DOCUMENTS, TASK_PASSAGES, model_slug
+from producer.app import settings_of
+from producer.names import model_slug
 from producer.scrape import MetricsServer, read_token
-from producer.settings import get_settings
+from worker import accounting
 
 log = logging.getLogger(__name__)
 
-_TASKS = (TASK_DOCUMENTS, TASK_CHUNKS, TASK_PASSAGES)
-_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
-_LOAD_SECONDS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
-_RATIO = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
-_OOM_WARNING = "out of memory on a batch"  # the start of worker.engine's warning when it splits a batch
-_PROCESS_FILE = re.compile(r"_(\d+)\.db$")
+LOAD_SECONDS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+"""Upper bounds of the model-load time buckets."""
 
-# Set in the worker's parent before the pool forks; pool processes inherit them.
-_metrics: WorkerMetrics | None = None
-_hostname = "worker"
-_max_batch_tokens = 0  # of the loaded engine, for the batch fill
-_started: dict[str, float] = {}
-
-
-class WorkerMetrics:
-    """The metric objects a pool process updates; label `worker` is the Celery node name, `task` the task name."""
-
-    def __init__(self) -> None:
-        """Create every metric (multiprocess mode must already be on)."""
-        from functools import partial
-
-        import prometheus_client
-
-        # Registered nowhere: the parent reads every process's files instead (WorkerCollector).
-        Counter = partial(prometheus_client.Counter, registry=None)
-        Gauge = partial(prometheus_client.Gauge, registry=None)
-        Histogram = partial(prometheus_client.Histogram, registry=None)
-        per_task = ["worker", "task"]
-        self.tasks = Counter("rerank_tasks", "Tasks finished, by final state.", [*per_task, "state"])
-        self.documents = Counter("rerank_documents", "Inputs scored: papers in stage 1, chunks in stage 2.", per_task)
-        self.pairs = Counter("rerank_pairs", "Query-passage pairs scored (stage-1 windows count one each).", per_task)
-        self.tokens = Counter("rerank_tokens", "Tokens of the scored pairs, padding excluded.", per_task)
-        self.padded_tokens = Counter(
-            "rerank_padded_tokens", "Tokens the forward passes computed, padding included, a repeated passage once.", per_task
-        )
-        self.batches = Counter("rerank_batches", "Forward passes (batches).", per_task)
-        self.forward_seconds = Counter("rerank_forward_seconds", "Seconds spent in forward passes.", per_task)
-        self.tokenize_seconds = Counter("rerank_tokenize_seconds", "Seconds spent tokenizing.", per_task)
-        self.task_seconds = Histogram("rerank_task_seconds", "Run time of a task on this worker.", per_task, buckets=_SECONDS)
-        self.queue_wait = Histogram(
-            "rerank_queue_wait_seconds", "Seconds from publishing a task's message to the task starting here.", per_task, buckets=_SECONDS
-        )
-        self.batch_fill = Histogram(
-            "rerank_batch_fill_ratio",
-            "Per task: tokens its forward passes computed over batches x RERANK_MAX_BATCH_TOKENS.",
-            per_task,
-            buckets=_RATIO,
-        )
-        self.oom_splits = Counter("rerank_oom_splits", "Batches split in two after running out of memory.", ["worker"])
-        self.model_load = Histogram(
-            "rerank_model_load_seconds", "Seconds a pool process took to load the model; _count is the loads.", ["worker", "model"],
-            buckets=_LOAD_SECONDS,
-        )
-        self.gpu_allocated = Gauge(
-            "rerank_gpu_memory_allocated_bytes", "GPU memory held by tensors, summed over live pool processes.",
-            ["worker", "device"], multiprocess_mode="livesum",
-        )
-        self.gpu_reserved = Gauge(
-            "rerank_gpu_memory_reserved_bytes", "GPU memory reserved by PyTorch's allocator, summed over live pool processes.",
-            ["worker", "device"], multiprocess_mode="livesum",
-        )
-        self.model_info = Gauge(
-            "rerank_model_info", "1 for the model a worker serves (labels: model, its queue slug, revision, device, dtype).",
-            ["worker", "model", "slug", "revision", "device", "dtype"], multiprocess_mode="livemax",
-        )
-
-
-# Pool-process side ---------------------------------------------------------------------------
-
-
-class _OutOfMemorySplits(logging.Handler):
-    """Counts the engine's "out of memory …; splitting it in two" warnings."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if _metrics is not None and str(record.msg).startswith(_OOM_WARNING):
-            _metrics.oom_splits.labels(_hostname).inc()
-
-
-def model_loaded(engine: Any, seconds: float) -> None:
-    """Record a pool process's model load: its time, the model it serves, its GPU memory (no-op without metrics)."""
-    global _max_batch_tokens
-    if _metrics is None:
-        return
-    try:
-        _max_batch_tokens = engine.max_batch_tokens
-        from worker.ranking import model_revision
-
-        revision = model_revision(engine.name, get_settings().model_revision) or ""
-        dtype = str(engine.dtype).removeprefix("torch.")
-        _metrics.model_load.labels(_hostname, engine.name).observe(seconds)
-        _metrics.model_info.labels(_hostname, engine.name, model_slug(engine.name), revision, str(engine.device), dtype).set(1)
-        logging.getLogger("worker.engine").addHandler(_OutOfMemorySplits(logging.WARNING))
-        _gpu_memory(engine.device)
-    except Exception:  # metrics are diagnostics: never stop a worker over them
-        log.warning("could not record the model load in the metrics", exc_info=True)
-
-
-def _gpu_memory(device: Any) -> None:
-    import torch
-
-    device = torch.device(device)
-    if _metrics is not None and device.type == "cuda":
-        _metrics.gpu_allocated.labels(_hostname, str(device)).set(torch.cuda.memory_allocated(device))
-        _metrics.gpu_reserved.labels(_hostname, str(device)).set(torch.cuda.memory_reserved(device))
-
-
-@task_prerun.connect
-def _task_started(task_id: str | None = None, task: Task | None = None, **_: Any) -> None:
-    if _metrics is None or task is None or task.name not in _TASKS or not task_id:
-        return
-    now = time.time()
-    _started[task_id] = time.perf_counter()
-    sent = getattr(task.request, SENT_AT_HEADER, None)
-    if isinstance(sent, (int, float)) and not isinstance(sent, bool):
-        # Clocks of the publishing host and this one may differ a little; never a negative wait.
-        _metrics.queue_wait.labels(_hostname, task.name).observe(max(0.0, now - sent))
-
-
-@task_postrun.connect
-def _task_finished(task_id: str | None = None, task: Task | None = None, retval: Any = None, state: str | None = None, **_: Any) -> None:
-    started = _started.pop(task_id or "", None)
-    if _metrics is None or task is None or started is None:
-        return
-    try:
-        _metrics.tasks.labels(_hostname, task.name, state or "UNKNOWN").inc()
-        _metrics.task_seconds.labels(_hostname, task.name).observe(time.perf_counter() - started)
-        if state == "SUCCESS" and isinstance(retval, dict):
-            # A chain's stage 2 returns both rankings; stage 1's was counted by stage 1's task.
-            _count_result(_metrics, task.name, retval.get("chunks", retval))
-    except Exception:
-        log.warning("could not record task %s in the metrics", task_id, exc_info=True)
-
-
-def _count_result(metrics: WorkerMetrics, task: str, result: dict[str, Any]) -> None:
-    info = result["info"]
-    labels = (_hostname, task)
-    metrics.documents.labels(*labels).inc(result["scored"])
-    metrics.pairs.labels(*labels).inc(info["pairs"])
-    metrics.tokens.labels(*labels).inc(info["tokens"])
-    metrics.padded_tokens.labels(*labels).inc(info["padded_tokens"])
-    metrics.batches.labels(*labels).inc(info["batches"])
-    metrics.forward_seconds.labels(*labels).inc(info["forward_ms"] / 1000)
-    metrics.tokenize_seconds.labels(*labels).inc(info["tokenize_ms"] / 1000)
-    capacity = info["batches"] * _max_batch_tokens
-    if capacity:
-        metrics.batch_fill.labels(*labels).observe(info["padded_tokens"] / capacity)
-    _gpu_memory(info["device"])
-
-
-@worker_process_shutdown.connect
-def _process_exits(**_: Any) -> None:
-    """Drop this pool process's gauges as it exits; its counters stay in the totals."""
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if _metrics is not None and directory:
-        from prometheus_client import multiprocess
-
-        multiprocess.mark_process_dead(os.getpid(), directory)
-
-
-# Parent side ---------------------------------------------------------------------------------
+_COUNTERS = {
+    "documents": ("rerank_documents", "Inputs scored: papers in stage 1, chunks in stage 2."),
+    "pairs": ("rerank_pairs", "Query-passage pairs scored (stage-1 windows count one each)."),
+    "tokens": ("rerank_tokens", "Tokens of the scored pairs, padding excluded."),
+    "padded_tokens": ("rerank_padded_tokens", "Tokens the forward passes computed, padding included, a repeated passage once."),
+    "batches": ("rerank_batches", "Forward passes (batches)."),
+    "forward_seconds": ("rerank_forward_seconds", "Seconds spent in forward passes."),
+    "tokenize_seconds": ("rerank_tokenize_seconds", "Seconds spent tokenizing."),
+}
+_HISTOGRAMS = {
+    "seconds": ("rerank_task_seconds", "Run time of a task on this worker."),
+    "queue_wait": ("rerank_queue_wait_seconds", "Seconds from publishing a task's message to the task starting here."),
+    "batch_fill": ("rerank_batch_fill_ratio", "Per task: tokens its forward passes computed over batches x RERANK_MAX_BATCH_TOKENS."),
+}
 
 
 class WorkerCollector:
-    """Sums every pool process's files, drops gauges of processes that died unannounced, and adds the padded-token share."""
+    """Renders every pool process's figures (worker/accounting.py) as metric families; label `worker` is the Celery node name."""
 
-    def __init__(self, directory: Path) -> None:
-        """Read the multiprocess files under `directory`."""
-        from prometheus_client.multiprocess import MultiProcessCollector
-
-        self.directory = directory
-        self.files = MultiProcessCollector(None, str(directory))
+    def __init__(self, hostname: str) -> None:
+        """Label every sample with `hostname`."""
+        self.hostname = hostname
 
     def collect(self) -> Iterator[Any]:
-        """Yield every metric family, plus `rerank_padded_token_share` per worker and task."""
-        from prometheus_client import multiprocess
-        from prometheus_client.core import GaugeMetricFamily
+        """Yield every metric family, summed over this worker's pool processes."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        for path in self.directory.glob("gauge_live*.db"):
-            match = _PROCESS_FILE.search(path.name)
-            if match and not _alive(int(match.group(1))):
-                multiprocess.mark_process_dead(int(match.group(1)), str(self.directory))  # a SIGKILLed pool process
-        tokens: dict[tuple[str, str], float] = {}
-        padded: dict[tuple[str, str], float] = {}
-        for family in self.files.collect():
-            for sample in family.samples:
-                key = (sample.labels.get("worker", ""), sample.labels.get("task", ""))
-                if sample.name == "rerank_tokens_total":
-                    tokens[key] = sample.value
-                elif sample.name == "rerank_padded_tokens_total":
-                    padded[key] = sample.value
+        processes = accounting.snapshots()
+        live = [p for p in processes if p["alive"]]
+        worker = self.hostname
+        per_task = {
+            task: accounting.add_up(p["tasks"][task] for p in processes if task in p["tasks"])
+            for task in sorted({task for p in processes for task in p["tasks"]})
+        }
+        tasks = CounterMetricFamily("rerank_tasks", "Tasks finished, by final state.", labels=["worker", "task", "state"])
+        for task, record in per_task.items():
+            for state, count in sorted(record["states"].items()):
+                tasks.add_metric([worker, task, state], count)
+        yield tasks
+        for key, (name, documentation) in _COUNTERS.items():
+            family = CounterMetricFamily(name, documentation, labels=["worker", "task"])
+            for task, record in per_task.items():
+                family.add_metric([worker, task], record[key])
             yield family
+        for key, (name, documentation) in _HISTOGRAMS.items():
+            family = _histogram(name, documentation, ["worker", "task"])
+            for task, record in per_task.items():
+                _add_histogram(family, [worker, task], record[key])
+            yield family
+        splits = CounterMetricFamily("rerank_oom_splits", "Batches split in two after running out of memory.", labels=["worker"])
+        if per_task:
+            splits.add_metric([worker], sum(record["oom_splits"] for record in per_task.values()))
+        yield splits
         share = GaugeMetricFamily(
             "rerank_padded_token_share",
             "1 - tokens / padded tokens since the worker started: the padding share, exact when no passage repeats in a request.",
             labels=["worker", "task"],
         )
-        for key, total in sorted(padded.items()):
-            if total > 0:
-                share.add_metric(list(key), 1.0 - tokens.get(key, 0.0) / total)
+        for task, record in per_task.items():
+            if record["padded_tokens"] > 0:
+                share.add_metric([worker, task], 1.0 - record["tokens"] / record["padded_tokens"])
         yield share
+        yield from _model_families(worker, processes, live)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _model_families(worker: str, processes: list[dict[str, Any]], live: list[dict[str, Any]]) -> Iterator[Any]:
+    from prometheus_client.core import GaugeMetricFamily
+
+    loads = _histogram("rerank_model_load_seconds", "Seconds a pool process took to load the model; _count is the loads.", ["worker", "model"])
+    by_model: dict[str, list[float]] = defaultdict(list)
+    for p in processes:
+        if p["model"]:
+            by_model[p["model"]["name"]].append(p["model"]["load_seconds"])
+    for model, seconds in sorted(by_model.items()):
+        histogram = accounting.distribution(LOAD_SECONDS)
+        for value in seconds:
+            accounting.observe(histogram, value)
+        _add_histogram(loads, [worker, model], histogram)
+    yield loads
+    gpu = {
+        key: GaugeMetricFamily(f"rerank_gpu_memory_{key}_bytes", documentation, labels=["worker", "device"])
+        for key, documentation in (
+            ("allocated", "GPU memory held by tensors, summed over live pool processes."),
+            ("reserved", "GPU memory reserved by PyTorch's allocator, summed over live pool processes."),
+        )
+    }
+    info = GaugeMetricFamily(
+        "rerank_model_info", "1 for the model a worker serves (labels: model, its queue slug, revision, device, dtype).",
+        labels=["worker", "model", "slug", "revision", "device", "dtype"],
+    )
+    held: dict[tuple[str, str], float] = defaultdict(float)
+    served = set()
+    for p in live:
+        model = p["model"]
+        if not model:
+            continue
+        served.add((model["name"], model_slug(model["name"]), model["revision"] or "", model["device"], model["dtype"]))
+        for key in gpu:
+            if f"gpu_{key}_bytes" in p["memory"]:
+                held[key, model["device"]] += p["memory"][f"gpu_{key}_bytes"]
+    for (key, device), value in sorted(held.items()):
+        gpu[key].add_metric([worker, device], value)
+    for labels in sorted(served):
+        info.add_metric([worker, *labels], 1)
+    yield from gpu.values()
+    yield info
+
+
+def _histogram(name: str, documentation: str, labels: list[str]) -> Any:
+    from prometheus_client.core import HistogramMetricFamily
+
+    return HistogramMetricFamily(name, documentation, labels=labels)
+
+
+def _add_histogram(family: Any, labels: list[str], histogram: dict[str, Any]) -> None:
+    from prometheus_client.utils import floatToGoString
+
+    buckets, seen = [], 0
+    for bound, count in sorted(histogram["le"].items(), key=lambda item: float(item[0])):
+        seen += count
+        buckets.append((floatToGoString(float(bound)), seen))
+    family.add_metric(labels, buckets, histogram["sum"])
 
 
 class MetricsStep(bootsteps.StartStopStep):
-    """With RERANK_METRICS_PORT set: turns on multiprocess metrics before the pool forks and serves `/metrics`.
+    """With RERANK_METRICS_PORT set: serves `/metrics`.
 
     Served by producer.scrape.MetricsServer: one thread, bounded connections and time, so peers on
     the network cannot exhaust this process; on RERANK_METRICS_ADDRESS, behind a bearer token
@@ -257,32 +158,23 @@ class MetricsStep(bootsteps.StartStopStep):
     """
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
-        """Create the private metrics directory and bind the port (a taken port or unreadable token stops the worker with exit code 1)."""
-        global _metrics, _hostname
+        """Bind the port (a taken port or unreadable token stops the worker with exit code 1)."""
         super().__init__(parent, **kwargs)
-        settings = get_settings()
+        settings = settings_of(parent.app)
         port = settings.metrics_port
         self.enabled = port is not None
-        self.directory: Path | None = None
         self.server: MetricsServer | None = None
         if port is None:
             return
-        from prometheus_client import CollectorRegistry, values
+        from prometheus_client import CollectorRegistry
 
         try:
             token = read_token(settings.metrics_token_file) if settings.metrics_token_file else None
         except (OSError, ValueError) as e:
             log.critical("cannot read RERANK_METRICS_TOKEN_FILE: %s", e)
             raise SystemExit(f"rerank-worker: cannot read RERANK_METRICS_TOKEN_FILE: {e}; point it at a file holding the token") from e
-        self.directory = Path(tempfile.mkdtemp(prefix="rerank-metrics-"))
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.directory)
-        # prometheus_client picks its value class when first imported; pick again now that the
-        # directory is set, so the metrics below are written to files the parent can read.
-        values.ValueClass = values.get_value_class()
-        _hostname = getattr(parent, "hostname", None) or _hostname
-        _metrics = WorkerMetrics()
         registry = CollectorRegistry()
-        registry.register(WorkerCollector(self.directory))
+        registry.register(WorkerCollector(getattr(parent, "hostname", None) or "worker"))
         address = settings.metrics_address
         try:
             self.server = MetricsServer(registry, port, address, token=token)
@@ -296,11 +188,9 @@ class MetricsStep(bootsteps.StartStopStep):
         log.info("serving Prometheus metrics on %s port %d%s", address, port, " (bearer token required)" if token else "")
 
     def stop(self, parent: Any) -> None:
-        """Stop serving and remove the metrics files when the worker stops."""
+        """Stop serving when the worker stops."""
         if self.server is not None:
             self.server.stop()
             self.server = None
-        if self.directory is not None:
-            shutil.rmtree(self.directory, ignore_errors=True)
 
     terminate = stop
