@@ -98,7 +98,7 @@ def test_each_gpu_worker_reserves_the_gpu_it_sees(name):
 def test_redis_persists_never_evicts_and_requires_a_password_and_flower_requires_auth():
     redis = COMPOSE["services"]["redis"]
     redis_command = " ".join(redis["command"])
-    assert "--appendonly yes" in redis_command and "requirepass" in redis_command
+    assert "--appendonly yes --appendfsync always" in redis_command and "requirepass" in redis_command
     # The password goes through a config file and the environment, never a command line
     assert "--requirepass" not in redis_command and "-a " not in " ".join(redis["healthcheck"]["test"])
     assert redis["environment"]["REDISCLI_AUTH"] == redis["environment"]["REDIS_PASSWORD"] and redis["user"] == "redis"
@@ -297,7 +297,7 @@ def test_the_compose_redis_with_the_tls_override_serves_tls_to_a_client_that_che
 
     from tests.helpers import free_port, need_binary, terminate, wait_for
 
-    # Given certificates as deploy/tls holds them, and the compose Redis's command with the
+    # Given certificates as the TLS folder (REDIS_TLS_DIR) holds them, and the compose Redis's command with the
     # override's REDIS_TLS_ARGS (its /tls mount and ports moved to this test's own)
     tls = tmp_path / "tls"
     tls.mkdir()

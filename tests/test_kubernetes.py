@@ -394,7 +394,7 @@ def test_redis_persists_never_evicts_runs_as_its_own_user_and_reads_its_password
     spec = redis_set["spec"]["template"]["spec"]
     redis = container(redis_set)
     command = " ".join(redis["command"])
-    assert "--appendonly yes" in command and "--maxmemory-policy noeviction" in command
+    assert "--appendonly yes --appendfsync always" in command and "--maxmemory-policy noeviction" in command
     # The image's own user (redis, uid 999), not root
     assert spec["securityContext"]["runAsUser"] == 999 and spec["securityContext"]["fsGroup"] == 999
     # The password: from the Secret as a file, into a config file in memory that redis-server reads first
