@@ -17,6 +17,8 @@ from typing import Any
 
 from celery import bootsteps
 
+from producer.app import settings_of
+
 log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL = 5.0
@@ -30,10 +32,8 @@ class HeartbeatStep(bootsteps.StartStopStep):
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         """Read where to beat; without a file the step is off."""
-        from producer.settings import get_settings
-
         super().__init__(parent, **kwargs)
-        path = get_settings().heartbeat_file
+        path = settings_of(parent.app).heartbeat_file
         self.path = Path(path) if path else None
         self.enabled = self.path is not None
         self.timer_ref: Any = None
