@@ -34,8 +34,9 @@ import torch
 from benchmarks.baselines import SeedReranker
 from benchmarks.corpus import QUERY, cpu_features, cpu_name, model_dir, papers, stage1_texts
 from benchmarks.run import gemm_peak_flops, kendall_tau, linear_flops_per_token, shape_of, top_overlap
-from worker.engine import CrossEncoderEngine, Scores, check_model, resolve_dtype
-from worker.packed import Fusions, flash_varlen_usable
+from scoring.engine import CrossEncoderEngine, Scores
+from scoring.model import check_model, resolve_dtype
+from scoring.packed import Fusions, flash_varlen_usable
 from worker.synthetic import SHAPES
 
 ROOT = Path(__file__).parents[1]

@@ -27,7 +27,7 @@ def _serve(path: str, threads: int, passages: list[str], tasks: multiprocessing.
     """One pool process: load the engine with `threads` threads, then score tasks until the queue is empty."""
     import torch
 
-    from worker.engine import CrossEncoderEngine
+    from scoring.engine import CrossEncoderEngine
 
     torch.set_num_threads(threads)
     engine = CrossEncoderEngine.load(path)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.corpus import QUERY, model_dir, stage1_texts
-from worker.engine import CrossEncoderEngine
+from scoring.engine import CrossEncoderEngine
 from worker.synthetic import SHAPES
 
 ROOT = Path(__file__).parents[1]

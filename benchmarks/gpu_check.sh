@@ -84,7 +84,7 @@ except ImportError as e:
 if torch.cuda.is_available():
     for i in range(torch.cuda.device_count()):
         print(f"cuda:{i} {torch.cuda.get_device_name(i)}, capability {torch.cuda.get_device_capability(i)}")
-import producer, worker.engine, worker.packed  # noqa: F401  (our code, from the tree)
+import producer, scoring.engine, scoring.packed  # noqa: F401  (our code, from the tree)
 EOF
 if [[ "$DEVICE" == cuda* ]]; then
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'DEVICE=$DEVICE but torch sees no CUDA device')"

@@ -23,7 +23,8 @@ from benchmarks.corpus import QUERY, cpu_features, cpu_name, model_dir
 from benchmarks.corpus import papers as make_papers
 from benchmarks.through_redis import running_system
 from producer import Candidate, DocumentsRequest
-from worker.engine import DEFAULT_BATCH_TOKENS, CrossEncoderEngine
+from scoring.engine import CrossEncoderEngine
+from scoring.runner import DEFAULT_BATCH_TOKENS
 from producer.formats import document_passage
 from worker.ranking import rank_documents
 from worker.synthetic import SHAPES, Shape

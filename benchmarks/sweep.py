@@ -18,7 +18,7 @@ import torch
 from benchmarks.corpus import QUERY, make_chunks, model_dir, stage1_texts
 from benchmarks.run import median_seconds
 from producer import Chunk
-from worker.engine import CrossEncoderEngine
+from scoring.engine import CrossEncoderEngine
 from producer.formats import chunk_passage
 from worker.synthetic import SHAPES
 

@@ -14,8 +14,8 @@ from producer.errors import WorkerError
 from producer.jobs import stage1_id
 from producer.names import PROGRESS_STATE, TASK_DOCUMENTS
 from tests.helpers import CORPUS, QUERY, Flower, candidates, long_papers, short_papers, wait_for
-from worker.batching import BatchingScorer
-from worker.engine import CrossEncoderEngine
+from scoring.threaded import ThreadedScorer
+from scoring.engine import CrossEncoderEngine
 
 QUERIES = [f"{CORPUS[i]} and anticoagulation" for i in range(8)]
 
@@ -35,21 +35,21 @@ def engine(tiny_model) -> CrossEncoderEngine:
 def test_requests_scored_together_get_the_scores_they_get_alone(engine):
     # Given eight requests with different queries, each scored alone
     alone = [engine.score(QUERIES[n], passages(n, 5 + 3 * n)).probabilities for n in range(8)]
-    scorer = BatchingScorer(engine, time_limit=60)
+    scorer = ThreadedScorer(engine, time_limit=60)
     batches = []
-    original = engine.run_batch
+    original = engine.runner.run_batch
 
     def counting(pairs):
         batches.append([tuple(p.input_ids[:12]) for p in pairs])  # the query leads every pair
         return original(pairs)
 
-    engine.run_batch = counting
+    engine.runner.run_batch = counting
     try:
         # When they are sent from eight threads at once
         with ThreadPoolExecutor(8) as pool:
             together = list(pool.map(lambda n: scorer.score(QUERIES[n], passages(n, 5 + 3 * n)), range(8)))
     finally:
-        del engine.run_batch
+        del engine.runner.run_batch
     # Then each gets its own scores, as alone to the 1e-5 we promise (other batch compositions
     # round fp32 differently: probabilities moved by up to 1.1e-6 on CI's CPU), in its own order
     for n in range(8):
@@ -60,16 +60,16 @@ def test_requests_scored_together_get_the_scores_they_get_alone(engine):
 
 
 def test_a_failing_request_fails_alone_and_its_batch_mates_are_scored(engine):
-    scorer = BatchingScorer(engine, time_limit=60)
+    scorer = ThreadedScorer(engine, time_limit=60)
     poison = CORPUS[0] + " (a passage that breaks the device)"
-    original = engine.run_batch
+    original = engine.runner.run_batch
 
     def failing(pairs):
         if any(engine.tokenize("q", [poison])[0].input_ids[-6:] == p.input_ids[-6:] for p in pairs):
             raise RuntimeError("device error on this pair")
         return original(pairs)
 
-    engine.run_batch = failing
+    engine.runner.run_batch = failing
     try:
         with ThreadPoolExecutor(4) as pool:
             good = [pool.submit(scorer.score, QUERIES[n], passages(n, 6)) for n in range(3)]
@@ -78,7 +78,7 @@ def test_a_failing_request_fails_alone_and_its_batch_mates_are_scored(engine):
             with pytest.raises(RuntimeError, match="device error on this pair"):
                 bad.result()
     finally:
-        del engine.run_batch
+        del engine.runner.run_batch
     for n, result in enumerate(results):
         assert result.probabilities == pytest.approx(engine.score(QUERIES[n], passages(n, 6)).probabilities, abs=1e-5)
 
@@ -89,7 +89,7 @@ def test_a_request_past_its_time_limit_times_out_while_small_ones_beside_it_fini
     started = time.perf_counter()
     engine.score(QUERIES[0], huge)
     alone = time.perf_counter() - started
-    scorer = BatchingScorer(engine, time_limit=max(0.3, alone / 3))
+    scorer = ThreadedScorer(engine, time_limit=max(0.3, alone / 3))
     with ThreadPoolExecutor(4) as pool:
         late = pool.submit(scorer.score, QUERIES[0], huge)
         time.sleep(0.2)
@@ -107,15 +107,15 @@ def test_a_small_request_beside_four_large_ones_is_scored_whole_in_one_batch(tin
     # a long pair besides (as on a GPU: 32,768 tokens against pairs of at most 512), and a log of
     # which query each batch's pairs belong to
     engine = CrossEncoderEngine.load(str(tiny_model), max_batch_tokens=2048, attention="packed")
-    scorer = BatchingScorer(engine, time_limit=300)
+    scorer = ThreadedScorer(engine, time_limit=300)
     batches: list[list[tuple[int, ...]]] = []
-    original = engine.run_batch
+    original = engine.runner.run_batch
 
     def logging_queries(pairs):
         batches.append([tuple(p.input_ids[:8]) for p in pairs])  # the query leads every pair
         return original(pairs)
 
-    engine.run_batch = logging_queries
+    engine.runner.run_batch = logging_queries
     large = [[" ".join(CORPUS[k % 50 : k % 50 + 12]) + f" ({n}.{k})" for k in range(300)] for n in range(4)]
     small_queries = [f"{CORPUS[60 + k]} or warfarin" for k in range(5)]
     try:
@@ -127,7 +127,7 @@ def test_a_small_request_beside_four_large_ones_is_scored_whole_in_one_batch(tin
                 assert len(scorer.score(query, passages(k, 10)).logits) == 10
             assert all(len(f.result(timeout=120).logits) == 300 for f in running)
     finally:
-        del engine.run_batch
+        del engine.runner.run_batch
     # Then each is scored whole in one forward pass beside the large ones (a round robin over
     # five requests took one of its pairs per batch), and the large ones in their turn
     for k, query in enumerate(small_queries):
@@ -137,7 +137,7 @@ def test_a_small_request_beside_four_large_ones_is_scored_whole_in_one_batch(tin
 
 
 def test_progress_is_reported_from_the_requests_own_thread_in_pairs(engine):
-    scorer = BatchingScorer(engine, time_limit=60)
+    scorer = ThreadedScorer(engine, time_limit=60)
     seen: list[tuple[int, int, int]] = []
     result = scorer.score(QUERIES[0], passages(0, 60), on_batch=lambda done, total: seen.append((done, total, threading.get_ident())))
     assert len(result.logits) == 60 and result.batches >= 2
@@ -147,7 +147,7 @@ def test_progress_is_reported_from_the_requests_own_thread_in_pairs(engine):
 
 
 def test_identical_pairs_are_scored_once_and_empty_requests_return_at_once(engine):
-    scorer = BatchingScorer(engine, time_limit=60)
+    scorer = ThreadedScorer(engine, time_limit=60)
     twice = scorer.score(QUERIES[0], [CORPUS[2], CORPUS[3], CORPUS[2]])
     assert twice.logits[0] == twice.logits[2]
     assert scorer.score(QUERIES[0], []).logits == []
@@ -191,10 +191,10 @@ def test_a_batching_worker_scores_concurrent_jobs_as_alone_fails_a_bad_one_alone
 
 
 def test_a_failure_outside_the_forward_pass_fails_that_rounds_requests_and_the_device_thread_serves_on(engine, monkeypatch):
-    from worker.engine import UniquePairs
+    from scoring.scheduler import UniquePairs
 
     stops = []
-    scorer = BatchingScorer(engine, time_limit=60, on_stop=lambda: stops.append(True))
+    scorer = ThreadedScorer(engine, time_limit=60, on_stop=lambda: stops.append(True))
     # Given collecting a batch's logits fails once, after its forward pass
     real_collect, failures = UniquePairs.collect, []
 
@@ -212,7 +212,7 @@ def test_a_failure_outside_the_forward_pass_fails_that_rounds_requests_and_the_d
     later = scorer.score(QUERIES[1], passages(1, 7))
     assert later.probabilities == pytest.approx(engine.score(QUERIES[1], passages(1, 7)).probabilities, abs=1e-5)
     # And planning a batch failing once fails the requests waiting, and no more
-    real_tokens, planned = engine.batch_tokens, []
+    real_tokens, planned = engine.runner.batch_tokens, []
 
     def tokens_failing_once(*args):
         if not planned:
@@ -220,7 +220,7 @@ def test_a_failure_outside_the_forward_pass_fails_that_rounds_requests_and_the_d
             raise ValueError("bad plan")
         return real_tokens(*args)
 
-    monkeypatch.setattr(engine, "batch_tokens", tokens_failing_once)
+    monkeypatch.setattr(engine.runner, "batch_tokens", tokens_failing_once)
     with pytest.raises(ValueError, match="bad plan"):
         scorer.score(QUERIES[2], passages(2, 6))
     assert len(scorer.score(QUERIES[3], passages(3, 6)).logits) == 6
@@ -233,11 +233,11 @@ def test_a_device_thread_that_stops_anyway_stops_the_worker_and_fails_its_waitin
 
     # Given a scorer whose device thread meets an exception that is not an Exception
     stopped = threading.Event()
-    scorer = BatchingScorer(engine, time_limit=60, on_stop=stopped.set)
+    scorer = ThreadedScorer(engine, time_limit=60, on_stop=stopped.set)
     def halt(*args):
         raise Halt()
 
-    monkeypatch.setattr(engine, "batch_tokens", halt)
+    monkeypatch.setattr(engine.runner, "batch_tokens", halt)
     # When a request waits for it
     started = time.monotonic()
     with pytest.raises(WorkerError, match="device thread of this worker stopped"):

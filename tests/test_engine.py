@@ -9,7 +9,7 @@ import torch
 
 from producer.errors import ModelLoadError
 from tests.helpers import CORPUS, QUERY, reference_logits, sigmoid
-from worker.engine import CrossEncoderEngine
+from scoring.engine import CrossEncoderEngine
 
 
 
@@ -57,7 +57,7 @@ def test_rounded_batch_widths_keep_scores_and_stay_within_budget(tiny_model):
     assert scores.padded_tokens % 32 == 0
     assert scores.padded_tokens <= scores.batches * 512
     assert scores.probabilities == pytest.approx(sigmoid(reference_logits(tiny_model, QUERY, passages)), abs=1e-5)
-    width = rounded._layout.width
+    width = rounded.runner.layout.width
     assert width(1) == 32 and width(33) == 64 and width(rounded.max_length) == rounded.max_length
 
 
@@ -65,10 +65,10 @@ def test_cuda_warm_up_runs_one_full_batch_at_every_rounded_width(tiny_model, mon
     # Given an engine that rounds widths to 128 with a 1024-token budget (CUDA warms up this way)
     rounded = CrossEncoderEngine.load(str(tiny_model), max_batch_tokens=1024, pad_multiple=128, attention="padded")
     shapes = []
-    real_forward = rounded._forward_batch
-    monkeypatch.setattr(rounded, "_forward_batch", lambda pairs: shapes.append((len(pairs), len(pairs[0].input_ids))) or real_forward(pairs))
+    real_forward = rounded.runner.forward_batch
+    monkeypatch.setattr(rounded.runner, "forward_batch", lambda pairs: shapes.append((len(pairs), len(pairs[0].input_ids))) or real_forward(pairs))
     # When it warms its widths
-    rounded._warm_widths()
+    rounded.runner.warm_shapes()
     # Then it ran each width a request can have, once, as many rows as the budget allows
     assert shapes == [(8, 128), (4, 256), (2, 384), (2, 512)]
 
@@ -85,7 +85,7 @@ def test_a_long_passage_is_cut_and_the_query_survives(engine, tiny_model):
     passage = " ".join(CORPUS) * 3
     # When it is tokenized with the query
     pair = engine.tokenize(QUERY, [passage])[0]
-    query_ids = engine.tokenizer(QUERY, add_special_tokens=False)["input_ids"]
+    query_ids = engine.tokenize.tokenizer(QUERY, add_special_tokens=False)["input_ids"]
     # Then the pair fills max_length exactly, and the whole query sits right after <s>
     assert len(pair.input_ids) == 512
     assert pair.input_ids[1 : 1 + len(query_ids)] == query_ids
@@ -96,9 +96,9 @@ def test_a_long_passage_is_cut_and_the_query_survives(engine, tiny_model):
 def test_a_long_query_is_capped_at_three_quarters_of_max_length(engine):
     long_query = " ".join(CORPUS[:20])
     pair = engine.tokenize(long_query, ["Apixaban reduced bleeding in kidney disease."])[0]
-    passage_ids = engine.tokenizer("Apixaban reduced bleeding in kidney disease.", add_special_tokens=False)["input_ids"]
+    passage_ids = engine.tokenize.tokenizer("Apixaban reduced bleeding in kidney disease.", add_special_tokens=False)["input_ids"]
     # <s> query(384) </s></s> passage </s>
-    assert pair.input_ids[1 + 384 : 1 + 384 + 2] == [engine.tokenizer.sep_token_id] * 2
+    assert pair.input_ids[1 + 384 : 1 + 384 + 2] == [engine.tokenize.tokenizer.sep_token_id] * 2
     assert pair.input_ids[1 + 384 + 2 : -1] == passage_ids
 
 
@@ -109,7 +109,7 @@ def test_empty_input_returns_empty_scores(engine):
 def test_out_of_memory_splits_the_batch_and_still_scores_everything(tiny_model, monkeypatch):
     # Given an engine whose forward pass runs out of memory on any batch over 4 pairs
     engine = CrossEncoderEngine.load(str(tiny_model), max_batch_tokens=65536)
-    real_forward = engine._forward_batch
+    real_forward = engine.runner.forward_batch
     calls: list[int] = []
 
     def forward_with_small_memory(pairs):
@@ -118,7 +118,7 @@ def test_out_of_memory_splits_the_batch_and_still_scores_everything(tiny_model, 
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_forward(pairs)
 
-    monkeypatch.setattr(engine, "_forward_batch", forward_with_small_memory)
+    monkeypatch.setattr(engine.runner, "forward_batch", forward_with_small_memory)
     passages = passages_of_mixed_length()[:20]
     # When it scores 20 passages
     scores = engine.score(QUERY, passages)
@@ -133,7 +133,7 @@ def test_other_runtime_errors_are_not_swallowed(tiny_model, monkeypatch):
     def broken(pairs):
         raise RuntimeError("shape mismatch")
 
-    monkeypatch.setattr(engine, "_forward_batch", broken)
+    monkeypatch.setattr(engine.runner, "forward_batch", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         engine.score(QUERY, ["a passage", "another passage"])
 
@@ -168,7 +168,7 @@ def test_identical_pairs_get_identical_scores_and_are_computed_once(engine):
 
 
 def full_ids(engine: CrossEncoderEngine, text: str) -> list[int]:
-    return engine._backend.encode(text, add_special_tokens=False).ids
+    return engine.tokenize.backend.encode(text, add_special_tokens=False).ids
 
 
 @pytest.mark.parametrize(
@@ -184,9 +184,9 @@ def full_ids(engine: CrossEncoderEngine, text: str) -> list[int]:
 def test_a_long_passage_is_cut_before_tokenizing_and_keeps_the_whole_texts_tokens(engine, text):
     pair = engine.tokenize(QUERY, [text])[0]
     query = full_ids(engine, QUERY)
-    budget = engine.max_length - len(query) - engine._template.specials
-    assert pair.input_ids[len(engine._template.prefix) + len(query) + len(engine._template.middle) :][:budget] == full_ids(engine, text)[:budget]
-    assert len(pair.input_ids) == min(engine.max_length, len(query) + engine._template.specials + len(full_ids(engine, text)))
+    budget = engine.max_length - len(query) - engine.tokenize.template.specials
+    assert pair.input_ids[len(engine.tokenize.template.prefix) + len(query) + len(engine.tokenize.template.middle) :][:budget] == full_ids(engine, text)[:budget]
+    assert len(pair.input_ids) == min(engine.max_length, len(query) + engine.tokenize.template.specials + len(full_ids(engine, text)))
 
 
 def test_tokenizing_time_does_not_grow_with_text_length(engine):

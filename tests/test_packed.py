@@ -17,8 +17,8 @@ from transformers import BertConfig, BertForSequenceClassification, BertTokenize
 
 from producer.errors import ModelLoadError
 from tests.helpers import CORPUS, QUERY, reference_logits, sigmoid
-from worker.engine import CrossEncoderEngine
-from worker.packed import PackedForward
+from scoring.engine import CrossEncoderEngine
+from scoring.packed import PackedForward
 
 SCORE_TOLERANCE = 1e-5
 LOGIT_TOLERANCE = 5e-5
@@ -97,13 +97,13 @@ def test_packed_scores_equal_padded_and_reference_scores(engines, model_dir):
 def test_pairs_are_the_tokenizers_own_pair_encoding_with_type_ids(engines):
     _, packed = engines
     pair = packed.tokenize(QUERY, ["Apixaban reduced bleeding."])[0]
-    encoded = packed.tokenizer(QUERY, "Apixaban reduced bleeding.")
+    encoded = packed.tokenize.tokenizer(QUERY, "Apixaban reduced bleeding.")
     assert pair.input_ids == encoded["input_ids"]
     if packed.model.config.model_type == "bert":
         # BERT: the passage and its [SEP] are type 1, and the packed encoder reads them
         assert pair.type_ids == encoded["token_type_ids"] and set(pair.type_ids) == {0, 1}
-        assert packed._layout.uses_type_ids
-        types = packed._layout.encoder.token_type
+        assert packed.runner.layout.uses_type_ids
+        types = packed.runner.layout.encoder.token_type
         assert not torch.equal(types[0], types[1]), "type embeddings must differ for this to test anything"
 
 
@@ -133,7 +133,7 @@ def test_identical_pairs_are_scored_once_with_identical_scores(engines):
 def test_out_of_memory_splits_a_packed_batch_and_still_scores_everything(model_dir, monkeypatch):
     # Given a packed engine whose forward pass runs out of memory on any batch over 4 pairs
     engine = CrossEncoderEngine.load(str(model_dir), attention="packed", max_batch_tokens=65536)
-    real_forward = engine._forward_batch
+    real_forward = engine.runner.forward_batch
     calls: list[int] = []
 
     def forward_with_small_memory(pairs):
@@ -142,7 +142,7 @@ def test_out_of_memory_splits_a_packed_batch_and_still_scores_everything(model_d
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_forward(pairs)
 
-    monkeypatch.setattr(engine, "_forward_batch", forward_with_small_memory)
+    monkeypatch.setattr(engine.runner, "forward_batch", forward_with_small_memory)
     texts = passages()[:20]
     # When it scores 20 passages in what was planned as one batch
     scores = engine.score(QUERY, texts)
@@ -155,8 +155,8 @@ def test_out_of_memory_splits_a_packed_batch_and_still_scores_everything(model_d
 def test_tokenizing_ahead_in_slices_keeps_scores_dedup_and_progress(engines, model_dir):
     # Given a packed engine that tokenizes 7 passages at a time while earlier slices run
     _, packed = engines
-    sliced = CrossEncoderEngine(
-        packed.model, packed.tokenizer, name=packed.name, attention="packed", tokenize_slice=7, max_batch_tokens=1024
+    sliced = CrossEncoderEngine.of(
+        packed.model, packed.tokenize.tokenizer, name=packed.name, attention="packed", tokenize_slice=7, max_batch_tokens=1024
     )
     texts = passages()
     progress: list[tuple[int, int]] = []
@@ -167,18 +167,20 @@ def test_tokenizing_ahead_in_slices_keeps_scores_dedup_and_progress(engines, mod
     assert scores.logits == pytest.approx(whole.logits, abs=LOGIT_TOLERANCE)
     assert scores.logits[-2:] == scores.logits[:2]
     assert scores.padded_tokens == whole.padded_tokens
-    assert [done for done, _ in progress] == list(range(1, len(progress) + 1)) == list(range(1, scores.batches + 1))
-    assert all(total >= done for done, total in progress) and progress[-1][0] == progress[-1][1]
+    # (progress counts unique pairs scored: one report per batch, rising to all of them)
+    dones = [done for done, _ in progress]
+    assert len(progress) == scores.batches and dones == sorted(set(dones))
+    assert all(total >= done for done, total in progress) and progress[-1] == (len(set(texts)), len(set(texts)))
 
 
 def test_a_failing_batch_while_later_slices_are_tokenized_raises_at_once(engines, monkeypatch):
     _, packed = engines
-    sliced = CrossEncoderEngine(packed.model, packed.tokenizer, name=packed.name, attention="packed", tokenize_slice=4)
+    sliced = CrossEncoderEngine.of(packed.model, packed.tokenize.tokenizer, name=packed.name, attention="packed", tokenize_slice=4)
 
     def broken(pairs):
         raise RuntimeError("shape mismatch")
 
-    monkeypatch.setattr(sliced, "_forward_batch", broken)
+    monkeypatch.setattr(sliced.runner, "forward_batch", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         sliced.score(QUERY, passages())
 
@@ -195,7 +197,7 @@ def test_rerank_attention_packed_is_honoured_on_cpu(tiny_model, monkeypatch):
     engine = runtime.load_engine(Settings(broker_url=None, model=str(tiny_model), torch_threads=1))
     # Then it runs packed attention, with the reference attention since a CPU has no FlashAttention
     assert engine.attention == "packed"
-    assert isinstance(engine._layout, PackedForward) and engine._layout.kernel == "sdpa_per_pair"
+    assert isinstance(engine.runner.layout, PackedForward) and engine.runner.layout.kernel == "sdpa_per_pair"
 
 
 def test_unset_attention_is_packed_on_cpu(tiny_model):
@@ -209,17 +211,17 @@ def test_packed_refuses_an_architecture_it_cannot_run_and_names_the_fix(tiny_mod
         vocab_size=600, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, num_labels=1, hidden_act="relu"
     )
     model = XLMRobertaForSequenceClassification(config)
-    tokenizer = CrossEncoderEngine.load(str(tiny_model)).tokenizer
+    tokenizer = CrossEncoderEngine.load(str(tiny_model)).tokenize.tokenizer
     # Then packed attention is refused with what to set instead, and padded attention still loads
     with pytest.raises(ModelLoadError, match=r"hidden_act 'relu'.*RERANK_ATTENTION=padded"):
-        CrossEncoderEngine(model, tokenizer, name="relu-model", attention="packed")
-    assert CrossEncoderEngine(model, tokenizer, name="relu-model").attention == "padded"
+        CrossEncoderEngine.of(model, tokenizer, name="relu-model", attention="packed")
+    assert CrossEncoderEngine.of(model, tokenizer, name="relu-model").attention == "padded"
 
 
 def test_packed_warm_up_is_one_full_budget_of_longest_pairs(tiny_model, monkeypatch):
     engine = CrossEncoderEngine.load(str(tiny_model), attention="packed", max_batch_tokens=2048)
     shapes = []
-    real_forward = engine._forward_batch
-    monkeypatch.setattr(engine, "_forward_batch", lambda pairs: shapes.append((len(pairs), len(pairs[0].input_ids))) or real_forward(pairs))
-    engine._warm_widths()
+    real_forward = engine.runner.forward_batch
+    monkeypatch.setattr(engine.runner, "forward_batch", lambda pairs: shapes.append((len(pairs), len(pairs[0].input_ids))) or real_forward(pairs))
+    engine.runner.warm_shapes()
     assert shapes == [(4, 512)]

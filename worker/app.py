@@ -20,7 +20,7 @@ from producer.settings import get_settings
 from worker import accounting, metrics, report, tasks  # noqa: F401  (registers the tasks, their accounting and the report command)
 from worker.backend import backend_url
 from worker.control import restrict_remote_control
-from worker.engine import check_model
+from scoring.model import check_model
 from worker.eviction import EvictionCheck
 from worker.health import HeartbeatStep
 from worker.runtime import load_engine

@@ -1,4 +1,4 @@
-"""A running task's progress: forward batches done of total, as its Celery state and a Flower event."""
+"""A running task's progress: pairs scored of total, as its Celery state and a Flower event."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 
 class TaskProgress:
-    """`on_batch(done, total)` callback that records "batches done of total" as the task's PROGRESS state.
+    """`on_batch(done, total)` callback that records "pairs scored of total" as the task's PROGRESS state.
 
     Writes at most once per `interval` seconds, so a short task writes nothing extra. The state
     goes to the result backend (the producer's `job.progress()`, Flower's task result) and, as a
@@ -28,7 +28,7 @@ class TaskProgress:
         self._last = time.monotonic()
 
     def __call__(self, done: int, total: int) -> None:
-        """Record that `done` of `total` batches have run."""
+        """Record that `done` of `total` pairs are scored."""
         now = time.monotonic()
         if now - self._last < self.interval or done >= total or self.task.request.is_eager:
             return

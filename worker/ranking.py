@@ -11,14 +11,14 @@ from dataclasses import replace
 from producer.formats import chunk_passage, document_passage, text_windows
 from producer.schemas import ChunksRequest, DocumentsRequest, PassagesRequest, RankedItem, RerankResult, ScoringInfo
 from producer.settings import get_settings
-from worker.engine import CrossEncoderEngine, Scores
+from scoring.engine import Scorer, Scores
 from worker.runtime import model_loads
 
 OnBatch = Callable[[int, int], None]
 
 
 def rank_documents(
-    engine: CrossEncoderEngine, request: DocumentsRequest, worker: str | None = None, on_batch: OnBatch | None = None
+    engine: Scorer, request: DocumentsRequest, worker: str | None = None, on_batch: OnBatch | None = None
 ) -> RerankResult:
     """Stage 1: score each paper's title and abstract and keep the best `top_k`.
 
@@ -45,7 +45,7 @@ def rank_documents(
 
 
 def rank_chunks(
-    engine: CrossEncoderEngine,
+    engine: Scorer,
     request: ChunksRequest,
     kept_doc_ids: set[str] | None = None,
     worker: str | None = None,
@@ -67,7 +67,7 @@ def rank_chunks(
 
 
 def rank_passages(
-    engine: CrossEncoderEngine, request: PassagesRequest, worker: str | None = None, on_batch: OnBatch | None = None
+    engine: Scorer, request: PassagesRequest, worker: str | None = None, on_batch: OnBatch | None = None
 ) -> RerankResult:
     """Plain pairs: score each passage exactly as sent (no template); an item's `index` (and `id`) is its place in the request."""
     scores = engine.score(request.query, list(request.passages), on_batch)
@@ -115,7 +115,7 @@ def model_revision(name_or_path: str, pinned: str | None = None) -> str | None:
     return (extract_commit_hash(config, None) if isinstance(config, str) else None) or pinned
 
 
-def _info(engine: CrossEncoderEngine, scores: Scores, pairs: int, worker: str | None) -> ScoringInfo:
+def _info(engine: Scorer, scores: Scores, pairs: int, worker: str | None) -> ScoringInfo:
     return ScoringInfo(
         model=engine.name,
         revision=model_revision(engine.name, get_settings().model_revision),

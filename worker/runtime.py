@@ -10,17 +10,17 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from producer.settings import Settings
-from worker.batching import BatchingScorer
-from worker.engine import CrossEncoderEngine
+from scoring.engine import CrossEncoderEngine, Scorer
+from scoring.threaded import ThreadedScorer
 
 log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
-_engine: CrossEncoderEngine | BatchingScorer | None = None
+_engine: Scorer | None = None
 _loads = 0
 
 
-def load_engine(settings: Settings) -> CrossEncoderEngine | BatchingScorer:
+def load_engine(settings: Settings) -> Scorer:
     """Load the model described by `settings` into this process, once; with several tasks in hand, behind one device thread."""
     global _engine, _loads
     with _lock:
@@ -39,7 +39,7 @@ def load_engine(settings: Settings) -> CrossEncoderEngine | BatchingScorer:
                 attention=settings.attention,
             )
             tasks = settings.tasks_in_hand
-            _engine = BatchingScorer(engine, settings.task_time_limit) if tasks > 1 else engine
+            _engine = ThreadedScorer(engine, settings.task_time_limit) if tasks > 1 else engine
             _loads += 1
             log.info(
                 "model loaded: pid=%d model=%s device=%s dtype=%s attention=%s max_length=%d tasks_in_hand=%d loads=%d",

@@ -25,7 +25,7 @@ import os
 
 flag = os.environ.get("TEST_HALT_DEVICE_THREAD_FLAG")
 if flag:
-    from worker.engine import UniquePairs
+    from scoring.scheduler import UniquePairs
 
     class DeviceHalt(BaseException):
         pass

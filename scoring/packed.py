@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from worker.engine import EncodedPair
+    from scoring.tokens import EncodedPair
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,229 @@
+"""In-process scoring: tokenize, run the scheduler's batches on the caller's thread, return logits.
+
+CPU workers, embedded mode (no broker) and benchmarks score this way. `Scorer` is what ranking
+and tasks are typed against; this engine, the threads-pool scorer (scoring/threaded.py) and the
+device-process client (scoring/device.py) each satisfy it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+
+from scoring.loop import DeviceLoop
+from scoring.model import check_model, load_model
+from scoring.packed import Fusions
+from scoring.layouts import resolve_attention
+from scoring.runner import ModelRunner
+from scoring.scheduler import Request
+from scoring.tokens import EncodedPair, PairTokenizer
+
+# Passages per tokenized slice: later slices are tokenized on a thread while earlier ones run, so
+# a GPU's first forward waits for one slice's tokens, not the request's; 0 tokenizes up front,
+# as a CPU should, where tokenizing shares the cores it would hide behind.
+DEFAULT_TOKENIZE_SLICE = {"cpu": 0, "cuda": 32}
+
+OnProgress = Callable[[int, int], None]
+"""Called with (unique pairs scored, unique pairs in all) as a request's batches finish."""
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Logits in input order, plus what it cost to compute them."""
+
+    logits: list[float]
+    tokens: int
+    padded_tokens: int
+    batches: int
+    tokenize_seconds: float
+    forward_seconds: float
+    oom_splits: int = 0
+
+    @property
+    def probabilities(self) -> list[float]:
+        """Sigmoid of each fp32 logit."""
+        return torch.sigmoid(torch.tensor(self.logits, dtype=torch.float32)).tolist()
+
+    @classmethod
+    def of(cls, request: Request, logits: list[float], tokenize_seconds: float, forward_seconds: float) -> Scores:
+        """The scores of a finished request."""
+        return cls(logits, request.tokens, request.padded, request.batches, tokenize_seconds, forward_seconds, request.splits)
+
+
+EMPTY = Scores([], 0, 0, 0, 0.0, 0.0)
+
+
+class Scorer(Protocol):
+    """What ranking and tasks need: the model's facts and `score`."""
+
+    name: str
+    device: torch.device
+    attention: str
+    max_length: int
+    max_batch_tokens: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model computes in."""
+
+    def score(self, query: str, passages: Sequence[str], on_batch: OnProgress | None = None) -> Scores:
+        """Logits of each passage against `query`, in input order."""
+
+
+class CrossEncoderEngine:
+    """Scores query-passage pairs with a single-logit sequence-classification model, in the calling thread."""
+
+    def __init__(self, tokenize: PairTokenizer, runner: ModelRunner, *, tokenize_slice: int | None = None) -> None:
+        """Join a tokenizer and a runner; prefer `CrossEncoderEngine.load`."""
+        self.tokenize = tokenize
+        self.runner = runner
+        self.loop = DeviceLoop(runner)
+        self.name = runner.name
+        self.device = runner.device
+        self.max_length = runner.max_length
+        self.max_batch_tokens = runner.max_batch_tokens
+        self.attention = runner.attention
+        self.model = runner.model
+        self.tokenize_slice = DEFAULT_TOKENIZE_SLICE[self.device.type] if tokenize_slice is None else tokenize_slice
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
+
+    @classmethod
+    def load(
+        cls,
+        name_or_path: str,
+        *,
+        revision: str | None = None,
+        device: str = "cpu",
+        dtype: str = "auto",
+        max_length: int = 512,
+        max_batch_tokens: int | None = None,
+        pad_multiple: int | None = None,
+        attention: Literal["packed", "padded"] | None = None,
+        fusions: Fusions | None = None,
+        tokenize_slice: int | None = None,
+    ) -> CrossEncoderEngine:
+        """Load a cross-encoder from a hub id or a local directory, warmed up and ready to score.
+
+        `attention` unset is `packed` where variable-length FlashAttention can run the model
+        (CUDA) and on a CPU, else `padded`.
+        """
+        _, tokenizer = check_model(name_or_path, revision, max_length)
+        model = load_model(name_or_path, revision, device, dtype)
+        engine = cls.of(model, tokenizer, name=name_or_path, device=device, max_length=max_length, max_batch_tokens=max_batch_tokens,
+                        pad_multiple=pad_multiple, attention=resolve_attention(attention, model, torch.device(device)),
+                        fusions=fusions, tokenize_slice=tokenize_slice)
+        engine.warmup()
+        return engine
+
+    @classmethod
+    def of(
+        cls, model: torch.nn.Module, tokenizer, *, name: str, device: str = "cpu", max_length: int = 512,
+        max_batch_tokens: int | None = None, pad_multiple: int | None = None, attention: str = "padded",
+        fusions: Fusions | None = None, tokenize_slice: int | None = None,
+    ) -> CrossEncoderEngine:
+        """An engine over an already loaded model (on `device`) and its Hugging Face tokenizer."""
+        pairs = PairTokenizer(tokenizer, name, max_length)
+        runner = ModelRunner(
+            model.eval(), name=name, device=device, max_length=max_length, pad_id=pairs.pad_id, uses_type_ids=pairs.uses_type_ids,
+            attention=attention, max_batch_tokens=max_batch_tokens, pad_multiple=pad_multiple, fusions=fusions,
+        )
+        return cls(pairs, runner, tokenize_slice=tokenize_slice)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model's weights are held in."""
+        return self.runner.dtype
+
+    def warmup(self) -> None:
+        """Run passes at load so the first real request pays no lazy initialisation (on CUDA, every warm-up shape)."""
+        self.score("warm-up query", ["warm-up passage"])
+        if self.device.type == "cuda":
+            self.runner.warm_shapes()
+
+    def batch_tokens(self, longest: int, count: int, total: int) -> int:
+        """Tokens a batch of `count` pairs takes in this attention layout (padding included where there is any)."""
+        return self.runner.batch_tokens(longest, count, total)
+
+    @torch.inference_mode()
+    def forward(self, pairs: Sequence[EncodedPair], on_batch: OnProgress | None = None) -> tuple[list[float], int, int]:
+        """Fp32 logits of tokenized `pairs` in input order, padded tokens used, and batches run."""
+        request = Request()
+        request.add(pairs)
+        self.loop.submit(request)
+        self._drive(request, on_batch)
+        return request.pairs.in_input_order(), request.padded, request.batches
+
+    @torch.inference_mode()
+    def score(self, query: str, passages: Sequence[str], on_batch: OnProgress | None = None) -> Scores:
+        """Tokenize and score `passages` against `query`; logits come back in input order.
+
+        With `tokenize_slice`, passages are tokenized slice by slice on a thread while the
+        previous slice's batches run; `tokenize_seconds` is the time scoring waited for tokens.
+        """
+        if not passages:
+            return EMPTY
+        started = time.perf_counter()
+        request = Request(expected=len(passages))
+        self.loop.submit(request)
+        waited = 0.0
+        # closing(): a failed batch cancels the slices not yet tokenized now, not when collected.
+        with contextlib.closing(self._tokenized_slices(query, list(passages))) as slices:
+            pairs = next(slices)
+            while pairs is not None:
+                asked = time.perf_counter()
+                following = next(slices, None)
+                waited += time.perf_counter() - asked
+                self.loop.extend(request, pairs, last=following is None)
+                self._drive(request, on_batch)
+                pairs = following
+        logits = request.pairs.in_input_order()
+        return Scores.of(request, logits, waited, time.perf_counter() - started - waited)
+
+    def _drive(self, request: Request, on_batch: OnProgress | None) -> None:
+        """Step in this thread until every pair added so far is scored (another thread's step may hold some of them)."""
+        loop = self.loop
+        while True:
+            with loop.changed:
+                if request.error is not None:
+                    raise request.error
+                if not request.waiting:
+                    if request.done == len(request.pairs.unique):
+                        return
+                    loop.changed.wait()
+                    continue
+            loop.step()
+            if on_batch is not None:
+                on_batch(request.done, request.total)
+
+    def _tokenized_slices(self, query: str, passages: list[str]) -> Iterator[list[EncodedPair]]:
+        count = -(-len(passages) // self.tokenize_slice) if self.tokenize_slice else 1
+        if count <= 1:
+            yield self.tokenize(query, passages)
+            return
+        bounds = [round(i * len(passages) / count) for i in range(count + 1)]
+        pool = self._tokenizer_pool()
+        # The Rust tokenizer releases the GIL while it encodes, so the next slice is tokenized while
+        # this thread launches (on CUDA, queues) the current slice's batches.
+        futures = [pool.submit(self.tokenize, query, passages[a:b]) for a, b in itertools.pairwise(bounds)]
+        try:
+            for future in futures:
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()
+
+    def _tokenizer_pool(self) -> ThreadPoolExecutor:
+        # A pool made before a fork has no thread in the child: make one per process.
+        if self._pool is None or self._pool_pid != os.getpid():
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+            self._pool_pid = os.getpid()
+        return self._pool

@@ -1,0 +1,126 @@
+"""Finding, checking and loading a cross-encoder's files: config, tokenizer, weights (no scoring)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+
+from producer.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# RoBERTa-style position ids start after the padding index, so 514 positions hold 512 tokens.
+_POSITION_OFFSET = {"xlm-roberta": 2, "roberta": 2, "camembert": 2}
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """Map a dtype setting to a torch dtype; `auto` is fp16 on CUDA and fp32 on CPU."""
+    if dtype == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    return DTYPES[dtype]
+
+
+def usable_length(config: AutoConfig, tokenizer: PreTrainedTokenizerBase) -> int:
+    """The most tokens one pair may have for this model (e.g. 512 for 514 positions)."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is None:
+        return tokenizer.model_max_length
+    return positions - _POSITION_OFFSET.get(config.model_type, 0)
+
+
+def load_tokenizer(name_or_path: str, revision: str | None = None) -> PreTrainedTokenizerBase:
+    """The model's tokenizer alone (what a host process needs to tokenize for a device process)."""
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load the tokenizer of {name_or_path!r}: {e}") from e
+
+
+def load_model(name_or_path: str, revision: str | None, device: str, dtype: str) -> torch.nn.Module:
+    """The model's weights in `dtype` on `device`, in eval mode."""
+    torch_dtype = resolve_dtype(dtype, device)
+    if torch_dtype == torch.bfloat16 and device == "cpu" and not cpu_has_native_bf16():
+        log.warning("bf16 requested on a CPU without AVX512-BF16 or AMX: expect it to be several times slower than fp32")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, revision=revision, dtype=torch_dtype, attn_implementation="sdpa"
+        )
+        model.to(device)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"cannot load model weights of {name_or_path!r} onto {device}: {e}") from e
+    return model.eval()
+
+
+def check_model(name_or_path: str, revision: str | None = None, max_length: int | None = None) -> tuple[AutoConfig, PreTrainedTokenizerBase]:
+    """Load the config and tokenizer and check, without loading weights or touching CUDA, that the model can serve.
+
+    It must be a one-logit cross-encoder whose tokenizer belongs to it, whose local weights are
+    whole, and which reads `max_length` tokens. Workers run this before their pool starts.
+    """
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"cannot load {name_or_path!r}: {e}. Set RERANK_MODEL to a hub id this host can download, "
+            "or to a local directory holding config.json, the weights and the tokenizer files"
+        ) from e
+    if getattr(config, "num_labels", None) != 1:
+        raise ModelLoadError(
+            f"{name_or_path!r} has {config.num_labels} output labels; a re-ranker needs exactly one "
+            "relevance logit (a cross-encoder such as BAAI/bge-reranker-v2-m3)"
+        )
+    # Without its tokenizer files transformers builds a stand-in with a handful of tokens, which
+    # turns every word into <unk>; a tokenizer with more tokens than the embedding has rows
+    # produces ids the model cannot look up. Vocabularies are sometimes padded, never halved.
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and not vocab // 2 <= len(tokenizer) <= vocab:
+        raise ModelLoadError(
+            f"the tokenizer of {name_or_path!r} has {len(tokenizer)} tokens but the model's embedding has {vocab}: "
+            "its tokenizer files are missing or belong to another model; put this model's tokenizer.json "
+            "(and sentencepiece.bpe.model or vocab.txt) next to its config.json"
+        )
+    limit = usable_length(config, tokenizer)
+    if max_length is not None and max_length > limit:
+        raise ModelLoadError(
+            f"RERANK_MAX_LENGTH={max_length} exceeds what {name_or_path} can read ({limit} tokens); "
+            f"set RERANK_MAX_LENGTH to {limit} or less"
+        )
+    check_weights(name_or_path)
+    return config, tokenizer
+
+
+def check_weights(name_or_path: str) -> None:
+    """In a local model directory, check that weights exist and that safetensors files are whole (headers only, no tensors read).
+
+    A hub id is left to `from_pretrained`, which downloads and checks what it fetches.
+    """
+    directory = Path(name_or_path)
+    if not directory.is_dir():
+        return
+    safetensors = sorted(directory.glob("*.safetensors"))
+    if not safetensors and not any(directory.glob("pytorch_model*.bin")):
+        raise ModelLoadError(
+            f"no weights in {name_or_path!r}: expected model.safetensors (or its shards, or pytorch_model.bin) next to config.json"
+        )
+    for path in safetensors:
+        try:
+            with safe_open(str(path), "pt") as weights:
+                weights.keys()
+        except (SafetensorError, OSError) as e:
+            raise ModelLoadError(f"the weights file {path} cannot be read ({e}); download it again") from e
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU reports AVX512-BF16 or AMX-BF16 (Linux /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
