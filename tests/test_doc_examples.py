@@ -141,7 +141,7 @@ def checkout(tmp_path) -> Path:
     """A working directory that looks like the repository root, so examples/ paths resolve and
     files an example writes land in a temporary folder, not in the checkout."""
     for entry in ROOT.iterdir():
-        if not entry.name.startswith("."):
+        if not entry.name.startswith("."):  # no .env, .git, .venv: an example must not write into them
             (tmp_path / entry.name).symlink_to(entry)
     return tmp_path
 
