@@ -46,7 +46,8 @@ class Block:
 
     @property
     def where(self) -> str:
-        return f"{self.page.relative_to(ROOT)}:{self.line}"
+        page = self.page.relative_to(ROOT) if self.page.is_relative_to(ROOT) else self.page
+        return f"{page}:{self.line}"
 
     @property
     def first_line(self) -> str:
@@ -75,20 +76,34 @@ def pages_with_python() -> list[Path]:
 # What every block must be: run, or marked with a reason --------------------------------------------
 
 
+def problem(block: Block) -> str | None:
+    """Why `block` can be neither run nor read as it is, or None when it is fine."""
+    if block.language not in PYTHON | SHELL | TEXT:
+        return f"{block.where}: a ```{block.language} block: label it python, bash or text"
+    if block.first_line.startswith(NOT_RUN.strip()):
+        if block.language not in SHELL:
+            return f"{block.where}: only shell blocks may skip; Python blocks always run"
+        if len(block.first_line) <= len(NOT_RUN) or not block.first_line.startswith(NOT_RUN):
+            return f"{block.where}: write '{NOT_RUN}<reason>'"
+    return None
+
+
 def test_every_block_is_run_or_says_why_not():
     # Given every fenced block of the README and docs/
-    problems = []
-    for page in PAGES:
-        for block in blocks(page):
-            # Then each names a language: Python and shell run, text is only read
-            if block.language not in PYTHON | SHELL | TEXT:
-                problems.append(f"{block.where}: a ```{block.language or ''} block: label it python, bash or text")
-            # And a marked shell block gives its reason; Python blocks always run
-            elif block.first_line.startswith(NOT_RUN.strip()) and (
-                block.language not in SHELL or len(block.first_line) <= len(NOT_RUN)
-            ):
-                problems.append(f"{block.where}: '{NOT_RUN.strip()}' needs a reason, and only shell blocks may skip")
+    # Then each is Python or shell that runs, a shell block that says why not, or text to read
+    problems = [p for page in PAGES for b in blocks(page) if (p := problem(b))]
     assert not problems, "\n".join(problems)
+
+
+def test_a_block_that_is_neither_run_nor_marked_is_a_problem(tmp_path):
+    # Given blocks a reader could not tell apart from commands, or marked without a reason
+    page = tmp_path / "page.md"
+    page.write_text(
+        "```\nrerank workers\n```\n\n```bash\n# not run in tests:\nrerank workers\n```\n\n"
+        "```python\n# not run in tests: slow\nprint(1)\n```\n\n```bash\n# not run in tests: needs docker\ndocker ps\n```\n"
+    )
+    # When each is checked, Then only the last passes
+    assert [problem(b) is None for b in blocks(page)] == [False, False, False, True]
 
 
 def test_the_block_parser_sees_what_a_reader_sees(tmp_path):
