@@ -60,7 +60,20 @@ class Settings(BaseSettings):
         ge=1,
         le=256,
         description="Tasks a worker holds at once and scores in shared forward passes (one process, Celery's threads pool); "
-        "1: one task at a time per prefork process; unset: 8 on CUDA, 1 on CPU.",
+        "1: one task at a time per prefork process; unset: 1 (CUDA workers use host processes instead).",
+    )
+    host_processes: int | None = Field(
+        None,
+        ge=0,
+        le=256,
+        description="Prefork processes that decode, tokenize and write results for one device process that only scores "
+        "(batching across their tasks); 0: none, each pool process loads the model; unset: 4 on CUDA, 0 on CPU.",
+    )
+    device_runner: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="`module:function(settings)` returning the device process's runner instead of the model: "
+        "benchmarks use it for a simulated GPU (benchmarks/simulated_device.py); never set it to serve.",
     )
 
     # Reliability
@@ -127,9 +140,25 @@ class Settings(BaseSettings):
         return data
 
     @property
+    def hosts(self) -> int:
+        """Host processes feeding one device process: RERANK_HOST_PROCESSES, else 4 on CUDA (unless batching on threads) and 0 on CPU."""
+        if self.host_processes is not None:
+            return self.host_processes
+        return 4 if self.device.startswith("cuda") and not self.batch_tasks else 0
+
+    @property
     def tasks_in_hand(self) -> int:
-        """Tasks a worker holds at once: RERANK_BATCH_TASKS, else 8 on CUDA (batching) and 1 on CPU."""
-        return self.batch_tasks or (8 if self.device.startswith("cuda") else 1)
+        """Tasks one worker process holds at once: RERANK_BATCH_TASKS (threads pool), else 1."""
+        return self.batch_tasks or 1
+
+    @model_validator(mode="after")
+    def _one_way_to_batch(self) -> Settings:
+        if self.host_processes and (self.batch_tasks or 1) > 1:
+            raise ValueError(
+                "RERANK_HOST_PROCESSES and RERANK_BATCH_TASKS are two ways to batch across tasks: set one of them "
+                "(host processes feeding a device process, or threads in one process)"
+            )
+        return self
 
     @field_validator("broker_url", "result_backend")
     @classmethod

@@ -14,12 +14,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
 from scoring.loop import DeviceLoop
-from scoring.model import check_model, load_model
+from scoring.model import check_model, load_model, model_facts
 from scoring.packed import Fusions
 from scoring.layouts import resolve_attention
 from scoring.runner import ModelRunner
@@ -76,6 +76,9 @@ class Scorer(Protocol):
 
     def score(self, query: str, passages: Sequence[str], on_batch: OnProgress | None = None) -> Scores:
         """Logits of each passage against `query`, in input order."""
+
+    def model_facts(self) -> dict[str, Any]:
+        """Where the model came from, its weights' size and architecture (scoring.model.model_facts)."""
 
 
 class CrossEncoderEngine:
@@ -142,6 +145,11 @@ class CrossEncoderEngine:
     def dtype(self) -> torch.dtype:
         """The dtype the model's weights are held in."""
         return self.runner.dtype
+
+    def model_facts(self) -> dict[str, Any]:
+        """Where the model came from, its weights' size and architecture."""
+        facts = model_facts(self.model)
+        return {**facts, "path": facts["path"] or self.name}
 
     def warmup(self) -> None:
         """Run passes at load so the first real request pays no lazy initialisation (on CUDA, every warm-up shape)."""

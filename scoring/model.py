@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -54,6 +55,28 @@ def load_model(name_or_path: str, revision: str | None, device: str, dtype: str)
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelLoadError(f"cannot load model weights of {name_or_path!r} onto {device}: {e}") from e
     return model.eval()
+
+
+def model_facts(model: torch.nn.Module) -> dict[str, Any]:
+    """What a report says of a loaded model: where it came from, its weights' size, its architecture."""
+    config = model.config
+    return {
+        "path": str(getattr(config, "_name_or_path", "")),
+        "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "architecture": {
+            "model_type": config.model_type,
+            "architectures": list(getattr(config, "architectures", None) or [type(model).__name__]),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "layers": getattr(config, "num_hidden_layers", None),
+            "hidden_size": getattr(config, "hidden_size", None),
+            "attention_heads": getattr(config, "num_attention_heads", None),
+            "intermediate_size": getattr(config, "intermediate_size", None),
+            "vocab_size": getattr(config, "vocab_size", None),
+            "max_position_embeddings": getattr(config, "max_position_embeddings", None),
+            "modules": [f"{name}: {type(module).__name__}" for name, module in model.named_children()],
+        },
+    }
 
 
 def check_model(name_or_path: str, revision: str | None = None, max_length: int | None = None) -> tuple[AutoConfig, PreTrainedTokenizerBase]:

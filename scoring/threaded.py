@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -49,6 +50,10 @@ class ThreadedScorer:
     def dtype(self) -> torch.dtype:
         """The dtype the model's weights are held in."""
         return self.engine.dtype
+
+    def model_facts(self) -> dict[str, Any]:
+        """The engine's model facts."""
+        return self.engine.model_facts()
 
     def score(self, query: str, passages: Sequence[str], on_batch: OnProgress | None = None) -> Scores:
         """Tokenize here, then wait for the device thread; `on_batch(pairs done, pairs total)` is called from this thread."""

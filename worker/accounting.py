@@ -143,21 +143,23 @@ class Ledger:
         """Record the model this process loaded, and how long it took."""
         from worker.ranking import model_revision
 
-        weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+        facts = engine.model_facts()
         with _lock:
-            self.device = engine.device
+            # A host process of a device process must not touch the GPU (it would make a CUDA context of its own).
+            self.device = None if facts.get("device_process_pid") else engine.device
             self.model = {
                 "name": engine.name,
                 "revision": model_revision(engine.name, settings.model_revision),
-                "path": str(getattr(engine.model.config, "_name_or_path", engine.name)),
+                "path": facts["path"],
                 "device": str(engine.device),
                 "dtype": str(engine.dtype).removeprefix("torch."),
                 "attention": engine.attention,
                 "max_length": engine.max_length,
                 "max_batch_tokens": engine.max_batch_tokens,
                 "load_seconds": seconds,
-                "weights_bytes": weights,
-                "architecture": architecture(engine.model),
+                "weights_bytes": facts["weights_bytes"],
+                "architecture": facts["architecture"],
+                "device_process_pid": facts.get("device_process_pid"),
             }
 
     def count(self, task: TaskFigures) -> None:
@@ -216,24 +218,6 @@ def ledger() -> Ledger:
         if _ledger is None or _ledger.pid != os.getpid():
             _ledger = Ledger()
         return _ledger
-
-
-def architecture(model: Any) -> dict[str, Any]:
-    """Summarise the model's architecture and size."""
-    config = model.config
-    return {
-        "model_type": config.model_type,
-        "architectures": list(getattr(config, "architectures", None) or [type(model).__name__]),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "layers": getattr(config, "num_hidden_layers", None),
-        "hidden_size": getattr(config, "hidden_size", None),
-        "attention_heads": getattr(config, "num_attention_heads", None),
-        "intermediate_size": getattr(config, "intermediate_size", None),
-        "vocab_size": getattr(config, "vocab_size", None),
-        "max_position_embeddings": getattr(config, "max_position_embeddings", None),
-        "modules": [f"{name}: {type(module).__name__}" for name, module in model.named_children()],
-    }
 
 
 def memory(device: Any) -> dict[str, Any]:

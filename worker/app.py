@@ -23,6 +23,8 @@ from worker.control import restrict_remote_control
 from scoring.model import check_model
 from worker.eviction import EvictionCheck
 from worker.health import HeartbeatStep
+from worker import runtime
+from worker.device_process import DeviceProcess
 from worker.runtime import load_engine
 
 log = logging.getLogger(__name__)
@@ -107,6 +109,26 @@ class BatchingLoad(bootsteps.StartStopStep):
                 raise SystemExit(f"rerank-worker: the model failed to load: {e}") from e
 
 
+class DeviceProcessStart(bootsteps.StartStopStep):
+    """With RERANK_HOST_PROCESSES > 0: start the device process before the pool forks, so every pool process can connect."""
+
+    requires = {"worker.accounting:AccountingStep"}
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        """Start the device process and wait until it has loaded the model; stop the worker if it cannot."""
+        super().__init__(parent, **kwargs)
+        if not settings.hosts:
+            return
+        if "thread" in parent.pool_cls.__module__:
+            raise SystemExit("rerank-worker: RERANK_HOST_PROCESSES runs host processes on the prefork pool (-P prefork)")
+        try:
+            runtime.device_process = DeviceProcess(settings)
+        except ModelLoadError as e:
+            log.critical("%s", e)
+            raise SystemExit(f"rerank-worker: {e}") from e
+        runtime.device_address = runtime.device_process.address
+
+
 restrict_remote_control()
 app.steps["worker"].add(ModelCheck)
 app.steps["worker"].add(EvictionCheck)
@@ -115,6 +137,14 @@ app.steps["worker"].add(report.ReportStep)
 app.steps["worker"].add(metrics.MetricsStep)
 app.steps["worker"].add(HeartbeatStep)
 app.steps["worker"].add(BatchingLoad)
+app.steps["worker"].add(DeviceProcessStart)
+
+
+@worker_shutdown.connect
+def _stop_the_device_process(**_: Any) -> None:
+    """End the device process once the pool has stopped."""
+    if runtime.device_process is not None:
+        runtime.device_process.stop()
 
 
 @worker_shutdown.connect

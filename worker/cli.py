@@ -73,24 +73,29 @@ def default_hostname(device: str) -> str:
 
 
 def celery_argv(
-    args: argparse.Namespace, passthrough: list[str], queue: str, device: str, model: str = DEFAULT_MODEL, tasks_in_hand: int = 1
+    args: argparse.Namespace, passthrough: list[str], queue: str, device: str, model: str = DEFAULT_MODEL,
+    tasks_in_hand: int = 1, hosts: int = 0,
 ) -> list[str]:
     """Translate our options into `celery worker` arguments.
 
     One task at a time: the prefork pool, which alone requeues a task whose process was killed and
-    enforces hard time limits. Batching (`tasks_in_hand` > 1): one process, Celery's threads pool
-    with a thread per task in hand, all feeding one device thread (worker/batching.py).
+    enforces hard time limits. Host processes (`hosts` > 0): that many prefork processes feeding
+    one device process (scoring/device.py). Batching on threads (`tasks_in_hand` > 1): one
+    process, Celery's threads pool with a thread per task in hand, all feeding one device thread
+    (scoring/threaded.py).
     """
-    if tasks_in_hand > 1 and (args.concurrency or 1) > 1:
+    batching = hosts or (tasks_in_hand if tasks_in_hand > 1 else 0)
+    if batching and (args.concurrency or 1) > 1:
         raise SystemExit(
-            f"rerank-worker: -c/--concurrency sets prefork processes, but this worker batches {tasks_in_hand} tasks in one "
-            "process (RERANK_BATCH_TASKS); set RERANK_BATCH_TASKS instead, or RERANK_BATCH_TASKS=1 for -c"
+            f"rerank-worker: -c/--concurrency sets prefork processes that each load the model, but this worker batches {batching} "
+            "tasks across one device (RERANK_HOST_PROCESSES or RERANK_BATCH_TASKS); set those instead, or both to 0/1 for -c"
         )
-    pool = (
-        ["--pool=threads", f"--concurrency={tasks_in_hand}"]
-        if tasks_in_hand > 1
-        else ["--pool=prefork", f"--concurrency={args.concurrency or 1}"]
-    )
+    if hosts:
+        pool = ["--pool=prefork", f"--concurrency={hosts}"]
+    elif tasks_in_hand > 1:
+        pool = ["--pool=threads", f"--concurrency={tasks_in_hand}"]
+    else:
+        pool = ["--pool=prefork", f"--concurrency={args.concurrency or 1}"]
     return [
         "worker",
         *pool,
@@ -272,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"rerank-worker: invalid settings: {e}")
     # `celery -A worker.app worker …` itself: app.worker_main and app.start drop the worker's exit
     # code, so a worker that stops on an error would exit 0 and no process manager would restart it.
-    celery.main(["-A", "worker.app", *celery_argv(args, passthrough, settings.queue, settings.device, settings.model, settings.tasks_in_hand)], prog_name="rerank-worker")
+    celery.main(["-A", "worker.app", *celery_argv(args, passthrough, settings.queue, settings.device, settings.model, settings.tasks_in_hand, settings.hosts)], prog_name="rerank-worker")
 
 
 if __name__ == "__main__":

@@ -10,14 +10,22 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from producer.settings import Settings
+from scoring.device import DeviceClient
 from scoring.engine import CrossEncoderEngine, Scorer
+from scoring.model import load_tokenizer
 from scoring.threaded import ThreadedScorer
+from scoring.tokens import PairTokenizer
+from worker.device_process import DeviceAddress, DeviceProcess
 
 log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _engine: Scorer | None = None
 _loads = 0
+device_process: DeviceProcess | None = None
+"""The device process this worker's parent started (RERANK_HOST_PROCESSES > 0)."""
+device_address: DeviceAddress | None = None
+"""Set in the worker's parent when it started a device process; pool processes inherit it and connect."""
 
 
 def load_engine(settings: Settings) -> Scorer:
@@ -26,6 +34,16 @@ def load_engine(settings: Settings) -> Scorer:
     with _lock:
         if _engine is None:
             hf_logging.disable_progress_bar()
+            if device_address is not None:
+                pairs = PairTokenizer(load_tokenizer(settings.model, settings.model_revision), settings.model, settings.max_length)
+                _engine = DeviceClient(device_address.path, device_address.authkey, pairs, settings.task_time_limit)
+                _loads += 1
+                log.info(
+                    "model loaded: pid=%d model=%s device=%s dtype=%s attention=%s max_length=%d in device process pid=%s loads=%d",
+                    os.getpid(), _engine.name, _engine.device, str(_engine.dtype).removeprefix("torch."), _engine.attention,
+                    _engine.max_length, _engine.facts["pid"], _loads,
+                )
+                return _engine
             if settings.torch_threads:
                 torch.set_num_threads(settings.torch_threads)
             engine = CrossEncoderEngine.load(

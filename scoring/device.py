@@ -1,0 +1,403 @@
+"""The device process: one per GPU, it owns the model and the scheduler and does nothing but score.
+
+Host processes (a worker's prefork children) decode messages, tokenize, rank and write results;
+they hand the device process token ids and get logits back. Why this split: Python around a
+GPU (Celery, Redis, JSON, validation, tokenizing, kernel launches) shares one interpreter lock,
+so one process feeds a GPU with one core; here the device process's core only plans batches and
+launches kernels, and every host process brings its own core (as vLLM's engine core and TEI's
+router/backend split do).
+
+How they meet:
+- A Unix stream socket (`multiprocessing.connection`, HMAC-authenticated with a per-worker key)
+  in a directory only the worker's user can open. A socket, not a pipe: host processes are forked
+  by Celery after the device process starts and each connects on its own; not ZeroMQ: one more
+  dependency for what the standard library frames and authenticates already.
+- Shared memory for the token ids: each host process makes one anonymous memory file
+  (`memfd_create`), sized for its largest request so far, and passes its descriptor once over the
+  socket (SCM_RIGHTS); a request's ids are written there and only a small header crosses the
+  socket. Nothing has a name, so nothing leaks when either side dies.
+- The device process copies a request's ids out of the shared memory when it reads the request,
+  and checks them (lengths, ids within the vocabulary) before they reach the model.
+
+Nothing lost: a host process keeps its message unacknowledged until its logits are back. If the
+device process dies, every host process waiting on it exits at once (code 1) and the worker
+that started it exits non-zero, so Redis delivers every held task again; if a host process
+dies, the device process drops its requests and serves the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import importlib
+import json
+import logging
+import mmap
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Client, Connection, Listener
+from multiprocessing.reduction import recv_handle, send_handle
+from typing import Any
+
+import torch
+
+from producer.errors import TaskTimedOut, WorkerError
+from scoring.engine import EMPTY, OnProgress, Scores
+from scoring.loop import DeviceLoop
+from scoring.runner import Runner
+from scoring.scheduler import Request
+from scoring.tokens import EncodedPair, PairTokenizer
+
+log = logging.getLogger(__name__)
+
+HEADER_LIMIT = 4096
+"""Largest header a message may carry before its payload (JSON)."""
+_INT = 4  # bytes of an int32 id or a float32 logit
+
+
+def _message(header: dict[str, Any], payload: bytes = b"") -> bytes:
+    return json.dumps(header, separators=(",", ":")).encode() + b"\0" + payload
+
+
+def _parse(raw: bytes) -> tuple[dict[str, Any], memoryview]:
+    cut = raw.find(b"\0", 0, HEADER_LIMIT)
+    if cut < 0:
+        raise ValueError("a message without a header")
+    header = json.loads(raw[:cut])
+    if not isinstance(header, dict):
+        raise ValueError("a header that is not an object")
+    return header, memoryview(raw)[cut + 1 :]
+
+
+# The device side -------------------------------------------------------------------------------
+
+
+class _Host:
+    """One connected host process: its socket, its shared buffer, its requests in flight."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.buffer: mmap.mmap | None = None
+        self.requests: dict[int, Request] = {}
+        self.sending = threading.Lock()
+
+    def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        with self.sending:
+            self.conn.send_bytes(_message(header, payload))
+
+
+class DeviceServer:
+    """Serves scoring to host processes over `listener`, every request through one `DeviceLoop` on `runner`."""
+
+    def __init__(self, runner: Runner, listener: Listener, facts: dict[str, Any], vocab_size: int | None) -> None:
+        """Score on `runner`; `facts` (model, device, dtype...) greet each host; ids must be below `vocab_size`."""
+        self.runner = runner
+        self.listener = listener
+        self.facts = facts
+        self.vocab_size = vocab_size
+        self.max_length = int(facts["max_length"])
+        self.loop = DeviceLoop(runner)
+        self._owners: dict[Request, tuple[_Host, int]] = {}
+
+    def serve_forever(self) -> None:
+        """Accept hosts on a thread; run batches on this one until the process is killed."""
+        threading.Thread(target=self._accept, name="device-accept", daemon=True).start()
+        self.loop.serve(after_step=self._report)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn = self.listener.accept()
+            except Exception:  # noqa: BLE001 - a client that fails the handshake is dropped; the rest go on
+                log.warning("a connection to the device process failed its handshake", exc_info=True)
+                continue
+            threading.Thread(target=self._read, args=(_Host(conn),), name="device-host", daemon=True).start()
+
+    def _read(self, host: _Host) -> None:
+        try:
+            host.send({"op": "hello", **self.facts})
+            while True:
+                header, payload = _parse(host.conn.recv_bytes())
+                op = header.get("op")
+                if op == "buffer":
+                    fd = recv_handle(host.conn)
+                    with os.fdopen(fd, "rb", buffering=0) as file:  # the mapping keeps the memory; the descriptor can go
+                        host.buffer = mmap.mmap(file.fileno(), int(header["size"]), prot=mmap.PROT_READ)
+                elif op == "score":
+                    self._admit(host, header)
+                elif op == "cancel":
+                    with self.loop.changed:
+                        request = host.requests.get(int(header["id"]))
+                        if request is not None:
+                            request.fail(TaskTimedOut("cancelled by its host process"))
+        except (EOFError, OSError):
+            pass
+        except Exception:  # noqa: BLE001 - a host that sends what we never send is cut off, alone
+            log.exception("a host process sent a message the device process cannot read; closing its connection")
+        finally:
+            with self.loop.changed:
+                for request in host.requests.values():
+                    request.fail(WorkerError("the host process went away"))
+                    self._owners.pop(request, None)
+                host.requests.clear()
+            host.conn.close()
+
+    def _admit(self, host: _Host, header: dict[str, Any]) -> None:
+        """Read a request's pairs out of the host's buffer, check them, and queue them."""
+        ident = int(header["id"])
+        try:
+            pairs = self._pairs(host, int(header["count"]), int(header["tokens"]), bool(header["types"]))
+        except ValueError as e:
+            host.send({"op": "failed", "id": ident, "kind": "error", "message": f"the device process refused the request: {e}"})
+            return
+        request = Request(deadline=time.monotonic() + float(header["seconds"]))
+        request.add(pairs)
+        with self.loop.changed:
+            host.requests[ident] = request
+            self._owners[request] = (host, ident)
+        self.loop.submit(request)
+
+    def _pairs(self, host: _Host, count: int, tokens: int, types: bool) -> list[EncodedPair]:
+        if host.buffer is None or count < 1 or tokens < count:
+            raise ValueError("no shared buffer, or no pairs")
+        need = (count + tokens * (2 if types else 1)) * _INT
+        if need > len(host.buffer):
+            raise ValueError(f"{need} bytes of ids do not fit the {len(host.buffer)}-byte buffer")
+        words = torch.frombuffer(host.buffer, dtype=torch.int32, count=need // _INT).clone()
+        lengths = words[:count]
+        ids = words[count : count + tokens]
+        if int(lengths.min()) < 1 or int(lengths.max()) > self.max_length or int(lengths.sum()) != tokens:
+            raise ValueError(f"pair lengths must be 1..{self.max_length} and add up to {tokens}")
+        if int(ids.min()) < 0 or (self.vocab_size is not None and int(ids.max()) >= self.vocab_size):
+            raise ValueError(f"token ids must lie in 0..{self.vocab_size}")
+        type_ids = words[count + tokens :] if types else torch.zeros_like(ids)
+        bounds = [0, *torch.cumsum(lengths, 0).tolist()]
+        flat, flat_types = ids.tolist(), type_ids.tolist()
+        return [EncodedPair(flat[a:b], flat_types[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+    def _report(self, touched: list[Request]) -> None:
+        """After a step: results or errors of every finished request, progress of the others it touched."""
+        with self.loop.changed:
+            finished = [(request, *self._owners.pop(request)) for request in list(self._owners) if request.finished]
+            for _, host, ident in finished:
+                host.requests.pop(ident, None)
+            progressed = [(request, *self._owners[request]) for request in dict.fromkeys(touched) if request in self._owners]
+        for request, host, ident in finished:
+            self._send_outcome(request, host, ident)
+        for request, host, ident in progressed:
+            self._send(host, {"op": "progress", "id": ident, "done": request.done, "total": request.total})
+
+    def _send_outcome(self, request: Request, host: _Host, ident: int) -> None:
+        if request.error is not None:
+            kind = "timeout" if isinstance(request.error, TaskTimedOut) else "error"
+            self._send(host, {"op": "failed", "id": ident, "kind": kind, "message": str(request.error)})
+            return
+        logits = array.array("f", request.pairs.in_input_order()).tobytes()
+        self._send(host, {"op": "done", "id": ident, "tokens": request.tokens, "padded": request.padded,
+                          "batches": request.batches, "splits": request.splits}, logits)
+
+    @staticmethod
+    def _send(host: _Host, header: dict[str, Any], payload: bytes = b"") -> None:
+        try:
+            host.send(header, payload)
+        except OSError:
+            pass  # the host is gone; its reader thread drops its requests
+
+
+# The host side ---------------------------------------------------------------------------------
+
+
+class DeviceClient:
+    """A `Scorer` in a host process: tokenizes here, scores in the device process."""
+
+    def __init__(self, address: str, authkey: bytes, tokenize: PairTokenizer, time_limit: float,
+                 on_lost: Callable[[], None] | None = None) -> None:
+        """Connect to the device process at `address`; `on_lost` runs if it goes away (default: exit with code 1)."""
+        from scoring.threaded import exit_worker
+
+        self.tokenize = tokenize
+        self.time_limit = time_limit
+        self.on_lost = on_lost or exit_worker
+        self.conn = Client(address, family="AF_UNIX", authkey=authkey)
+        facts = self._receive()
+        if facts.get("op") != "hello":
+            raise WorkerError(f"the device process greeted with {facts.get('op')!r}, not hello")
+        self.facts = facts
+        self.name = str(facts["name"])
+        self.device = torch.device(str(facts["device"]))
+        self.attention = str(facts["attention"])
+        self.max_length = int(facts["max_length"])
+        self.max_batch_tokens = int(facts["max_batch_tokens"])
+        self._dtype = getattr(torch, str(facts["dtype"]))
+        self._buffer: mmap.mmap | None = None
+        self._next_id = 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the device process's model computes in."""
+        return self._dtype
+
+    def model_facts(self) -> dict[str, Any]:
+        """The device process's model facts, as it sent them at the handshake."""
+        return {"path": self.facts["path"], "weights_bytes": self.facts["weights_bytes"], "architecture": self.facts["architecture"],
+                "device_process_pid": self.facts["pid"]}
+
+    def score(self, query: str, passages: Sequence[str], on_batch: OnProgress | None = None) -> Scores:
+        """Tokenize here, score in the device process; `on_batch(pairs done, pairs total)` follows its batches."""
+        if not passages:
+            return EMPTY
+        started = time.perf_counter()
+        pairs = self.tokenize(query, passages)
+        # Repeats are sent once (the scheduler would score them once anyway), and copied back here.
+        first_of: dict[tuple[int, ...], int] = {}
+        unique: list[EncodedPair] = []
+        owner = []
+        for pair in pairs:
+            index = first_of.setdefault(tuple(pair.input_ids), len(unique))
+            if index == len(unique):
+                unique.append(pair)
+            owner.append(index)
+        ident = self._send_request(unique)
+        tokenized = time.perf_counter()
+        header, payload = self._wait(ident, len(unique), on_batch, time.monotonic() + self.time_limit)
+        by_unique = array.array("f")
+        by_unique.frombytes(payload)
+        logits = [float(by_unique[i]) for i in owner]
+        finished = time.perf_counter()
+        return Scores(logits, sum(len(p.input_ids) for p in pairs), int(header["padded"]), int(header["batches"]),
+                      tokenized - started, finished - tokenized, int(header["splits"]))
+
+    def _send_request(self, pairs: list[EncodedPair]) -> int:
+        lengths = [len(p.input_ids) for p in pairs]
+        types = self.tokenize.uses_type_ids
+        words = array.array("i", lengths)
+        for pair in pairs:
+            words.extend(pair.input_ids)
+        if types:
+            for pair in pairs:
+                words.extend(pair.type_ids)
+        data = words.tobytes()
+        if self._buffer is None or len(self._buffer) < len(data):
+            self._grow(len(data))
+        self._buffer[: len(data)] = data
+        self._next_id += 1
+        self._send({"op": "score", "id": self._next_id, "count": len(pairs), "tokens": sum(lengths), "types": types,
+                    "seconds": self.time_limit})
+        return self._next_id
+
+    def _grow(self, need: int) -> None:
+        size = max(need, 2 * len(self._buffer) if self._buffer is not None else 1 << 20)
+        fd = os.memfd_create("rerank-host-ids")
+        try:
+            os.ftruncate(fd, size)
+            buffer = mmap.mmap(fd, size)
+            self._send({"op": "buffer", "size": size})
+            send_handle(self.conn, fd, 0)
+        finally:
+            os.close(fd)
+        if self._buffer is not None:
+            self._buffer.close()
+        self._buffer = buffer
+
+    def _wait(self, ident: int, total: int, on_batch: OnProgress | None, deadline: float) -> tuple[dict[str, Any], memoryview]:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._poll(left):
+                self._send({"op": "cancel", "id": ident})
+                raise TaskTimedOut(
+                    f"scoring waited past RERANK_TASK_TIME_LIMIT ({self.time_limit:g}s); send fewer or shorter texts "
+                    "per request, or raise the limit"
+                )
+            header, payload = self._receive_with_payload()
+            if header.get("id") != ident:
+                continue  # the answer to a request this process gave up on
+            op = header.get("op")
+            if op == "progress" and on_batch is not None:
+                on_batch(int(header["done"]), int(header["total"]))
+            elif op == "done":
+                return header, payload
+            elif op == "failed":
+                error = TaskTimedOut if header.get("kind") == "timeout" else WorkerError
+                raise error(str(header.get("message")))
+
+    def _poll(self, seconds: float) -> bool:
+        try:
+            return self.conn.poll(seconds)
+        except (EOFError, OSError):
+            self._lost()
+            raise
+
+    def _send(self, header: dict[str, Any]) -> None:
+        try:
+            self.conn.send_bytes(_message(header))
+        except OSError:
+            self._lost()
+            raise
+
+    def _receive(self) -> dict[str, Any]:
+        return self._receive_with_payload()[0]
+
+    def _receive_with_payload(self) -> tuple[dict[str, Any], memoryview]:
+        try:
+            return _parse(self.conn.recv_bytes())
+        except (EOFError, OSError):
+            self._lost()
+            raise
+
+    def _lost(self) -> None:
+        log.critical("the device process is gone; this host process exits so that its task is delivered again")
+        self.on_lost()
+        raise WorkerError("the device process is gone; the task is delivered again")
+
+
+# The process -----------------------------------------------------------------------------------
+
+
+def load_runner(spec: str | None, settings: Any) -> tuple[Runner, dict[str, Any], int | None]:
+    """The runner to serve (the model of `settings`, or `module:function(settings)` for a stand-in), its facts and vocabulary size."""
+    if spec:
+        module, _, function = spec.partition(":")
+        runner = getattr(importlib.import_module(module), function)(settings)
+        return runner, runner.facts, getattr(runner, "vocab_size", None)
+    from scoring.engine import CrossEncoderEngine
+
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    engine = CrossEncoderEngine.load(
+        settings.model, revision=settings.model_revision, device=settings.device, dtype=settings.dtype,
+        max_length=settings.max_length, max_batch_tokens=settings.max_batch_tokens, pad_multiple=settings.pad_multiple,
+        attention=settings.attention,
+    )
+    facts = {
+        "name": engine.name, "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."),
+        "attention": engine.attention, "max_length": engine.max_length, "max_batch_tokens": engine.max_batch_tokens,
+        "pid": os.getpid(), **engine.model_facts(),
+    }
+    return engine.runner, facts, getattr(engine.model.config, "vocab_size", None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m scoring.device --address PATH`: load the model, listen, print `ready`, serve until killed.
+
+    The HMAC key is the first line of standard input; settings come from the RERANK_* environment.
+    """
+    from producer.settings import Settings
+
+    parser = argparse.ArgumentParser(prog="python -m scoring.device", description=main.__doc__)
+    parser.add_argument("--address", required=True, help="Unix socket path to listen on.")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/device %(process)d] %(message)s")
+    authkey = bytes.fromhex(sys.stdin.readline().strip())
+    settings = Settings()
+    runner, facts, vocab = load_runner(settings.device_runner, settings)
+    listener = Listener(args.address, family="AF_UNIX", authkey=authkey)
+    log.info("device process ready: pid=%d model=%s device=%s address=%s", os.getpid(), facts["name"], facts["device"], args.address)
+    print("ready", flush=True)
+    DeviceServer(runner, listener, facts, vocab).serve_forever()
+
+
+if __name__ == "__main__":
+    main()
