@@ -1,123 +1,252 @@
-"""Many producers, one worker: jobs/s and latency with batching across tasks on and off.
+"""Many producers, one worker: what the host side of a GPU worker costs, open loop and closed loop.
 
-    python -m benchmarks.fleet_throughput --shape tiny
-    python -m benchmarks.fleet_throughput --shape bge-reranker-base --kinds k10,k50 --jobs 16
+    python -m benchmarks.fleet_throughput --simulated                 # simulated H200, any machine
+    python -m benchmarks.fleet_throughput --shape bge-reranker-v2-m3 --device cuda:0
 
-8 producer threads send jobs to one worker through Redis, each thread sending its next job as
-soon as the last one returned: stage-1 jobs of k passages (k10, k50: a RAG request) and 100-doc
-two-stage jobs (two100), every job its own query. The worker runs one task at a time (prefork,
-`RERANK_BATCH_TASKS=1`) or batches across tasks (threads pool, `RERANK_BATCH_TASKS=8`). Prints
-jobs/s and p50/p99 latency side by side and writes benchmarks/results/fleet-<device>-<shape>.json
-and .md.
+Worker shapes, side by side in one run:
+- `threads`: one process on Celery's threads pool, 8 tasks in hand, one device thread
+  (RERANK_BATCH_TASKS=8; the GPU shape before the device process);
+- `device+N`: N host processes (prefork) feeding one device process (RERANK_HOST_PROCESSES=N).
+
+Jobs: stage-1 requests of 10 passages (k10) and 100-paper two-stage jobs (two100), every job its
+own query. Open loop: producer processes submit at a fixed total arrival rate for `--seconds`;
+each rate of `--rates` is run until a rate misses (p99 over the bound, or fewer than 97% of jobs
+back within the bound after the last arrival). Each row reports completed jobs/s, p50/p99
+latency from arrival, the device's busy share (with --simulated: simulated GPU compute time over
+wall time) and host CPU per job (user+sys of every worker process, device process included, over
+jobs). Closed loop: 8 producer threads, each sending its next job when the last returns.
+Writes benchmarks/results/fleet-<device>-<shape>.json and .md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import statistics
+import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from benchmarks.corpus import QUERY, cpu_features, cpu_name, model_dir, papers
+from benchmarks.simulated_device import RATE, read_stats
 from benchmarks.through_redis import running_system
-from worker.synthetic import SHAPES
 
 ROOT = Path(__file__).parents[1]
-KINDS = {"k10": 10, "k50": 50, "two100": 100}
+KINDS = {"k10": 10, "two100": 100}
+BOUND_S = {"k10": 0.25, "two100": 2.0}
+DEFAULT_RATES = {"k10": "25,50,75,100,125,150,200", "two100": "1,2,3,4,5,6,8"}
+CLOCK_TICK = os.sysconf("SC_CLK_TCK")
 
 
-def one_job(client: Any, kind: str, n: int) -> None:
-    """Send job `n` of `kind` and wait for it."""
+def one_job(client: Any, kind: str, n: int) -> Any:
+    """Submit job `n` of `kind`; return its handle."""
     query = f"{QUERY} (question {n})"
-    docs = papers(KINDS[kind], seed=n)
+    docs = papers(KINDS[kind], seed=n % 50)
     if kind == "two100":
-        client.two_stage(query, docs, top_k_docs=20, timeout=1800)
-    else:
-        client.rerank_documents(query, docs, top_k=5, timeout=1800)
+        return client.submit(query, docs, top_k_docs=20)
+    return client.submit_documents(query, docs, top_k=5)
 
 
-def drive(client: Any, kind: str, jobs: int, threads: int) -> dict[str, float]:
-    """Run `jobs` jobs from `threads` producer threads; jobs/s and latency percentiles."""
-    latencies: list[float] = []
+def producer(settings_json: str, kind: str, rate: float, seconds: float, first: int, out: Any) -> None:
+    """One producer process: submit at `rate` jobs/s for `seconds`, wait for each; send back latencies from arrival."""
+    from producer import RerankClient, Settings
+
+    client = RerankClient(Settings.model_validate_json(settings_json))
+    latencies: list[float | None] = []
     lock = threading.Lock()
-    counter = iter(range(jobs))
 
-    def producer() -> None:
+    def wait(handle: Any, arrival: float) -> None:
+        try:
+            handle.result(timeout=60)
+            value: float | None = time.perf_counter() - arrival
+        except Exception:  # noqa: BLE001 - a job not back counts as missed
+            value = None
+        with lock:
+            latencies.append(value)
+
+    count = max(1, round(rate * seconds))
+    start = time.perf_counter() + 0.2
+    with ThreadPoolExecutor(max_workers=256) as waiters:
+        for n in range(count):
+            arrival = start + n / rate
+            delay = arrival - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            waiters.submit(wait, one_job(client, kind, first + n), arrival)
+    out.send(latencies)
+
+
+def process_tree_cpu(pid: int) -> float:
+    """User+sys CPU seconds of `pid` and every process below it."""
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICK
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+def open_loop(client: Any, kind: str, rate: float, seconds: float, producers: int, stats: str | None, first: int) -> dict[str, Any]:
+    """Run `rate` jobs/s of `kind` for `seconds` from `producers` processes; the row's figures."""
+    cpu0, sim0, started = process_tree_cpu(client.worker_pid), read_stats(stats) if stats else None, time.perf_counter()
+    pipes, procs = [], []
+    context = multiprocessing.get_context("spawn")
+    for p in range(producers):
+        receive, send = context.Pipe(duplex=False)
+        proc = context.Process(target=producer, args=(client.settings.model_dump_json(), kind, rate / producers, seconds,
+                                                     first + p * 100_000, send))
+        proc.start()
+        pipes.append(receive)
+        procs.append(proc)
+    latencies = [value for pipe in pipes for value in pipe.recv()]
+    for proc in procs:
+        proc.join()
+    elapsed = time.perf_counter() - started
+    cpu = process_tree_cpu(client.worker_pid) - cpu0
+    done = sorted(v for v in latencies if v is not None)
+    row: dict[str, Any] = {
+        "kind": kind, "offered_per_s": rate, "jobs": len(latencies), "completed": len(done),
+        "completed_per_s": round(len(done) / seconds, 2),
+        "p50_ms": round(statistics.median(done) * 1000, 1) if done else None,
+        "p99_ms": round(done[min(len(done) - 1, round(0.99 * (len(done) - 1)))] * 1000, 1) if done else None,
+        "host_cpu_ms_per_job": round(cpu * 1000 / max(1, len(done)), 2),
+    }
+    if stats:
+        sim = read_stats(stats)
+        row["device_busy"] = round((sim[2] - sim0[2]) / RATE / elapsed, 3)
+        row["batches"] = int(sim[0] - sim0[0])
+    bound = BOUND_S[kind] * 1000
+    row["held"] = bool(done) and len(done) >= 0.97 * len(latencies) and row["p99_ms"] <= bound
+    return row
+
+
+def closed_loop(client: Any, kind: str, jobs: int, threads: int) -> dict[str, Any]:
+    """`threads` producer threads each sending its next job when the last returned; jobs/s and latency."""
+    latencies: list[float] = []
+    counter = iter(range(jobs))
+    lock = threading.Lock()
+
+    def run() -> None:
         while True:
             with lock:
                 n = next(counter, None)
             if n is None:
                 return
-            started = time.perf_counter()
-            one_job(client, kind, 1000 + n)
+            began = time.perf_counter()
+            one_job(client, kind, 900_000 + n).result(timeout=600)
             with lock:
-                latencies.append(time.perf_counter() - started)
+                latencies.append(time.perf_counter() - began)
 
-    started = time.perf_counter()
-    workers = [threading.Thread(target=producer) for _ in range(threads)]
-    for thread in workers:
+    cpu0, began = process_tree_cpu(client.worker_pid), time.perf_counter()
+    pool = [threading.Thread(target=run) for _ in range(threads)]
+    for thread in pool:
         thread.start()
-    for thread in workers:
+    for thread in pool:
         thread.join()
-    elapsed = time.perf_counter() - started
+    elapsed = time.perf_counter() - began
     ordered = sorted(latencies)
-    return {
-        "jobs": jobs,
-        "seconds": round(elapsed, 3),
-        "jobs_per_s": round(jobs / elapsed, 3),
-        "p50_ms": round(statistics.median(ordered) * 1000, 1),
-        "p99_ms": round(ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))] * 1000, 1),
-    }
+    return {"kind": kind, "closed_loop_threads": threads, "jobs": jobs, "jobs_per_s": round(jobs / elapsed, 2),
+            "p50_ms": round(statistics.median(ordered) * 1000, 1), "p99_ms": round(ordered[-1 if jobs < 100 else round(0.99 * (jobs - 1))] * 1000, 1),
+            "host_cpu_ms_per_job": round((process_tree_cpu(client.worker_pid) - cpu0) * 1000 / jobs, 2)}
+
+
+def worker_shape(name: str) -> dict[str, int]:
+    """`threads` (8 tasks on the threads pool) or `device+N` (N host processes) as running_system options."""
+    if name == "threads":
+        return {"tasks_in_hand": 8, "hosts": 0}
+    if name.startswith("device+") and name[7:].isdigit():
+        return {"tasks_in_hand": 1, "hosts": int(name[7:])}
+    raise SystemExit(f"unknown worker shape {name!r}: use threads or device+N")
 
 
 def main() -> None:
-    """Measure every kind of job with batching off and on, and write the table."""
+    """Measure every worker shape on every kind of job, open and closed loop, and write the tables."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--shape", default="tiny", help="Model shape whose tokenizer (and, without --simulated, weights) to use.")
+    parser.add_argument("--simulated", action="store_true", help="Score on the simulated H200 (benchmarks/simulated_device.py).")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--kinds", default="k10,k50,two100", help=f"Comma-separated, of {', '.join(KINDS)}.")
-    parser.add_argument("--jobs", type=int, default=64, help="Jobs per kind and mode.")
-    parser.add_argument("--threads", type=int, default=8, help="Producer threads.")
-    parser.add_argument("--batch-tasks", type=int, default=8, help="Tasks in hand with batching on.")
+    parser.add_argument("--kinds", default="k10,two100")
+    parser.add_argument("--shapes", default="threads,device+1,device+2", help="Comma-separated worker shapes: threads, device+N.")
+    parser.add_argument("--seconds", type=float, default=8.0, help="Seconds of arrivals per open-loop rate.")
+    parser.add_argument("--producers", type=int, default=2, help="Producer processes.")
+    parser.add_argument("--closed-jobs", type=int, default=32, help="Jobs per closed-loop row (0: none).")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    for kind, rates in DEFAULT_RATES.items():
+        parser.add_argument(f"--rates-{kind}", default=rates, help=f"Open-loop arrival rates of {kind} jobs (jobs/s), tried in order.")
     args = parser.parse_args()
 
-    card = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"{cpu_name()}, {cpu_features()}"
+    import torch
+
+    card = "simulated H200" if args.simulated else (torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU")
+    host = f"{cpu_name()}, {cpu_features()}, {os.cpu_count()} cores"
     rows = []
-    for mode, tasks in (("one task at a time", 1), (f"batching {args.batch_tasks} tasks", args.batch_tasks)):
-        with running_system(model_dir(args.shape), args.device, args.dtype, None, tasks_in_hand=tasks) as client:
+    for name in args.shapes.split(","):
+        stats = tempfile.mktemp(prefix="rerank-sim-") if args.simulated else None
+        env = {"RERANK_DEVICE_RUNNER": "benchmarks.simulated_device:runner", "RERANK_SIM_STATS": stats} if args.simulated else {}
+        with running_system(model_dir(args.shape), args.device, "auto", None, env={**env, "RERANK_TASK_TIME_LIMIT": "120"},
+                            **worker_shape(name)) as client:
             for kind in args.kinds.split(","):
-                one_job(client, kind, 0)  # warm: the first request of this kind on this worker
-                row = {"kind": kind, "mode": mode, "tasks_in_hand": tasks, **drive(client, kind, args.jobs, args.threads)}
-                print(json.dumps(row), flush=True)
-                rows.append(row)
-    by_kind = {}
-    for row in rows:
-        by_kind.setdefault(row["kind"], []).append(row)
-    lines = [
-        f"# Fleet throughput: {args.shape} shape, {args.device} ({card})",
-        "",
-        f"{args.threads} producer threads, {args.jobs} jobs per row, one worker; torch {torch.__version__}.",
-        "",
-        "| jobs | mode | jobs/s | vs one at a time | p50 ms | p99 ms |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    for kind, pair in by_kind.items():
-        base = pair[0]["jobs_per_s"]
-        for row in pair:
-            lines.append(f"| {kind} | {row['mode']} | {row['jobs_per_s']:.2f} | {row['jobs_per_s'] / base:.2f}x | {row['p50_ms']:.0f} | {row['p99_ms']:.0f} |")
-    table = "\n".join(lines) + "\n"
+                one_job(client, kind, 0).result(timeout=120)  # warm
+                if args.closed_jobs:
+                    row = {"shape": name, "loop": "closed", **closed_loop(client, kind, args.closed_jobs, 8)}
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+                for rate in [float(r) for r in getattr(args, f"rates_{kind}").split(",")]:
+                    row = {"shape": name, "loop": "open", **open_loop(client, kind, rate, args.seconds, args.producers, stats, len(rows) * 1000)}
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+                    if not row["held"]:
+                        break
+    table = render(rows, args, card, host)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"fleet-{args.device.split(':')[0]}-{args.shape}"
-    (args.out / f"{stem}.json").write_text(json.dumps({"shape": args.shape, "device": args.device, "card": card, "rows": rows}, indent=2))
+    stem = f"fleet-{'simulated-h200' if args.simulated else args.device.split(':')[0]}-{args.shape}"
+    (args.out / f"{stem}.json").write_text(json.dumps({"card": card, "host": host, "torch": torch.__version__, "rows": rows}, indent=2))
     (args.out / f"{stem}.md").write_text(table)
+
+
+def render(rows: list[dict[str, Any]], args: argparse.Namespace, card: str, host: str) -> str:
+    """The results as Markdown: the highest rate each shape held, then every row."""
+    lines = [
+        f"# Fleet throughput: {card}, {args.shape} tokenizer, host {host}",
+        "",
+        f"Open loop: {args.producers} producer processes, {args.seconds:g} s of arrivals per rate; a rate is held when p99 "
+        f"(from arrival) stays under {BOUND_S['k10'] * 1000:g} ms for k10 and {BOUND_S['two100']:g} s for two100 and 97% of jobs "
+        "come back. Host CPU: user+sys of every worker process (device process included) per job.",
+        "",
+        "## Highest rate held",
+        "",
+        "| jobs | shape | held jobs/s | p50 ms | p99 ms | device busy | host CPU ms/job |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for kind in args.kinds.split(","):
+        for name in args.shapes.split(","):
+            held = [r for r in rows if r["shape"] == name and r["kind"] == kind and r["loop"] == "open" and r["held"]]
+            if held:
+                best = max(held, key=lambda r: r["offered_per_s"])
+                busy = f"{best['device_busy']:.0%}" if "device_busy" in best else "–"
+                lines.append(f"| {kind} | {name} | {best['completed_per_s']:.1f} | {best['p50_ms']:.0f} | {best['p99_ms']:.0f} | {busy} | {best['host_cpu_ms_per_job']:.1f} |")
+            else:
+                lines.append(f"| {kind} | {name} | none held | | | | |")
+    lines += ["", "## Every row", "", "| jobs | shape | loop | offered/s | completed/s | p50 ms | p99 ms | device busy | host CPU ms/job | held |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if r["loop"] == "open":
+            busy = f"{r['device_busy']:.0%}" if "device_busy" in r else "–"
+            lines.append(f"| {r['kind']} | {r['shape']} | open | {r['offered_per_s']:g} | {r['completed_per_s']:.1f} | {r['p50_ms']} | {r['p99_ms']} | {busy} | {r['host_cpu_ms_per_job']:.1f} | {'yes' if r['held'] else 'no'} |")
+        else:
+            lines.append(f"| {r['kind']} | {r['shape']} | closed (8 threads) | – | {r['jobs_per_s']:.1f} | {r['p50_ms']} | {r['p99_ms']} | – | {r['host_cpu_ms_per_job']:.1f} | – |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -19,8 +19,10 @@
 #   3. benchmarks.attention, v2-m3 shape, DTYPE (fp16), 100 docs, median of 7 warm runs: the seed's
 #      simple loop, ours padded, ours packed, packed with each fusion on/off, tokenizing ahead or not,
 #      scores against the loop in fp32; then padded and packed through Redis and a real worker;
-#   3b. benchmarks.fleet_throughput on the v2-m3 shape: 8 producers, jobs of 10 and 50 passages and
-#      100-doc two-stage jobs, batching across tasks off and on (jobs/s, p50/p99);
+#   3a. benchmarks.profile_forward: a torch.profiler summary of one 100-doc forward (v2-m3 shape);
+#   3b. benchmarks.fleet_throughput on the v2-m3 shape: open loop (2 producer processes at fixed
+#      rates) and closed loop, 10-passage jobs and 100-paper two-stage jobs, the threads shape
+#      beside host processes feeding a device process (jobs/s held, p50/p99, host CPU per job);
 #   3c. benchmarks.chain_overhead on the v2-m3 shape: where a two-stage job's time goes besides compute;
 #   4. the same in-process rows on the bge-reranker-base shape;
 #   5. if time is left, benchmarks.run on the v2-m3 shape (refreshes cuda-bge-reranker-v2-m3.*).
@@ -114,10 +116,14 @@ for shape in {'$SHAPE', '$BASE_SHAPE'}: print(model_dir(shape))"
 step "attention $SHAPE" 300 "$PY" -m benchmarks.attention --device "$DEVICE" --shape "$SHAPE" --dtype "$DTYPE" \
   --docs "$DOCS" --repeats "$REPEATS" $E2E ${BASELINE[@]+"${BASELINE[@]}"} --out "$OUT"
 
-# 3b. One GPU, many jobs: 8 producer threads, batching across tasks off and on (needs redis-server).
+# 3a. Where one forward's time goes, as a profile.
+step "profile $SHAPE" 60 "$PY" -m benchmarks.profile_forward --device "$DEVICE" --shape "$SHAPE" --docs "$DOCS" --out "$OUT"
+
+# 3b. One GPU, many jobs: the threads shape beside host processes + a device process (needs redis-server).
 if [[ -n "$E2E" ]]; then
-  step "fleet throughput $SHAPE" 150 "$PY" -m benchmarks.fleet_throughput --device "$DEVICE" --shape "$SHAPE" --dtype "$DTYPE" \
-    --jobs 64 --out "$OUT"
+  step "fleet throughput $SHAPE" 200 "$PY" -m benchmarks.fleet_throughput --device "$DEVICE" --shape "$SHAPE" \
+    --shapes threads,device+4,device+8 --seconds 4 --closed-jobs 32 --rates-k10 50,100,200,300,400,600 \
+    --rates-two100 2,4,6,8,10,12 --out "$OUT"
   step "chain overhead $SHAPE" 90 "$PY" -m benchmarks.chain_overhead --device "$DEVICE" --shape "$SHAPE" --dtype "$DTYPE" \
     --runs 15 --out "$OUT"
 fi

@@ -26,11 +26,13 @@ def _free_port() -> int:
 def running_system(
     model: Path, device: str, dtype: str, max_batch_tokens: int | None, worker_log: Path | None = None,
     tasks_in_hand: int = 1, env: dict[str, str] | None = None, app: str = "benchmarks.noop_worker", queues: list[str] | None = None,
+    hosts: int = 0,
 ) -> Iterator[RerankClient]:
     """Start Redis and one worker and yield a client bound to them.
 
-    One task at a time on one prefork process, or, with `tasks_in_hand` > 1, the batching mode:
-    one process on the threads pool. The worker logs to `worker_log` when given (kept
+    One task at a time on one prefork process; with `tasks_in_hand` > 1, batching on one process
+    of the threads pool; with `hosts` > 0, that many prefork host processes feeding a device
+    process. The client's `worker_pid` is the worker's parent process. The worker logs to `worker_log` when given (kept
     afterwards), else to a scratch file; `env` adds RERANK_* settings. `app` is the Celery app
     module the worker runs, `queues` what it consumes (default: the model's queue).
     """
@@ -49,22 +51,29 @@ def running_system(
     settings = Settings(broker_url=url, model=str(model))
     environment = {
         **os.environ, "RERANK_BROKER_URL": url, "RERANK_MODEL": str(model), "RERANK_DEVICE": device, "RERANK_DTYPE": dtype,
-        "RERANK_BATCH_TASKS": str(tasks_in_hand), **(env or {}),
+        "RERANK_BATCH_TASKS": str(tasks_in_hand), "RERANK_HOST_PROCESSES": str(hosts), **(env or {}),
     }
     if max_batch_tokens:
         environment["RERANK_MAX_BATCH_TOKENS"] = str(max_batch_tokens)
     # The same options `rerank-worker` passes, on an app that also has a no-op task (benchmarks.noop_worker).
-    pool = ["--pool=threads", f"--concurrency={tasks_in_hand}"] if tasks_in_hand > 1 else ["--pool=prefork", "--concurrency=1"]
+    if hosts:
+        pool = ["--pool=prefork", f"--concurrency={hosts}"]
+    elif tasks_in_hand > 1:
+        pool = ["--pool=threads", f"--concurrency={tasks_in_hand}"]
+    else:
+        pool = ["--pool=prefork", "--concurrency=1"]
     command = [sys.executable, "-m", "celery", "-A", app, "worker", *pool,
                "--hostname=bench@%h", f"--queues={','.join(queues or [settings.queue])}", "--task-events", "--loglevel=INFO"]
     worker = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 600
-        while "model loaded:" not in log_path.read_text(errors="replace"):
+        while log_path.read_text(errors="replace").count("model loaded:") < max(1, hosts):
             if worker.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(log_path.read_text(errors="replace"))
             time.sleep(0.2)
-        yield RerankClient(settings)
+        client = RerankClient(settings)
+        client.worker_pid = worker.pid
+        yield client
     finally:
         worker.terminate()
         worker.wait(timeout=60)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import array
-import importlib
 import json
 import logging
 import mmap
@@ -45,7 +44,7 @@ from typing import Any
 import torch
 
 from producer.errors import TaskTimedOut, WorkerError
-from scoring.engine import EMPTY, OnProgress, Scores
+from scoring.engine import EMPTY, OnProgress, Scores, engine_for
 from scoring.loop import DeviceLoop
 from scoring.runner import Runner
 from scoring.scheduler import Request
@@ -133,6 +132,8 @@ class DeviceServer:
                         request = host.requests.get(int(header["id"]))
                         if request is not None:
                             request.fail(TaskTimedOut("cancelled by its host process"))
+                else:
+                    raise ValueError(f"unknown op {op!r}")
         except (EOFError, OSError):
             pass
         except Exception:  # noqa: BLE001 - a host that sends what we never send is cut off, alone
@@ -356,29 +357,6 @@ class DeviceClient:
 # The process -----------------------------------------------------------------------------------
 
 
-def load_runner(spec: str | None, settings: Any) -> tuple[Runner, dict[str, Any], int | None]:
-    """The runner to serve (the model of `settings`, or `module:function(settings)` for a stand-in), its facts and vocabulary size."""
-    if spec:
-        module, _, function = spec.partition(":")
-        runner = getattr(importlib.import_module(module), function)(settings)
-        return runner, runner.facts, getattr(runner, "vocab_size", None)
-    from scoring.engine import CrossEncoderEngine
-
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
-    engine = CrossEncoderEngine.load(
-        settings.model, revision=settings.model_revision, device=settings.device, dtype=settings.dtype,
-        max_length=settings.max_length, max_batch_tokens=settings.max_batch_tokens, pad_multiple=settings.pad_multiple,
-        attention=settings.attention,
-    )
-    facts = {
-        "name": engine.name, "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."),
-        "attention": engine.attention, "max_length": engine.max_length, "max_batch_tokens": engine.max_batch_tokens,
-        "pid": os.getpid(), **engine.model_facts(),
-    }
-    return engine.runner, facts, getattr(engine.model.config, "vocab_size", None)
-
-
 def main(argv: list[str] | None = None) -> None:
     """`python -m scoring.device --address PATH`: load the model, listen, print `ready`, serve until killed.
 
@@ -392,11 +370,13 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/device %(process)d] %(message)s")
     authkey = bytes.fromhex(sys.stdin.readline().strip())
     settings = Settings()
-    runner, facts, vocab = load_runner(settings.device_runner, settings)
+    engine = engine_for(settings)
+    facts = engine.facts()
+    vocab = facts["architecture"].get("vocab_size")
     listener = Listener(args.address, family="AF_UNIX", authkey=authkey)
     log.info("device process ready: pid=%d model=%s device=%s address=%s", os.getpid(), facts["name"], facts["device"], args.address)
     print("ready", flush=True)
-    DeviceServer(runner, listener, facts, vocab).serve_forever()
+    DeviceServer(engine.runner, listener, facts, vocab).serve_forever()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ device-process client (scoring/device.py) each satisfy it.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import itertools
 import os
 import time
@@ -19,7 +20,7 @@ from typing import Any, Literal, Protocol
 import torch
 
 from scoring.loop import DeviceLoop
-from scoring.model import check_model, load_model, model_facts
+from scoring.model import check_model, load_model, load_tokenizer
 from scoring.packed import Fusions
 from scoring.layouts import resolve_attention
 from scoring.runner import ModelRunner
@@ -95,7 +96,7 @@ class CrossEncoderEngine:
         self.max_batch_tokens = runner.max_batch_tokens
         self.attention = runner.attention
         self.model = runner.model
-        self.tokenize_slice = DEFAULT_TOKENIZE_SLICE[self.device.type] if tokenize_slice is None else tokenize_slice
+        self.tokenize_slice = DEFAULT_TOKENIZE_SLICE.get(self.device.type, 0) if tokenize_slice is None else tokenize_slice
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
 
@@ -148,8 +149,7 @@ class CrossEncoderEngine:
 
     def model_facts(self) -> dict[str, Any]:
         """Where the model came from, its weights' size and architecture."""
-        facts = model_facts(self.model)
-        return {**facts, "path": facts["path"] or self.name}
+        return self.runner.model_facts()
 
     def warmup(self) -> None:
         """Run passes at load so the first real request pays no lazy initialisation (on CUDA, every warm-up shape)."""
@@ -229,9 +229,37 @@ class CrossEncoderEngine:
             for future in futures:
                 future.cancel()
 
+    def facts(self) -> dict[str, Any]:
+        """What a host process needs to know of this engine (and what reports show), as plain data."""
+        return {
+            "name": self.name, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+            "attention": self.attention, "max_length": self.max_length, "max_batch_tokens": self.max_batch_tokens,
+            "pid": os.getpid(), **self.model_facts(),
+        }
+
     def _tokenizer_pool(self) -> ThreadPoolExecutor:
         # A pool made before a fork has no thread in the child: make one per process.
         if self._pool is None or self._pool_pid != os.getpid():
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
             self._pool_pid = os.getpid()
         return self._pool
+
+
+def engine_for(settings: Any) -> CrossEncoderEngine:
+    """The engine `settings` describe: its model, loaded and warmed up; with RERANK_DEVICE_RUNNER, a stand-in runner behind the model's tokenizer."""
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    elif settings.device_runner or settings.device.startswith("cuda"):
+        # The GPU computes; the few small CPU ops around it gain nothing from more threads, whose
+        # spinning after each op cost 8 ms of CPU per 10-passage job (benchmarks/fleet_throughput.py).
+        torch.set_num_threads(1)
+    if settings.device_runner:
+        module, _, function = settings.device_runner.partition(":")
+        runner = getattr(importlib.import_module(module), function)(settings)
+        tokenizer = load_tokenizer(settings.model, settings.model_revision)
+        return CrossEncoderEngine(PairTokenizer(tokenizer, settings.model, settings.max_length), runner)
+    return CrossEncoderEngine.load(
+        settings.model, revision=settings.model_revision, device=settings.device, dtype=settings.dtype,
+        max_length=settings.max_length, max_batch_tokens=settings.max_batch_tokens, pad_multiple=settings.pad_multiple,
+        attention=settings.attention,
+    )

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from scoring.layouts import Forward, choose_layout
+from scoring.model import model_facts
 from scoring.packed import Fusions
 from scoring.tokens import EncodedPair
 
@@ -59,6 +60,11 @@ class ModelRunner:
     def dtype(self) -> torch.dtype:
         """The dtype the model's weights are held in."""
         return next(self.model.parameters()).dtype
+
+    def model_facts(self) -> dict[str, Any]:
+        """Where the model came from, its weights' size and architecture."""
+        facts = model_facts(self.model)
+        return {**facts, "path": facts["path"] or self.name}
 
     def batch_tokens(self, longest: int, count: int, total: int) -> int:
         """Tokens a batch of `count` pairs takes in this attention layout (padding included where there is any)."""

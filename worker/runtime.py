@@ -11,7 +11,7 @@ from transformers.utils import logging as hf_logging
 
 from producer.settings import Settings
 from scoring.device import DeviceClient
-from scoring.engine import CrossEncoderEngine, Scorer
+from scoring.engine import Scorer, engine_for
 from scoring.model import load_tokenizer
 from scoring.threaded import ThreadedScorer
 from scoring.tokens import PairTokenizer
@@ -35,6 +35,8 @@ def load_engine(settings: Settings) -> Scorer:
         if _engine is None:
             hf_logging.disable_progress_bar()
             if device_address is not None:
+                # A host process runs no forward pass: torch's intra-op threads would only spin after its few small ops.
+                torch.set_num_threads(1)
                 pairs = PairTokenizer(load_tokenizer(settings.model, settings.model_revision), settings.model, settings.max_length)
                 _engine = DeviceClient(device_address.path, device_address.authkey, pairs, settings.task_time_limit)
                 _loads += 1
@@ -44,18 +46,7 @@ def load_engine(settings: Settings) -> Scorer:
                     _engine.max_length, _engine.facts["pid"], _loads,
                 )
                 return _engine
-            if settings.torch_threads:
-                torch.set_num_threads(settings.torch_threads)
-            engine = CrossEncoderEngine.load(
-                settings.model,
-                revision=settings.model_revision,
-                device=settings.device,
-                dtype=settings.dtype,
-                max_length=settings.max_length,
-                max_batch_tokens=settings.max_batch_tokens,
-                pad_multiple=settings.pad_multiple,
-                attention=settings.attention,
-            )
+            engine = engine_for(settings)
             tasks = settings.tasks_in_hand
             _engine = ThreadedScorer(engine, settings.task_time_limit) if tasks > 1 else engine
             _loads += 1

@@ -1,0 +1,132 @@
+"""The channel between host processes and a device process: scores as in-process, and what a host sends cannot stop it."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+import threading
+from multiprocessing.connection import Client, Listener
+from multiprocessing.reduction import recv_handle, send_handle
+
+import pytest
+
+from producer.errors import WorkerError
+from scoring.device import DeviceClient, DeviceServer, _message, _parse
+from scoring.engine import CrossEncoderEngine
+from tests.helpers import QUERY, CORPUS
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model, tmp_path_factory):
+    """A device server on a tiny model, serving on a thread; its address, key and the in-process engine."""
+    engine = CrossEncoderEngine.load(str(tiny_model), attention="packed")
+    address = str(tmp_path_factory.mktemp("device") / "device.sock")
+    key = secrets.token_bytes(16)
+    facts = engine.facts()
+    server = DeviceServer(engine.runner, Listener(address, family="AF_UNIX", authkey=key), facts, facts["architecture"]["vocab_size"])
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return address, key, engine
+
+
+def client_of(served, on_lost=None) -> DeviceClient:
+    address, key, engine = served
+    return DeviceClient(address, key, engine.tokenize, time_limit=30, on_lost=on_lost or (lambda: None))
+
+
+def test_scores_through_the_device_process_are_the_in_process_scores(served):
+    # Given two host clients sharing the device process
+    _, _, engine = served
+    first, second = client_of(served), client_of(served)
+    passages = CORPUS[:12] + CORPUS[:3]  # repeats are sent once and copied back
+    # When each scores, one after the other and at once
+    results = {}
+    threads = [threading.Thread(target=lambda c=c, n=n: results.__setitem__(n, c.score(f"{QUERY} {n}", passages))) for n, c in enumerate([first, second])]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    progress = []
+    alone = first.score(QUERY, passages, on_batch=lambda done, total: progress.append((done, total)))
+    # Then the logits are the engine's own, in input order, repeats identical
+    for n in (0, 1):
+        assert results[n].logits == pytest.approx(engine.score(f"{QUERY} {n}", passages).logits, abs=1e-5)
+    assert alone.logits == pytest.approx(engine.score(QUERY, passages).logits, abs=1e-5)
+    assert alone.logits[12:] == alone.logits[:3]
+    assert first.model_facts()["device_process_pid"] == os.getpid() and first.device.type == "cpu"
+
+
+def hostile_connection(served):
+    address, key, _ = served
+    conn = Client(address, family="AF_UNIX", authkey=key)
+    assert _parse(conn.recv_bytes())[0]["op"] == "hello"
+    return conn
+
+
+def buffer_for(conn, words: list[int]) -> None:
+    fd = os.memfd_create("test-ids")
+    os.ftruncate(fd, 4096)
+    with mmap.mmap(fd, 4096) as buffer:
+        buffer[: 4 * len(words)] = b"".join(w.to_bytes(4, "little", signed=True) for w in words)
+    conn.send_bytes(_message({"op": "buffer", "size": 4096}))
+    send_handle(conn, fd, 0)
+    os.close(fd)
+
+
+@pytest.mark.parametrize("words, header, refusal", [
+    ([3, 2, 5, 6], {"count": 1, "tokens": 2}, "lengths must be"),             # lengths do not add up to the tokens
+    ([2, 5, 999_999], {"count": 1, "tokens": 2}, "token ids must lie"),        # an id outside the vocabulary
+    ([2, -4, 5], {"count": 1, "tokens": 2}, "token ids must lie"),             # a negative id
+    ([0, 5], {"count": 1, "tokens": 1}, "lengths must be"),                    # an empty pair
+    ([2, 5, 6], {"count": 1, "tokens": 10**9}, "do not fit"),                  # more ids than the buffer holds
+])
+def test_a_request_the_device_process_cannot_trust_is_refused_and_it_serves_on(served, words, header, refusal):
+    conn = hostile_connection(served)
+    buffer_for(conn, words)
+    conn.send_bytes(_message({"op": "score", "id": 7, "types": False, "seconds": 5, **header}))
+    reply, _ = _parse(conn.recv_bytes())
+    assert reply["op"] == "failed" and reply["id"] == 7 and refusal in reply["message"]
+    _, _, engine = served
+    assert client_of(served).score(QUERY, CORPUS[:4]).logits == pytest.approx(engine.score(QUERY, CORPUS[:4]).logits, abs=1e-5)
+
+
+@pytest.mark.parametrize("raw", [b"no header at all", b"[1,2]\0", b"{\"op\": \"score\"}\0", b"\xff" * 5000, b"{}\0"])
+def test_a_message_the_device_process_cannot_read_closes_that_connection_alone(served, raw):
+    conn = hostile_connection(served)
+    conn.send_bytes(raw)
+    with pytest.raises(EOFError):
+        conn.recv_bytes()
+    _, _, engine = served
+    assert client_of(served).score(QUERY, CORPUS[:4]).logits == pytest.approx(engine.score(QUERY, CORPUS[:4]).logits, abs=1e-5)
+
+
+def test_a_wrong_key_is_refused_before_anything_is_read(served):
+    address, _, _ = served
+    from multiprocessing import AuthenticationError
+
+    with pytest.raises(AuthenticationError):
+        Client(address, family="AF_UNIX", authkey=b"not the key")
+
+
+def test_a_client_whose_device_process_is_gone_says_so(served, tmp_path):
+    # Given a device "process" that greets, takes one request and goes away
+    address, key = str(tmp_path / "gone.sock"), b"k"
+    listener = Listener(address, family="AF_UNIX", authkey=key)
+    _, _, engine = served
+    facts = engine.facts()
+
+    def greet_and_close():
+        conn = listener.accept()
+        conn.send_bytes(_message({"op": "hello", **facts}))
+        while _parse(conn.recv_bytes())[0]["op"] != "score":
+            recv_handle(conn)
+        conn.close()
+
+    threading.Thread(target=greet_and_close, daemon=True).start()
+    lost = []
+    client = DeviceClient(address, key, engine.tokenize, time_limit=5, on_lost=lambda: lost.append(True))
+    # When a request is in flight as it goes
+    # Then the client says the device process is gone (a worker's host process would exit here), not a timeout
+    with pytest.raises(WorkerError, match="device process is gone"):
+        client.score(QUERY, CORPUS[:3])
+    assert lost == [True]
