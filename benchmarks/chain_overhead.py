@@ -18,12 +18,13 @@ import json
 import re
 import statistics
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 import torch
 
 from benchmarks.corpus import QUERY, cpu_features, cpu_name, model_dir, papers
+from benchmarks.output import write_results
 from benchmarks.through_redis import running_system
 from producer.formats import chunk_pool
 from worker.synthetic import SHAPES
@@ -120,15 +121,10 @@ def main() -> None:
         f"| compute (both stages) | {medians['compute']:.1f} | tokenizing and forward passes, from each stage's `info` |",
         f"| **wall** | **{medians['wall']:.1f}** | **{medians['wall'] / medians['compute']:.2f}× compute; {overhead:.1f} ms besides it** |",
     ]
-    table = "\n".join(lines)
-    print(table)
-    name = f"chain-{args.device.split(':')[0]}-{args.shape}"
-    (args.out / f"{name}.md").write_text(table + "\n")
-    (args.out / f"{name}.json").write_text(json.dumps(
-        {"device": device, "shape": args.shape, "dtype": args.dtype, "docs": args.docs, "pool_bytes": pool_bytes,
-         "median_ms": medians, "runs_ms": rows, "command": f"python -m benchmarks.chain_overhead --shape {args.shape} --device {args.device}"},
-        indent=2,
-    ) + "\n")
+    write_results(args.out, f"chain-{args.device.split(':')[0]}-{args.shape}", "\n".join(lines), {
+        "device": device, "shape": args.shape, "dtype": args.dtype, "docs": args.docs, "pool_bytes": pool_bytes,
+        "median_ms": medians, "runs_ms": rows, "command": f"python -m benchmarks.chain_overhead --shape {args.shape} --device {args.device}",
+    })
 
 
 if __name__ == "__main__":

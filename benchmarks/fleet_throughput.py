@@ -14,7 +14,7 @@ each rate of `--rates` is run until a rate misses (p99 over the bound, or fewer 
 back within the bound after the last arrival). Each row reports completed jobs/s, p50/p99
 latency from arrival, the device's busy share (with --simulated: simulated GPU compute time over
 wall time) and host CPU per job (user+sys of every worker process, device process included, over
-jobs). Closed loop: 8 producer threads, each sending its next job when the last returns.
+jobs, and split into the worker's parent, its pool processes and its device process). Closed loop: 8 producer threads, each sending its next job when the last returns.
 Writes benchmarks/results/fleet-<device>-<shape>.json and .md.
 """
 
@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.corpus import QUERY, cpu_features, cpu_name, model_dir, papers
+from benchmarks.output import write_results
 from benchmarks.simulated_device import RATE, read_stats
 from benchmarks.through_redis import running_system
 
@@ -81,19 +82,26 @@ def producer(settings_json: str, kind: str, rate: float, seconds: float, first: 
     out.send(latencies)
 
 
-def process_tree_cpu(pid: int) -> float:
-    """User+sys CPU seconds of `pid` and every process below it."""
-    total, todo = 0.0, [pid]
+def process_tree_cpu(pid: int) -> dict[str, float]:
+    """User+sys CPU seconds of a worker's processes by role: `parent` (`pid`), `device` (its device process), `hosts` (the rest below it)."""
+    totals, todo = {"parent": 0.0, "hosts": 0.0, "device": 0.0}, [pid]
     while todo:
         current = todo.pop()
         try:
             fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICK
+            role = "parent" if current == pid else "device" if b"scoring.device" in Path(f"/proc/{current}/cmdline").read_bytes() else "hosts"
+            totals[role] += (int(fields[11]) + int(fields[12])) / CLOCK_TICK
             for task in Path(f"/proc/{current}/task").iterdir():
                 todo.extend(int(c) for c in (task / "children").read_text().split())
         except (OSError, ValueError):
             continue
-    return total
+    return totals
+
+
+def cpu_per_job(before: dict[str, float], after: dict[str, float], jobs: int) -> dict[str, float]:
+    """Milliseconds of CPU per job, in all and by role."""
+    split = {role: round((after[role] - before[role]) * 1000 / max(1, jobs), 2) for role in before}
+    return {"host_cpu_ms_per_job": round(sum(split.values()), 2), "cpu_ms_per_job_by_process": split}
 
 
 def open_loop(client: Any, kind: str, rate: float, seconds: float, producers: int, stats: str | None, first: int) -> dict[str, Any]:
@@ -112,14 +120,14 @@ def open_loop(client: Any, kind: str, rate: float, seconds: float, producers: in
     for proc in procs:
         proc.join()
     elapsed = time.perf_counter() - started
-    cpu = process_tree_cpu(client.worker_pid) - cpu0
+    cpu1 = process_tree_cpu(client.worker_pid)
     done = sorted(v for v in latencies if v is not None)
     row: dict[str, Any] = {
         "kind": kind, "offered_per_s": rate, "jobs": len(latencies), "completed": len(done),
         "completed_per_s": round(len(done) / seconds, 2),
         "p50_ms": round(statistics.median(done) * 1000, 1) if done else None,
         "p99_ms": round(done[min(len(done) - 1, round(0.99 * (len(done) - 1)))] * 1000, 1) if done else None,
-        "host_cpu_ms_per_job": round(cpu * 1000 / max(1, len(done)), 2),
+        **cpu_per_job(cpu0, cpu1, len(done)),
     }
     if stats:
         sim = read_stats(stats)
@@ -157,7 +165,7 @@ def closed_loop(client: Any, kind: str, jobs: int, threads: int) -> dict[str, An
     ordered = sorted(latencies)
     return {"kind": kind, "closed_loop_threads": threads, "jobs": jobs, "jobs_per_s": round(jobs / elapsed, 2),
             "p50_ms": round(statistics.median(ordered) * 1000, 1), "p99_ms": round(ordered[-1 if jobs < 100 else round(0.99 * (jobs - 1))] * 1000, 1),
-            "host_cpu_ms_per_job": round((process_tree_cpu(client.worker_pid) - cpu0) * 1000 / jobs, 2)}
+            **cpu_per_job(cpu0, process_tree_cpu(client.worker_pid), jobs)}
 
 
 def worker_shape(name: str) -> dict[str, int]:
@@ -207,12 +215,8 @@ def main() -> None:
                     rows.append(row)
                     if not row["held"]:
                         break
-    table = render(rows, args, card, host)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"fleet-{'simulated-h200' if args.simulated else args.device.split(':')[0]}-{args.shape}"
-    (args.out / f"{stem}.json").write_text(json.dumps({"card": card, "host": host, "torch": torch.__version__, "rows": rows}, indent=2))
-    (args.out / f"{stem}.md").write_text(table)
+    write_results(args.out, stem, render(rows, args, card, host), {"card": card, "host": host, "torch": torch.__version__, "rows": rows})
 
 
 def render(rows: list[dict[str, Any]], args: argparse.Namespace, card: str, host: str) -> str:
@@ -226,8 +230,8 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace, card: str, host
         "",
         "## Highest rate held",
         "",
-        "| jobs | shape | held jobs/s | p50 ms | p99 ms | device busy | host CPU ms/job |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| jobs | shape | held jobs/s | p50 ms | p99 ms | device busy | host CPU ms/job | of it: parent / hosts / device |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for kind in args.kinds.split(","):
         for name in args.shapes.split(","):
@@ -235,9 +239,11 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace, card: str, host
             if held:
                 best = max(held, key=lambda r: r["offered_per_s"])
                 busy = f"{best['device_busy']:.0%}" if "device_busy" in best else "–"
-                lines.append(f"| {kind} | {name} | {best['completed_per_s']:.1f} | {best['p50_ms']:.0f} | {best['p99_ms']:.0f} | {busy} | {best['host_cpu_ms_per_job']:.1f} |")
+                split = best["cpu_ms_per_job_by_process"]
+                lines.append(f"| {kind} | {name} | {best['completed_per_s']:.1f} | {best['p50_ms']:.0f} | {best['p99_ms']:.0f} | {busy} | "
+                             f"{best['host_cpu_ms_per_job']:.1f} | {split['parent']:.1f} / {split['hosts']:.1f} / {split['device']:.1f} |")
             else:
-                lines.append(f"| {kind} | {name} | none held | | | | |")
+                lines.append(f"| {kind} | {name} | none held | | | | | |")
     lines += ["", "## Every row", "", "| jobs | shape | loop | offered/s | completed/s | p50 ms | p99 ms | device busy | host CPU ms/job | held |",
               "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:

@@ -11,7 +11,6 @@ first; the difference of the two latencies' percentiles is what the gateway and 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -22,6 +21,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.corpus import QUERY, ROOT, cpu_features, cpu_name, model_dir, stage1_texts
+from benchmarks.output import write_results
 from benchmarks.through_redis import _free_port, running_system
 
 KEY = "bench-key"
@@ -118,15 +118,10 @@ def main() -> None:
         "",
         f"Load average during the run: {os.getloadavg()[0]:.2f} (other processes share these cores).",
     ]
-    table = "\n".join(lines)
-    print(table)
-    name = f"gateway-latency-cpu-{args.shape}"
-    (args.out / f"{name}.md").write_text(table + "\n")
-    (args.out / f"{name}.json").write_text(json.dumps(
-        {"device": device, "shape": args.shape, "docs": args.docs, "runs": args.runs, "ms": stats, "added_ms": added, "added_within_round_ms": within,
-         "python_client_ms": direct, "gateway_http_ms": through, "command": command},
-        indent=2,
-    ) + "\n")
+    write_results(args.out, f"gateway-latency-cpu-{args.shape}", "\n".join(lines), {
+        "device": device, "shape": args.shape, "docs": args.docs, "runs": args.runs, "ms": stats, "added_ms": added,
+        "added_within_round_ms": within, "python_client_ms": direct, "gateway_http_ms": through, "command": command,
+    })
     (args.out / ".gateway-bench.log").unlink(missing_ok=True)
 
 

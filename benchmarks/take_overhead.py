@@ -13,12 +13,12 @@ Writes benchmarks/results/take-overhead-cpu-<shape>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 from benchmarks.corpus import QUERY, cpu_name, model_dir, papers
+from benchmarks.output import write_results
 from benchmarks.through_redis import running_system
 from worker.synthetic import SHAPES
 
@@ -82,9 +82,6 @@ def main() -> None:
         "ours_minus_kombu_p50_ms": delta, "ours_over_kombu_p50": ratio,
         "command": f"python -m benchmarks.take_overhead --shape {args.shape} --rounds {args.rounds} --samples {args.samples}",
     }
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"take-overhead-cpu-{args.shape}"
-    stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [
         f"# Per-task cost of the atomic take ({args.shape} model, {record['cpu']})",
         "",
@@ -100,8 +97,7 @@ def main() -> None:
         "",
         f"Ours minus kombu's, p50: request {delta['request']:+} ms ({ratio['request']}x), no-op {delta['noop']:+} ms ({ratio['noop']}x).",
     ]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(RESULTS, f"take-overhead-cpu-{args.shape}", "\n".join(lines), record)
 
 
 if __name__ == "__main__":
