@@ -33,6 +33,7 @@ import json
 import logging
 import mmap
 import os
+import queue
 import sys
 import threading
 import time
@@ -100,11 +101,26 @@ class DeviceServer:
         self.max_length = int(facts["max_length"])
         self.loop = DeviceLoop(runner)
         self._owners: dict[Request, tuple[_Host, int]] = {}
+        self._finished: queue.SimpleQueue[tuple[Request, _Host, int]] = queue.SimpleQueue()
 
     def serve_forever(self) -> None:
-        """Accept hosts on a thread; run batches on this one until the process is killed."""
+        """Accept hosts and send results on threads of their own; run batches on this one until the process is killed.
+
+        Results leave from the sender thread: reading a request's logits waits for the device, and
+        the loop must meanwhile plan and launch the next batch.
+        """
         threading.Thread(target=self._accept, name="device-accept", daemon=True).start()
+        threading.Thread(target=self._send_finished, name="device-send", daemon=True).start()
         self.loop.serve(after_step=self._report)
+
+    def _send_finished(self) -> None:
+        while True:
+            request, host, ident = self._finished.get()
+            try:
+                self._send_outcome(request, host, ident)
+            except Exception as e:  # noqa: BLE001 - one unreadable result fails its own request, and the thread goes on
+                log.exception("could not read a finished request's logits")
+                self._send(host, {"op": "failed", "id": ident, "kind": "error", "message": f"reading the logits failed: {e}"})
 
     def _accept(self) -> None:
         while True:
@@ -186,8 +202,8 @@ class DeviceServer:
             for _, host, ident in finished:
                 host.requests.pop(ident, None)
             progressed = [(request, *self._owners[request]) for request in dict.fromkeys(touched) if request in self._owners]
-        for request, host, ident in finished:
-            self._send_outcome(request, host, ident)
+        for item in finished:
+            self._finished.put(item)
         for request, host, ident in progressed:
             self._send(host, {"op": "progress", "id": ident, "done": request.done, "total": request.total})
 
@@ -228,6 +244,7 @@ class DeviceClient:
             raise WorkerError(f"the device process greeted with {facts.get('op')!r}, not hello")
         self.facts = facts
         self.name = str(facts["name"])
+        self.revision = facts.get("revision")
         self.device = torch.device(str(facts["device"]))
         self.attention = str(facts["attention"])
         self.max_length = int(facts["max_length"])
@@ -376,6 +393,7 @@ def main(argv: list[str] | None = None) -> None:
     listener = Listener(args.address, family="AF_UNIX", authkey=authkey)
     log.info("device process ready: pid=%d model=%s device=%s address=%s", os.getpid(), facts["name"], facts["device"], args.address)
     print("ready", flush=True)
+    os.dup2(2, 1)  # nobody reads the pipe after "ready": whatever a library prints goes to the log, not into a full pipe
     DeviceServer(engine.runner, listener, facts, vocab).serve_forever()
 
 

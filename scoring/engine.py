@@ -66,6 +66,7 @@ class Scorer(Protocol):
     """What ranking and tasks need: the model's facts and `score`."""
 
     name: str
+    revision: str | None
     device: torch.device
     attention: str
     max_length: int
@@ -85,9 +86,12 @@ class Scorer(Protocol):
 class CrossEncoderEngine:
     """Scores query-passage pairs with a single-logit sequence-classification model, in the calling thread."""
 
-    def __init__(self, tokenize: PairTokenizer, runner: ModelRunner, *, tokenize_slice: int | None = None) -> None:
-        """Join a tokenizer and a runner; prefer `CrossEncoderEngine.load`."""
+    def __init__(
+        self, tokenize: PairTokenizer, runner: ModelRunner, *, tokenize_slice: int | None = None, revision: str | None = None
+    ) -> None:
+        """Join a tokenizer and a runner (of the model at hub `revision`, if pinned); prefer `CrossEncoderEngine.load`."""
         self.tokenize = tokenize
+        self.revision = revision
         self.runner = runner
         self.loop = DeviceLoop(runner)
         self.name = runner.name
@@ -125,6 +129,7 @@ class CrossEncoderEngine:
         engine = cls.of(model, tokenizer, name=name_or_path, device=device, max_length=max_length, max_batch_tokens=max_batch_tokens,
                         pad_multiple=pad_multiple, attention=resolve_attention(attention, model, torch.device(device)),
                         fusions=fusions, tokenize_slice=tokenize_slice)
+        engine.revision = revision
         engine.warmup()
         return engine
 
@@ -232,7 +237,7 @@ class CrossEncoderEngine:
     def facts(self) -> dict[str, Any]:
         """What a host process needs to know of this engine (and what reports show), as plain data."""
         return {
-            "name": self.name, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+            "name": self.name, "revision": self.revision, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
             "attention": self.attention, "max_length": self.max_length, "max_batch_tokens": self.max_batch_tokens,
             "pid": os.getpid(), **self.model_facts(),
         }
@@ -257,7 +262,7 @@ def engine_for(settings: Any) -> CrossEncoderEngine:
         module, _, function = settings.device_runner.partition(":")
         runner = getattr(importlib.import_module(module), function)(settings)
         tokenizer = load_tokenizer(settings.model, settings.model_revision)
-        return CrossEncoderEngine(PairTokenizer(tokenizer, settings.model, settings.max_length), runner)
+        return CrossEncoderEngine(PairTokenizer(tokenizer, settings.model, settings.max_length), runner, revision=settings.model_revision)
     return CrossEncoderEngine.load(
         settings.model, revision=settings.model_revision, device=settings.device, dtype=settings.dtype,
         max_length=settings.max_length, max_batch_tokens=settings.max_batch_tokens, pad_multiple=settings.pad_multiple,

@@ -45,7 +45,7 @@ class UniquePairs:
         self.owner: list[int] = []  # for each pair added, its index in `unique`
         self._first_of: dict[tuple[int, ...], int] = {}
         self._rows: list[int] = []  # indexes in `unique`, in the order their logits were collected
-        self._logits: list[torch.Tensor] = []
+        self._logits: list[tuple[torch.Tensor, list[int] | None]] = []  # device tensors, and the rows of each to keep
 
     def add(self, pairs: Sequence[EncodedPair]) -> list[int]:
         """Take `pairs` after those added before; return the indexes of the new unique ones, longest first."""
@@ -57,16 +57,21 @@ class UniquePairs:
             self.owner.append(index)
         return sorted(range(start, len(self.unique)), key=lambda i: len(self.unique[i].input_ids), reverse=True)
 
-    def collect(self, indexes: Sequence[int], logits: torch.Tensor) -> None:
-        """Keep the logits of the unique pairs at `indexes` (one row each, on the device)."""
+    def collect(self, indexes: Sequence[int], logits: torch.Tensor, rows: list[int] | None = None) -> None:
+        """Keep the logits of the unique pairs at `indexes`: `logits` itself, or its `rows` (left on the device until read)."""
         self._rows.extend(indexes)
-        self._logits.append(logits)
+        self._logits.append((logits, rows))
 
     def unique_logits(self) -> torch.Tensor:
-        """Fp32 logits of the unique pairs, in unique order (the request's one wait for the device)."""
+        """Fp32 logits of the unique pairs, in unique order (the request's one wait for the device).
+
+        Rows are picked after the copy to the host: indexing a device tensor with a Python list
+        would send the index to the device and wait there, once per batch.
+        """
         by_unique = torch.empty(len(self.unique), dtype=torch.float32)
         if self._rows:
-            by_unique[torch.tensor(self._rows)] = torch.cat(self._logits).cpu()
+            parts = [logits.cpu() if rows is None else logits.cpu()[rows] for logits, rows in self._logits]
+            by_unique[torch.tensor(self._rows)] = torch.cat(parts)
         return by_unique
 
     def in_input_order(self) -> list[float]:
@@ -191,8 +196,10 @@ class Scheduler:
         for request, (rows, indexes) in placed.items():
             if request.error is not None:
                 continue
-            contiguous = rows == list(range(rows[0], rows[-1] + 1))
-            request.pairs.collect(indexes, logits[rows[0] : rows[-1] + 1] if contiguous else logits[rows])
+            if rows == list(range(rows[0], rows[-1] + 1)):
+                request.pairs.collect(indexes, logits[rows[0] : rows[-1] + 1])
+            else:
+                request.pairs.collect(indexes, logits, rows)
             request.done += len(rows)
             request.batches += runs
             request.splits += runs - 1

@@ -40,7 +40,7 @@ class ThreadedScorer:
         self.time_limit = time_limit
         self.on_stop = on_stop or exit_worker
         self.stopped = False
-        self.name, self.device, self.attention = engine.name, engine.device, engine.attention
+        self.name, self.revision, self.device, self.attention = engine.name, engine.revision, engine.device, engine.attention
         self.max_length, self.max_batch_tokens = engine.max_length, engine.max_batch_tokens
         self._loop = DeviceLoop(engine.runner)
         self._thread = threading.Thread(target=self._serve, name="rerank-device", daemon=True)

@@ -121,3 +121,16 @@ def test_progress_counts_unique_pairs_and_an_unsealed_request_is_not_finished():
     request.add([pair(14, 1)], last=True)
     run_all(scheduler)
     assert (request.done, request.total, request.finished) == (3, 3, True)
+
+
+def test_rows_of_a_request_spread_over_a_batch_reach_it_in_order():
+    # Given a batch whose rows interleave two requests (as when the oldest leads a batch)
+    first, second = request_of([10, 11, 12], tag=1), request_of([20, 21], tag=2)
+    batch = [(first, 0), (second, 0), (first, 1), (second, 1), (first, 2)]
+    for request in (first, second):
+        request.waiting.clear()
+    # When its logits come back, one per row
+    Scheduler.complete(batch, torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), padded=64, runs=1)
+    # Then each request reads its own rows, in its input order
+    assert first.pairs.in_input_order() == [1.0, 3.0, 5.0] and second.pairs.in_input_order() == [2.0, 4.0]
+    assert first.finished and second.finished

@@ -45,7 +45,7 @@ class DeviceProcess:
         self.stopping = False
         self.process = subprocess.Popen(
             [sys.executable, "-m", "scoring.device", "--address", self.address.path],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent,
         )
         self.process.stdin.write(self.address.authkey.hex() + "\n")
         self.process.stdin.close()
@@ -80,6 +80,16 @@ class DeviceProcess:
                 self.process.kill()
         Path(self.address.path).unlink(missing_ok=True)
         Path(self._directory).rmdir()
+
+
+def _die_with_parent() -> None:
+    """In the device process, before exec: SIGKILL it when the worker's parent dies (Linux), so a killed worker leaves no process holding the GPU."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _kill_children() -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import ROOT, RedisServer, WorkerFleet, WorkerProcess, kill, kill_tree, short_papers
+from tests.helpers import ROOT, RedisServer, WorkerFleet, WorkerProcess, children, kill, kill_tree, short_papers
 
 VARIANTS = 20
 """Distinct requests the jobs cycle through; each is scored once in-process as the reference."""
@@ -76,12 +76,22 @@ class Storm:
         return counts
 
 
+def _is_device_process(pid: int) -> bool:
+    try:
+        return b"scoring.device" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def storm(
     redis: RedisServer, fleet: WorkerFleet, worker_args: list[str], env: dict[str, str], model: Path, workdir: Path,
-    producers: int, jobs_each: int, slots: int, seconds: float, kills: int, seed: int = 0,
+    producers: int, jobs_each: int, slots: int, seconds: float, kills: int, seed: int = 0, piecemeal: bool = False,
 ) -> Storm:
     """Run producers, spread over `seconds`, against `slots` workers SIGKILLed until the producers are done and
-    `kills` serving workers died (a worker takes seconds to start on a busy machine); return what happened."""
+    `kills` serving workers died (a worker takes seconds to start on a busy machine); return what happened.
+
+    `piecemeal`: workers with a device process; each kill is, at random, the whole worker, its device
+    process alone (the worker then exits by itself) or one of its host processes (the worker serves on)."""
     rng = random.Random(seed)
     out = workdir / "sent.jsonl"
     spawn = [
@@ -102,12 +112,21 @@ def storm(
         serving = [w for w in live if w.process.poll() is None and " ready." in w.output()]
         if serving:
             victim = rng.choice(serving)
-            kill_tree(victim.process.pid)
-            victim.process.wait()
-            live.remove(victim)
+            part = rng.choice(["worker", "device", "host"]) if piecemeal else "worker"
+            pool = children(victim.process.pid)
+            device = [pid for pid in pool if _is_device_process(pid)]
+            if part == "worker" or not device:
+                kill_tree(victim.process.pid)
+            elif part == "device":
+                kill(device[0])
+            else:
+                kill(rng.choice([pid for pid in pool if pid not in device] or pool))
             seen.kills += 1
-            live.append(fleet.start(*worker_args, env=env, name="storm"))
-            seen.workers_started += 1
+            if part != "host":
+                victim.process.wait(timeout=60)
+                live.remove(victim)
+                live.append(fleet.start(*worker_args, env=env, name="storm"))
+                seen.workers_started += 1
         if not restarted and time.monotonic() - started_at > seconds / 2:
             # Redis crashes mid-storm and comes back on its append-only file
             down = time.monotonic()

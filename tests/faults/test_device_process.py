@@ -119,3 +119,16 @@ def test_a_killed_host_process_requeues_only_its_task_and_the_device_process_ser
     assert result.info.pid != meta["pid"]
     assert device_process_of(worker.process.pid) == device and worker.process.poll() is None
     assert deliveries([worker.output()], handle.id) == 2
+
+
+def test_a_device_process_whose_worker_is_killed_exits_too(fleet):
+    # Given a worker with a device process
+    worker = fleet.start(env={**RELAXED, "RERANK_HOST_PROCESSES": "1"}, name="orphan")
+    worker.wait_until_loaded(processes=1)
+    device = device_process_of(worker.process.pid)
+    # When only the worker's parent is SIGKILLed
+    kill(worker.process.pid)
+    worker.process.wait(timeout=10)
+    # Then its device process does not live on holding the model (and, on a GPU, its memory)
+    wait_for(lambda: not Path(f"/proc/{device}").exists() or b"Z" in Path(f"/proc/{device}/stat").read_bytes().split(b")")[1][:3],
+             10, "the device process to exit")
