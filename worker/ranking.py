@@ -10,7 +10,6 @@ from dataclasses import replace
 
 from producer.formats import chunk_passage, document_passage, text_windows
 from producer.schemas import ChunksRequest, DocumentsRequest, PassagesRequest, RankedItem, RerankResult, ScoringInfo
-from producer.settings import get_settings
 from scoring.engine import Scorer, Scores
 from worker.runtime import model_loads
 
@@ -118,7 +117,7 @@ def model_revision(name_or_path: str, pinned: str | None = None) -> str | None:
 def _info(engine: Scorer, scores: Scores, pairs: int, worker: str | None) -> ScoringInfo:
     return ScoringInfo(
         model=engine.name,
-        revision=model_revision(engine.name, get_settings().model_revision),
+        revision=model_revision(engine.name, engine.revision),
         device=str(engine.device),
         dtype=str(engine.dtype).removeprefix("torch."),
         attention=engine.attention,
