@@ -164,14 +164,19 @@ def main() -> None:
         runners[f"seed loop ({seed.dtype_name})"] = lambda: seed.scores(QUERY, texts)
     engines: dict[str, tuple[CrossEncoderEngine, dict]] = {}
     if args.baseline_engine and wanted("engine @"):
-        engines[f"engine @{args.baseline_engine} (padded)"] = (engine_at(args.baseline_engine)(model, tokenizer, name=path, device=args.device), {})
-    default_slice = CrossEncoderEngine(model, tokenizer, name=path, device=args.device).tokenize_slice
+        name = f"engine @{args.baseline_engine} (padded)"
+        try:  # the revision's engine may import modules this tree no longer has
+            engines[name] = (engine_at(args.baseline_engine)(model, tokenizer, name=path, device=args.device), {})
+        except Exception as e:  # noqa: BLE001
+            failed[name] = f"{type(e).__name__}: {e}"
+            print(f"{name}: FAILED {failed[name]}", flush=True)
+    default_slice = CrossEncoderEngine.of(model, tokenizer, name=path, device=args.device).tokenize_slice
     for name, settings in variants(default_slice).items():
         if not wanted(name):
             continue
         # One row failing (a compiler missing on the device, say) must not cost the other rows.
         try:
-            engines[name] = (CrossEncoderEngine(model, tokenizer, name=path, device=args.device, **settings), settings)
+            engines[name] = (CrossEncoderEngine.of(model, tokenizer, name=path, device=args.device, **settings), settings)
         except Exception as e:  # noqa: BLE001
             failed[name] = f"{type(e).__name__}: {e}"
             print(f"{name}: FAILED {failed[name]}", flush=True)

@@ -225,3 +225,25 @@ def test_packed_warm_up_is_one_full_budget_of_longest_pairs(tiny_model, monkeypa
     monkeypatch.setattr(engine.runner, "forward_batch", lambda pairs: shapes.append((len(pairs), len(pairs[0].input_ids))) or real_forward(pairs))
     engine.runner.warm_shapes()
     assert shapes == [(4, 512)]
+
+
+def test_a_batch_padded_up_to_its_graph_size_class_keeps_its_logits(engines):
+    # Given packed batches of mixed sizes and the size classes CUDA graphs are captured for
+    from scoring.packed import pack, pack_host, size_class
+
+    _, packed = engines
+    layout = packed.runner.layout
+    encoder = layout.encoder
+    pairs = packed.tokenize(QUERY, passages()[:13])
+    for count in (1, 5, 13):
+        batch = pairs[:count]
+        tokens = sum(len(p.input_ids) for p in batch)
+        size = size_class(tokens, count, step=256)
+        # When a batch is padded with filler pairs up to its class and run through the encoder
+        host, padded_layout = pack_host(batch, encoder.position_offset, layout.uses_type_ids, size=size, filler_id=1, max_position=514)
+        padded = encoder(padded_layout.on(host))
+        alone = encoder(pack(batch, torch.device("cpu"), encoder.position_offset, layout.uses_type_ids))
+        # Then the class holds the batch with room for its fillers, and the real pairs' logits are unchanged
+        assert size[0] % 256 == 0 and size[0] >= tokens + size[1] - count and size[1] > count
+        assert padded_layout.tokens == size[0] and padded_layout.pairs == size[1] and min(padded_layout.bounds[1:][i] - padded_layout.bounds[i] for i in range(size[1])) >= 1
+        assert padded[:count].tolist() == pytest.approx(alone.tolist(), abs=1e-5)
