@@ -47,7 +47,7 @@ import torch
 from producer.errors import TaskTimedOut, WorkerError
 from scoring.engine import EMPTY, OnProgress, Scores, engine_for
 from scoring.loop import DeviceLoop
-from scoring.runner import Runner
+from scoring.runner import Runner, device_memory
 from scoring.scheduler import Request
 from scoring.tokens import EncodedPair, PairTokenizer
 
@@ -99,6 +99,7 @@ class DeviceServer:
         self.facts = facts
         self.vocab_size = vocab_size
         self.max_length = int(facts["max_length"])
+        self.device = torch.device(str(facts["device"]))
         self.loop = DeviceLoop(runner)
         self._owners: dict[Request, tuple[_Host, int]] = {}
         self._finished: queue.SimpleQueue[tuple[Request, _Host, int]] = queue.SimpleQueue()
@@ -214,7 +215,7 @@ class DeviceServer:
             return
         logits = array.array("f", request.pairs.in_input_order()).tobytes()
         self._send(host, {"op": "done", "id": ident, "tokens": request.tokens, "padded": request.padded,
-                          "batches": request.batches, "splits": request.splits}, logits)
+                          "batches": request.batches, "splits": request.splits, "memory": device_memory(self.device)}, logits)
 
     @staticmethod
     def _send(host: _Host, header: dict[str, Any], payload: bytes = b"") -> None:
@@ -252,11 +253,16 @@ class DeviceClient:
         self._dtype = getattr(torch, str(facts["dtype"]))
         self._buffer: mmap.mmap | None = None
         self._next_id = 0
+        self._device_memory: dict[str, Any] = {}
 
     @property
     def dtype(self) -> torch.dtype:
         """The dtype the device process's model computes in."""
         return self._dtype
+
+    def device_memory(self) -> dict[str, Any]:
+        """What the device process held on its GPU when it last returned logits (this process holds none)."""
+        return dict(self._device_memory)
 
     def model_facts(self) -> dict[str, Any]:
         """The device process's model facts, as it sent them at the handshake."""
@@ -336,6 +342,8 @@ class DeviceClient:
             if op == "progress" and on_batch is not None:
                 on_batch(int(header["done"]), int(header["total"]))
             elif op == "done":
+                if isinstance(header.get("memory"), dict):
+                    self._device_memory = header["memory"]
                 return header, payload
             elif op == "failed":
                 error = TaskTimedOut if header.get("kind") == "timeout" else WorkerError

@@ -23,7 +23,7 @@ from scoring.loop import DeviceLoop
 from scoring.model import check_model, load_model, load_tokenizer
 from scoring.packed import Fusions
 from scoring.layouts import resolve_attention
-from scoring.runner import ModelRunner
+from scoring.runner import ModelRunner, device_memory
 from scoring.scheduler import Request
 from scoring.tokens import EncodedPair, PairTokenizer
 
@@ -81,6 +81,9 @@ class Scorer(Protocol):
 
     def model_facts(self) -> dict[str, Any]:
         """Where the model came from, its weights' size and architecture (scoring.model.model_facts)."""
+
+    def device_memory(self) -> dict[str, Any]:
+        """What the model's process holds on its GPU (scoring.runner.device_memory); empty on a CPU."""
 
 
 class CrossEncoderEngine:
@@ -155,6 +158,10 @@ class CrossEncoderEngine:
     def model_facts(self) -> dict[str, Any]:
         """Where the model came from, its weights' size and architecture."""
         return self.runner.model_facts()
+
+    def device_memory(self) -> dict[str, Any]:
+        """What this process holds on the model's GPU; empty on a CPU."""
+        return device_memory(self.device)
 
     def warmup(self) -> None:
         """Run passes at load so the first real request pays no lazy initialisation (on CUDA, every warm-up shape)."""

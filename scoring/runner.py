@@ -102,6 +102,21 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
 
 
+def device_memory(device: torch.device) -> dict[str, Any]:
+    """What PyTorch holds on a GPU (`gpu_allocated_bytes`, `gpu_reserved_bytes`, `gpu_max_allocated_bytes`, `gpu_name`); empty elsewhere.
+
+    Host-side counters of the caching allocator: reading them waits for nothing on the device.
+    """
+    if device.type != "cuda":
+        return {}
+    return {
+        "gpu_allocated_bytes": torch.cuda.memory_allocated(device),
+        "gpu_reserved_bytes": torch.cuda.memory_reserved(device),
+        "gpu_max_allocated_bytes": torch.cuda.max_memory_allocated(device),
+        "gpu_name": torch.cuda.get_device_name(device),
+    }
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """True for the errors a device raises when a batch does not fit in its memory."""
     message = str(error)

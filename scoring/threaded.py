@@ -55,6 +55,10 @@ class ThreadedScorer:
         """The engine's model facts."""
         return self.engine.model_facts()
 
+    def device_memory(self) -> dict[str, Any]:
+        """What this process holds on the model's GPU."""
+        return self.engine.device_memory()
+
     def score(self, query: str, passages: Sequence[str], on_batch: OnProgress | None = None) -> Scores:
         """Tokenize here, then wait for the device thread; `on_batch(pairs done, pairs total)` is called from this thread."""
         if not passages:

@@ -398,3 +398,22 @@ def test_a_thousand_half_open_connections_to_the_metrics_port_leave_the_worker_b
     assert max(fds) <= fds_before + 32 + 8, report
     assert during <= 2 * before, report
     assert worker.process.poll() is None
+
+
+def test_gpu_memory_of_a_device_process_is_counted_once_however_many_host_processes_report_it():
+    # Given two host processes of one device process and a pool process holding its own model, all on cuda:0
+    from worker.metrics import _model_families
+    from worker.report import _sum_gpu
+
+    def snapshot(pid, holder, allocated):
+        model = {"name": "m", "load_seconds": 1.0, "revision": None, "device": "cuda:0", "dtype": "float16", "device_process_pid": holder}
+        return {"pid": pid, "model": model, "memory": {"rss_mb": 1.0, "gpu_allocated_bytes": allocated, "gpu_reserved_bytes": 2 * allocated}}
+
+    live = [snapshot(11, 99, 1000), snapshot(12, 99, 1000), snapshot(13, None, 500)]
+    # When the metrics and the report add GPU memory up
+    families = {f.name: f for f in _model_families("w", live, live)}
+    allocated = {tuple(s.labels.values()): s.value for s in families["rerank_gpu_memory_allocated_bytes"].samples}
+    report_view = [{"pid": p["pid"], "device_process_pid": p["model"]["device_process_pid"], "memory": {"gpu_allocated_mb": p["memory"]["gpu_allocated_bytes"]}} for p in live]
+    # Then the device process's memory counts once, beside the other holder's
+    assert allocated == {("w", "cuda:0"): 1500}
+    assert _sum_gpu(report_view, "gpu_allocated_mb") == 1500

@@ -136,7 +136,7 @@ class Ledger:
         self.pid = os.getpid()
         self.file = f"{self.pid}-{time.time_ns()}.json"
         self.model: dict[str, Any] | None = None
-        self.device: Any = None
+        self.scorer: Any = None
         self.tasks: dict[str, dict[str, Any]] = {}
 
     def loaded(self, engine: Any, seconds: float, settings: Settings) -> None:
@@ -145,8 +145,7 @@ class Ledger:
 
         facts = engine.model_facts()
         with _lock:
-            # A host process of a device process must not touch the GPU (it would make a CUDA context of its own).
-            self.device = None if facts.get("device_process_pid") else engine.device
+            self.scorer = engine
             self.model = {
                 "name": engine.name,
                 "revision": model_revision(engine.name, settings.model_revision),
@@ -193,7 +192,7 @@ class Ledger:
             "updated": time.time(),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "model": model,
-            "memory": memory(self.device),
+            "memory": memory(self.scorer),
             "tasks": tasks,
         }
 
@@ -220,16 +219,15 @@ def ledger() -> Ledger:
         return _ledger
 
 
-def memory(device: Any) -> dict[str, Any]:
-    """Memory this process uses: its resident set and, on a GPU, what PyTorch holds there."""
-    stats: dict[str, Any] = {"rss_mb": rss_mb(os.getpid())}
-    if device is not None and device.type == "cuda":
-        import torch
+def memory(scorer: Any) -> dict[str, Any]:
+    """Memory this process uses (its resident set) and what its scorer's model holds on a GPU.
 
-        stats["gpu_allocated_bytes"] = torch.cuda.memory_allocated(device)
-        stats["gpu_reserved_bytes"] = torch.cuda.memory_reserved(device)
-        stats["gpu_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
-        stats["gpu_name"] = torch.cuda.get_device_name(device)
+    A host process reports its device process's GPU memory as of its last result (model
+    `device_process_pid` says whose it is), never touching the GPU itself.
+    """
+    stats: dict[str, Any] = {"rss_mb": rss_mb(os.getpid())}
+    if scorer is not None:
+        stats.update(scorer.device_memory())
     return stats
 
 

@@ -107,24 +107,29 @@ def _model_families(worker: str, processes: list[dict[str, Any]], live: list[dic
     gpu = {
         key: GaugeMetricFamily(f"rerank_gpu_memory_{key}_bytes", documentation, labels=["worker", "device"])
         for key, documentation in (
-            ("allocated", "GPU memory held by tensors, summed over live pool processes."),
-            ("reserved", "GPU memory reserved by PyTorch's allocator, summed over live pool processes."),
+            ("allocated", "GPU memory held by tensors, summed over the live processes that hold a model."),
+            ("reserved", "GPU memory reserved by PyTorch's allocator, summed over the live processes that hold a model."),
         )
     }
     info = GaugeMetricFamily(
         "rerank_model_info", "1 for the model a worker serves (labels: model, its queue slug, revision, device, dtype).",
         labels=["worker", "model", "slug", "revision", "device", "dtype"],
     )
-    held: dict[tuple[str, str], float] = defaultdict(float)
+    # Host processes of one device process each report its memory: count every holder once.
+    by_holder: dict[tuple[str, str, int], float] = {}
     served = set()
     for p in live:
         model = p["model"]
         if not model:
             continue
         served.add((model["name"], model_slug(model["name"]), model["revision"] or "", model["device"], model["dtype"]))
+        holder = model.get("device_process_pid") or p["pid"]
         for key in gpu:
             if f"gpu_{key}_bytes" in p["memory"]:
-                held[key, model["device"]] += p["memory"][f"gpu_{key}_bytes"]
+                by_holder[key, model["device"], holder] = p["memory"][f"gpu_{key}_bytes"]
+    held: dict[tuple[str, str], float] = defaultdict(float)
+    for (key, device, _), value in by_holder.items():
+        held[key, device] += value
     for (key, device), value in sorted(held.items()):
         gpu[key].add_metric([worker, device], value)
     for labels in sorted(served):

@@ -52,6 +52,7 @@ def process_report(snapshot: dict[str, Any]) -> dict[str, Any]:
         "attention": model.get("attention"),
         "max_length": model.get("max_length"),
         "max_batch_tokens": model.get("max_batch_tokens"),
+        "device_process_pid": model.get("device_process_pid"),
         "architecture": model.get("architecture"),
         "memory": stats,
         "tasks": work.get("states", {}).get("SUCCESS", 0),
@@ -104,8 +105,9 @@ def worker_report(hostname: str | None = None) -> dict[str, Any]:
 
 
 def _sum_gpu(processes: list[dict[str, Any]], key: str) -> float | None:
-    values = [p["memory"][key] for p in processes if key in p["memory"]]
-    return round(sum(values), 2) if values else None
+    # Host processes of one device process each report its memory: count every holder once.
+    by_holder = {p["device_process_pid"] or p["pid"]: p["memory"][key] for p in processes if key in p["memory"]}
+    return round(sum(by_holder.values()), 2) if by_holder else None
 
 
 class ReportStep(bootsteps.StartStopStep):
