@@ -250,6 +250,7 @@ def test_a_device_thread_that_stops_anyway_stops_the_worker_and_fails_its_waitin
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # a latency measurement of the threads shape, printed with -s
 def test_small_jobs_beside_four_requests_at_the_size_limit_keep_their_latency(start_worker, redis_server, tiny_model):
     # Given a batching worker holding eight tasks, and the latency of small jobs through it alone
     worker = start_worker("-Q", "fair", env={"RERANK_BATCH_TASKS": "8", "RERANK_ATTENTION": "packed"}, name="fair")

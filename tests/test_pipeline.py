@@ -106,8 +106,12 @@ def broken_copies(model: Path, root: Path) -> dict[str, tuple[Path, str]]:
 def test_a_broken_model_folder_stops_the_worker_at_start_up_with_exit_1_and_one_clear_line(start_worker, tiny_model, tmp_path):
     # Given model folders with a part missing, foreign or damaged
     cases = {name: ({"RERANK_MODEL": str(folder)}, line) for name, (folder, line) in broken_copies(tiny_model, tmp_path).items()}
-    # and a device that is not there, which only the pool process finds out when it loads the model
-    cases["a GPU that is not there"] = ({"RERANK_DEVICE": "cuda:0", "CUDA_VISIBLE_DEVICES": ""}, "model failed to load in pid")
+    # and a device that is not there, which only the process that loads the model finds out: the
+    # device process (the GPU default) or, with no host processes, a pool process
+    cases["a GPU that is not there"] = ({"RERANK_DEVICE": "cuda:0", "CUDA_VISIBLE_DEVICES": ""}, "the device process failed to load the model")
+    cases["a GPU that is not there, no device process"] = (
+        {"RERANK_DEVICE": "cuda:0", "CUDA_VISIBLE_DEVICES": "", "RERANK_HOST_PROCESSES": "0"}, "model failed to load in pid"
+    )
     for name, (env, line) in cases.items():
         # When a worker is started on each
         worker = start_worker(env=env, name="broken")

@@ -52,11 +52,14 @@ class DeviceProcess:
         ready, _, _ = select.select([self.process.stdout], [], [], settings.worker_start_timeout)
         line = self.process.stdout.readline() if ready else ""
         if line.strip() != "ready":
+            exited = self.process.poll() is not None
             self.process.kill()
             self.process.wait()
             raise ModelLoadError(
-                f"the device process did not start (exit code {self.process.returncode}) within RERANK_WORKER_START_TIMEOUT "
-                f"({settings.worker_start_timeout}s); its log above says why"
+                f"the device process failed to load the model (exit code {self.process.returncode}); the traceback above says why"
+                if exited else
+                f"the device process did not load the model within RERANK_WORKER_START_TIMEOUT ({settings.worker_start_timeout}s); "
+                "raise it, or see the log above"
             )
         threading.Thread(target=self._watch, name="device-watch", daemon=True).start()
 

@@ -80,6 +80,7 @@ def test_a_killed_batching_worker_s_tasks_all_complete_once_on_another_worker(fl
     assert all(received[n] == 2 for n in held) and all(1 <= count <= 2 for count in received.values()), received
 
 
+@pytest.mark.slow  # the threads shape; GPU workers run host processes (tests/faults/test_device_process.py)
 def test_a_batching_worker_stops_a_task_past_its_limit_and_finishes_the_others(fleet, slow_settings, slow_model):
     # Given a batching worker of the slow model with a 5 s time limit and small batches, a job
     # of about 100 s of work, and small ones beside it
@@ -100,6 +101,7 @@ def test_a_batching_worker_stops_a_task_past_its_limit_and_finishes_the_others(f
     assert worker.process.poll() is None
 
 
+@pytest.mark.slow  # the threads shape; GPU workers run host processes (tests/faults/test_device_process.py)
 def test_a_warm_shutdown_finishes_every_task_the_batching_worker_holds(fleet, slow_settings, slow_model):
     # Given a batching worker of the slow model running four jobs of a few seconds each at once
     worker = fleet.start(env={**BATCHING, "RERANK_MODEL": str(slow_model)}, name="batch-warm")
@@ -115,6 +117,7 @@ def test_a_warm_shutdown_finishes_every_task_the_batching_worker_holds(fleet, sl
     assert client.app.connection().default_channel.client.hlen("unacked") == 0
 
 
+@pytest.mark.slow  # the threads shape; GPU workers run host processes (tests/faults/test_device_process.py)
 def test_a_batching_worker_whose_device_thread_stops_exits_1_and_its_tasks_complete_on_another(fleet, fault_settings, reference, tmp_path):
     # Given a batching worker whose device thread stops for good once a flag file exists
     flag, site = tmp_path / "halt-device-thread", tmp_path / "site"
