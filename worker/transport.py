@@ -296,6 +296,10 @@ class TakingChannel:
     def _sleep(self, queues: list[str]) -> None:
         """Stop taking until one of `queues` gets a message (or a wait times out): each gets a wait of its own."""
         self._wake = False
+        if self._closing:
+            # kombu's close() reads the poll it interrupts: a wait registered now would meet a closed
+            # event loop, and the worker's warm shutdown would end in a traceback and exit code 1.
+            return
         for queue in dict.fromkeys(queues):
             if queue not in self._waits:
                 self._wait_on(queue)
