@@ -258,6 +258,10 @@ class WorkerFleet:
         return worker
 
     def stop_all(self) -> None:
+        """Warm-stop every worker at once (SIGTERM to all, then wait for each)."""
+        for worker in self.started:
+            if worker.process.poll() is None:
+                worker.process.terminate()
         for worker in self.started:
             worker.stop()
 
