@@ -48,7 +48,7 @@ from producer.errors import TaskTimedOut, WorkerError
 from scoring.engine import EMPTY, OnProgress, Scores, engine_for
 from scoring.loop import DeviceLoop
 from scoring.runner import Runner, device_memory
-from scoring.scheduler import Request
+from scoring.scheduler import Request, UniquePairs
 from scoring.tokens import EncodedPair, PairTokenizer
 
 log = logging.getLogger(__name__)
@@ -92,12 +92,12 @@ class _Host:
 class DeviceServer:
     """Serves scoring to host processes over `listener`, every request through one `DeviceLoop` on `runner`."""
 
-    def __init__(self, runner: Runner, listener: Listener, facts: dict[str, Any], vocab_size: int | None) -> None:
-        """Score on `runner`; `facts` (model, device, dtype...) greet each host; ids must be below `vocab_size`."""
+    def __init__(self, runner: Runner, listener: Listener, facts: dict[str, Any]) -> None:
+        """Score on `runner`; `facts` (CrossEncoderEngine.facts: model, device, dtype, architecture...) greet each host."""
         self.runner = runner
         self.listener = listener
         self.facts = facts
-        self.vocab_size = vocab_size
+        self.vocab_size: int | None = facts["architecture"].get("vocab_size")  # ids must lie below it
         self.max_length = int(facts["max_length"])
         self.device = torch.device(str(facts["device"]))
         self.loop = DeviceLoop(runner)
@@ -276,20 +276,14 @@ class DeviceClient:
         started = time.perf_counter()
         pairs = self.tokenize(query, passages)
         # Repeats are sent once (the scheduler would score them once anyway), and copied back here.
-        first_of: dict[tuple[int, ...], int] = {}
-        unique: list[EncodedPair] = []
-        owner = []
-        for pair in pairs:
-            index = first_of.setdefault(tuple(pair.input_ids), len(unique))
-            if index == len(unique):
-                unique.append(pair)
-            owner.append(index)
-        ident = self._send_request(unique)
+        once = UniquePairs()
+        once.add(pairs)
+        ident = self._send_request(once.unique)
         tokenized = time.perf_counter()
-        header, payload = self._wait(ident, len(unique), on_batch, time.monotonic() + self.time_limit)
+        header, payload = self._wait(ident, on_batch, time.monotonic() + self.time_limit)
         by_unique = array.array("f")
         by_unique.frombytes(payload)
-        logits = [float(by_unique[i]) for i in owner]
+        logits = [float(by_unique[i]) for i in once.owner]
         finished = time.perf_counter()
         return Scores(logits, sum(len(p.input_ids) for p in pairs), int(header["padded"]), int(header["batches"]),
                       tokenized - started, finished - tokenized, int(header["splits"]))
@@ -326,7 +320,7 @@ class DeviceClient:
             self._buffer.close()
         self._buffer = buffer
 
-    def _wait(self, ident: int, total: int, on_batch: OnProgress | None, deadline: float) -> tuple[dict[str, Any], memoryview]:
+    def _wait(self, ident: int, on_batch: OnProgress | None, deadline: float) -> tuple[dict[str, Any], memoryview]:
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not self._poll(left):
@@ -397,12 +391,11 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings()
     engine = engine_for(settings)
     facts = engine.facts()
-    vocab = facts["architecture"].get("vocab_size")
     listener = Listener(args.address, family="AF_UNIX", authkey=authkey)
     log.info("device process ready: pid=%d model=%s device=%s address=%s", os.getpid(), facts["name"], facts["device"], args.address)
     print("ready", flush=True)
     os.dup2(2, 1)  # nobody reads the pipe after "ready": whatever a library prints goes to the log, not into a full pipe
-    DeviceServer(engine.runner, listener, facts, vocab).serve_forever()
+    DeviceServer(engine.runner, listener, facts).serve_forever()
 
 
 if __name__ == "__main__":

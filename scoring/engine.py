@@ -169,19 +169,6 @@ class CrossEncoderEngine:
         if self.device.type == "cuda":
             self.runner.warm_shapes()
 
-    def batch_tokens(self, longest: int, count: int, total: int) -> int:
-        """Tokens a batch of `count` pairs takes in this attention layout (padding included where there is any)."""
-        return self.runner.batch_tokens(longest, count, total)
-
-    @torch.inference_mode()
-    def forward(self, pairs: Sequence[EncodedPair], on_batch: OnProgress | None = None) -> tuple[list[float], int, int]:
-        """Fp32 logits of tokenized `pairs` in input order, padded tokens used, and batches run."""
-        request = Request()
-        request.add(pairs)
-        self.loop.submit(request)
-        self._drive(request, on_batch)
-        return request.pairs.in_input_order(), request.padded, request.batches
-
     @torch.inference_mode()
     def score(self, query: str, passages: Sequence[str], on_batch: OnProgress | None = None) -> Scores:
         """Tokenize and score `passages` against `query`; logits come back in input order.

@@ -90,11 +90,6 @@ class DeviceLoop:
             request.fail(error)
             self.changed.notify_all()
 
-    def run_until_scored(self, request: Request) -> None:
-        """Step in this thread until none of `request`'s added pairs waits (the in-process driver)."""
-        while request.waiting and request.error is None:
-            self.step()
-
     def serve(self, after_step: Callable[[list[Request]], None] | None = None) -> None:
         """Step forever, waiting while nothing waits (a device thread or process); `after_step` sees each step's requests."""
         while True:

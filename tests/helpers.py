@@ -284,6 +284,14 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def is_device_process(pid: int) -> bool:
+    """True when `pid` runs a worker's device process (scoring.device); False when it is gone."""
+    try:
+        return b"scoring.device" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def kill(pid: int, sig: signal.Signals = signal.SIGKILL) -> None:
     """Send `sig` to `pid`, ignoring a process that is already gone."""
     try:

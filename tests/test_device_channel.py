@@ -24,7 +24,7 @@ def served(tiny_model, tmp_path_factory):
     address = str(tmp_path_factory.mktemp("device") / "device.sock")
     key = secrets.token_bytes(16)
     facts = engine.facts()
-    server = DeviceServer(engine.runner, Listener(address, family="AF_UNIX", authkey=key), facts, facts["architecture"]["vocab_size"])
+    server = DeviceServer(engine.runner, Listener(address, family="AF_UNIX", authkey=key), facts)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return address, key, engine
 

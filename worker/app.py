@@ -126,7 +126,6 @@ class DeviceProcessStart(bootsteps.StartStopStep):
         except ModelLoadError as e:
             log.critical("%s", e)
             raise SystemExit(f"rerank-worker: {e}") from e
-        runtime.device_address = runtime.device_process.address
 
 
 restrict_remote_control()

@@ -15,7 +15,7 @@ from scoring.engine import Scorer, engine_for
 from scoring.model import load_tokenizer
 from scoring.threaded import ThreadedScorer
 from scoring.tokens import PairTokenizer
-from worker.device_process import DeviceAddress, DeviceProcess
+from worker.device_process import DeviceProcess
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +23,7 @@ _lock = threading.Lock()
 _engine: Scorer | None = None
 _loads = 0
 device_process: DeviceProcess | None = None
-"""The device process this worker's parent started (RERANK_HOST_PROCESSES > 0)."""
-device_address: DeviceAddress | None = None
-"""Set in the worker's parent when it started a device process; pool processes inherit it and connect."""
+"""The device process this worker's parent started (RERANK_HOST_PROCESSES > 0); pool processes inherit it and connect to its address."""
 
 
 def load_engine(settings: Settings) -> Scorer:
@@ -34,11 +32,12 @@ def load_engine(settings: Settings) -> Scorer:
     with _lock:
         if _engine is None:
             hf_logging.disable_progress_bar()
-            if device_address is not None:
+            if device_process is not None:
                 # A host process runs no forward pass: torch's intra-op threads would only spin after its few small ops.
                 torch.set_num_threads(1)
                 pairs = PairTokenizer(load_tokenizer(settings.model, settings.model_revision), settings.model, settings.max_length)
-                _engine = DeviceClient(device_address.path, device_address.authkey, pairs, settings.task_time_limit)
+                address = device_process.address
+                _engine = DeviceClient(address.path, address.authkey, pairs, settings.task_time_limit)
                 _loads += 1
                 log.info(
                     "model loaded: pid=%d model=%s device=%s dtype=%s attention=%s max_length=%d in device process pid=%s loads=%d",

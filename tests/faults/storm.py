@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import ROOT, RedisServer, WorkerFleet, WorkerProcess, children, kill, kill_tree, short_papers
+from tests.helpers import ROOT, RedisServer, WorkerFleet, WorkerProcess, children, is_device_process, kill, kill_tree, short_papers
 
 VARIANTS = 20
 """Distinct requests the jobs cycle through; each is scored once in-process as the reference."""
@@ -76,13 +76,6 @@ class Storm:
         return counts
 
 
-def _is_device_process(pid: int) -> bool:
-    try:
-        return b"scoring.device" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-
-
 def storm(
     redis: RedisServer, fleet: WorkerFleet, worker_args: list[str], env: dict[str, str], model: Path, workdir: Path,
     producers: int, jobs_each: int, slots: int, seconds: float, kills: int, seed: int = 0, piecemeal: bool = False,
@@ -114,7 +107,7 @@ def storm(
             victim = rng.choice(serving)
             part = rng.choice(["worker", "device", "host"]) if piecemeal else "worker"
             pool = children(victim.process.pid)
-            device = [pid for pid in pool if _is_device_process(pid)]
+            device = [pid for pid in pool if is_device_process(pid)]
             if part == "worker" or not device:
                 kill_tree(victim.process.pid)
             elif part == "device":

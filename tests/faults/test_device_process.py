@@ -15,6 +15,7 @@ from tests.helpers import (
     assert_same_ranking,
     children,
     deliveries,
+    is_device_process,
     kill,
     long_papers,
     report,
@@ -31,7 +32,7 @@ SLOW = 150  # papers: about a second of scoring on the tiny model, long enough t
 def device_process_of(worker_pid: int) -> int:
     """The pid of the worker's device process (its child running scoring.device)."""
     for pid in children(worker_pid):
-        if b"scoring.device" in Path(f"/proc/{pid}/cmdline").read_bytes():
+        if is_device_process(pid):
             return pid
     raise AssertionError("the worker has no device process")
 
