@@ -5,6 +5,7 @@ WORKDIR /app
 # One COPY per package pyproject.toml installs (tests/test_compose.py checks): nothing else, so no
 # .env, key or test file ends up in the image.
 COPY pyproject.toml README.md ./
+COPY contract ./contract
 COPY producer ./producer
 COPY worker ./worker
 COPY gateway ./gateway

@@ -26,7 +26,7 @@ import torch
 from benchmarks.corpus import QUERY, cpu_features, cpu_name, model_dir, papers
 from benchmarks.output import write_results
 from benchmarks.through_redis import running_system
-from producer.formats import chunk_pool
+from contract.formats import chunk_pool
 from worker.synthetic import SHAPES
 
 ROOT = Path(__file__).parents[1]

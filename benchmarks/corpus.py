@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from producer import Candidate
-from producer.formats import document_passage
+from contract.formats import document_passage
 from worker.synthetic import SHAPES, build_cross_encoder
 
 ROOT = Path(__file__).parents[1]

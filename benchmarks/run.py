@@ -25,7 +25,7 @@ from benchmarks.through_redis import running_system
 from producer import Candidate, DocumentsRequest
 from scoring.engine import CrossEncoderEngine
 from scoring.runner import DEFAULT_BATCH_TOKENS
-from producer.formats import document_passage
+from contract.formats import document_passage
 from worker.ranking import rank_documents
 from worker.synthetic import SHAPES, Shape
 

@@ -19,7 +19,7 @@ from benchmarks.corpus import QUERY, make_chunks, model_dir, stage1_texts
 from benchmarks.run import median_seconds
 from producer import Chunk
 from scoring.engine import CrossEncoderEngine
-from producer.formats import chunk_passage
+from contract.formats import chunk_passage
 from worker.synthetic import SHAPES
 
 ROOT = Path(__file__).parents[1]

@@ -21,10 +21,10 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException
 
 from producer.aio import Nap, wait
-from producer.errors import InvalidRequest, RerankError, RerankTimeout, TaskTimedOut
+from contract.errors import InvalidRequest, RerankError, RerankTimeout, TaskTimedOut
 from producer.jobs import Finish, Handle, JobProgress
-from producer.schemas import RerankResult, TwoStageRequest, TwoStageResult
-from producer.settings import Settings, get_settings
+from contract.schemas import RerankResult, TwoStageRequest, TwoStageResult
+from contract.settings import Settings, get_settings
 
 from gateway.announcements import Announcements
 from gateway.errors import ClientGone, TooLarge, Unprocessable, WaitTimedOut, error_response

@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from producer.errors import (
+from contract.errors import (
     BrokerUnavailable,
     InvalidRequest,
     JobCancelled,

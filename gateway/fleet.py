@@ -14,11 +14,11 @@ import collections
 import logging
 
 from producer.aio import AsyncRerankClient
-from producer.errors import RerankError
+from contract.errors import RerankError
 from producer.fleet import WorkerInfo, inspect_workers
 from producer.metrics import read_queues
-from producer.names import model_queue, model_slug
-from producer.settings import Settings
+from contract.names import model_queue, model_slug
+from contract.settings import Settings
 
 from gateway.errors import NotServed, Overloaded
 from gateway.settings import GatewaySettings

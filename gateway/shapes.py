@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
-from producer.schemas import Query, RerankResult
+from contract.schemas import Query, RerankResult
 
 
 class TextDocument(BaseModel):

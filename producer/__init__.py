@@ -1,8 +1,6 @@
-"""The re-ranking contract (schemas, task names, errors, settings) and its client; no torch."""
+"""The Celery client of the re-ranking contract (`contract`), and the contract's public names; no torch."""
 
-from producer.aio import AsyncRerankClient
-from producer.client import RerankClient
-from producer.errors import (
+from contract.errors import (
     BrokerUnavailable,
     InvalidRequest,
     JobCancelled,
@@ -12,9 +10,8 @@ from producer.errors import (
     TaskTimedOut,
     WorkerError,
 )
-from producer.jobs import BatchProgress, JobProgress, RerankBatch, RerankJob
-from producer.names import DEFAULT_QUEUE, TASK_CHUNKS, TASK_DOCUMENTS, TASK_PASSAGES
-from producer.schemas import (
+from contract.names import DEFAULT_QUEUE, TASK_CHUNKS, TASK_DOCUMENTS, TASK_PASSAGES
+from contract.schemas import (
     Candidate,
     Chunk,
     ChunksRequest,
@@ -26,7 +23,10 @@ from producer.schemas import (
     ScoringInfo,
     TwoStageResult,
 )
-from producer.settings import Settings
+from contract.settings import Settings
+from producer.aio import AsyncRerankClient
+from producer.client import RerankClient
+from producer.jobs import BatchProgress, JobProgress, RerankBatch, RerankJob
 
 __all__ = [
     "AsyncRerankClient",

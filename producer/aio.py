@@ -16,12 +16,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from functools import partial
 from typing import Any
 
-from producer.chunking import DEFAULT_MAX_CHARS
+from contract.chunking import DEFAULT_MAX_CHARS
 from producer.client import CandidateLike, ChunkLike, RequestLike, RerankClient
-from producer.errors import RerankTimeout
+from contract.errors import RerankTimeout
 from producer.jobs import BatchProgress, Handle, JobProgress, RerankBatch, RerankJob
-from producer.schemas import Chunk, RerankResult, TwoStageResult
-from producer.settings import Settings
+from contract.schemas import Chunk, RerankResult, TwoStageResult
+from contract.settings import Settings
 from producer.waiting import Outcomes, Waiter
 
 Nap = Callable[[float], Awaitable[object]]

@@ -11,8 +11,8 @@ from weakref import WeakKeyDictionary
 from celery import Celery
 from celery.signals import before_task_publish
 
-from producer.names import SENT_AT_HEADER, TASK_CHUNKS, TASK_DOCUMENTS, TASK_PASSAGES
-from producer.settings import Settings
+from contract.names import SENT_AT_HEADER, TASK_CHUNKS, TASK_DOCUMENTS, TASK_PASSAGES
+from contract.settings import Settings
 
 _settings_by_app: WeakKeyDictionary[Celery, Settings] = WeakKeyDictionary()
 

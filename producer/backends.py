@@ -6,15 +6,14 @@ either through the same calls (send, finished, meta, revoke, ...) and never ask 
 
 from __future__ import annotations
 
-import importlib
 import logging
 import re
-import threading
 import time
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from typing import Any, Protocol
 
-from celery import Celery, group, states, uuid
+from celery import Celery, group, states
 from celery.backends.base import BaseKeyValueStoreBackend
 from celery.backends.redis import RedisBackend
 from celery.canvas import Signature
@@ -22,11 +21,12 @@ from celery.result import GroupResult
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from producer import errors
-from producer.errors import InvalidRequest, JobCancelled, ModelLoadError, RerankError, WorkerError, reaching
-from producer.names import PROGRESS_STATE
-from producer.settings import Settings
-from producer.validation import plain_json
+from contract import errors
+from contract.errors import InvalidRequest, JobCancelled, ModelLoadError, RerankError, WorkerError
+from producer.reaching import reaching
+from contract.names import PROGRESS_STATE
+from contract.settings import Settings
+from contract.plain import plain_json
 
 Meta = dict[str, Any]
 
@@ -53,7 +53,7 @@ def stored_meta(raw: bytes | str | None, task_id: str) -> Meta:
         return {"status": states.PENDING, "result": None}
     what = "the stored value"
     try:
-        meta = plain_json(raw, what, MAX_STORED_BYTES)
+        meta = plain_json(raw, what, max_bytes=MAX_STORED_BYTES)
     except InvalidRequest as e:
         raise _foreign(f"task {task_id}", str(e)) from e
     status = meta.get("status") if isinstance(meta, dict) else None
@@ -79,7 +79,7 @@ def stored_error(status: str, raw: Any, what: str) -> RerankError:
     message = str(args[0]) if len(args) == 1 else str(tuple(args))
     if name == "TaskRevokedError":
         return JobCancelled(f"{what}: the job was cancelled before it finished")
-    cls = getattr(errors, name, None) if raw.get("exc_module") in ("producer.errors", None) else None
+    cls = getattr(errors, name, None) if raw.get("exc_module") in ("contract.errors", "producer.errors", None) else None
     if isinstance(cls, type) and issubclass(cls, RerankError):
         return cls(message)
     return WorkerError(f"{what}: {name[:100]}: {message}")
@@ -97,7 +97,7 @@ def _is_error(raw: Any) -> bool:
 def _batch_ids(raw: bytes | str, batch_id: str) -> list[str]:
     # Celery stores a group as {"result": [[group id, parent], [[[task id, parent], None], ...]]}.
     try:
-        saved = plain_json(raw, "the stored batch", MAX_STORED_BYTES)
+        saved = plain_json(raw, "the stored batch", max_bytes=MAX_STORED_BYTES)
     except InvalidRequest as e:
         raise _foreign(f"batch {batch_id}", str(e)) from e
     members = saved.get("result") if isinstance(saved, dict) else None
@@ -288,64 +288,20 @@ class WorkerBackend:
                     self.app.backend.mark_as_revoked(task_id, "cancelled by the client")
 
 
-class InProcessBackend(WorkerBackend):
-    """Jobs run inside this process, one at a time, when first waited on; states live in memory.
-
-    The same Celery tasks and chains run here as on workers (applied eagerly), and store their
-    states in the app's in-memory result backend, so reading them is the same code.
-    """
-
-    durable = False
-
-    def __init__(self, app: Celery, settings: Settings) -> None:
-        """Load the worker's tasks into this process (they need the `worker` extra)."""
-        super().__init__(app, settings)
-        try:
-            importlib.import_module("worker.tasks")
-        except ImportError as e:
-            raise ModelLoadError(
-                "no RERANK_BROKER_URL is set, so tasks run in this process, which needs the worker "
-                f"extra: pip install 'bge-rerank-celery[worker]' ({e}); or set RERANK_BROKER_URL"
-            ) from e
-        self._queued: dict[str, Signature] = {}
-
-    def send(self, task_id: str, signature: Signature) -> None:
-        """Hold the job until someone waits for it."""
-        self._queued[task_id] = signature
-
-    def send_many(self, signatures: Sequence[tuple[str, Signature]]) -> str:
-        """Hold every job; the batch id only names it in messages."""
-        for task_id, signature in signatures:
-            self.send(task_id, signature)
-        return uuid()
-
-    def finished(self, task_ids: Sequence[str]) -> dict[str, Meta]:
-        """Run the first held job among `task_ids`, then report which of them finished."""
-        task_id = next((t for t in task_ids if t in self._queued), None)
-        signature = self._queued.pop(task_id, None) if task_id is not None else None
-        if signature is not None:
-            with _one_at_a_time:
-                try:
-                    signature.apply()
-                except Exception as e:  # noqa: BLE001 - a chain stops at its first failed stage; the job fails with it
-                    self.app.backend.mark_as_failure(task_id, e)
-        return super().finished(task_ids)
-
-    def watch(self, task_ids: Sequence[str]) -> Watch:
-        """Nothing runs here while a caller waits: the next read runs the next held job."""
-        return Sleep()
-
-    def revoke(self, task_ids: Sequence[str]) -> None:
-        """Drop held jobs and record them as REVOKED."""
-        for task_id in task_ids:
-            self._queued.pop(task_id, None)
-        self._mark_revoked(task_ids)
-
-
-# The model and its tokenizer are shared by the whole process: in-process jobs run one at a time.
-_one_at_a_time = threading.Lock()
+BACKENDS = "bge_rerank_celery.backends"
+"""Entry-point group of the places jobs can run besides the broker; the worker side registers `in-process` (pyproject.toml)."""
 
 
 def backend_for(app: Celery, settings: Settings) -> WorkerBackend:
-    """Workers when a broker is configured, else this process."""
-    return WorkerBackend(app, settings) if settings.broker_url else InProcessBackend(app, settings)
+    """Workers when a broker is configured, else this process (the worker side's `in-process` backend, found by entry point)."""
+    if settings.broker_url:
+        return WorkerBackend(app, settings)
+    need = "no RERANK_BROKER_URL is set, so jobs run in this process, which needs the worker extra: pip install 'bge-rerank-celery[worker]'"
+    found = entry_points(group=BACKENDS, name="in-process")
+    if not found:
+        raise ModelLoadError(f"{need} (no `in-process` backend is installed); or set RERANK_BROKER_URL")
+    try:
+        in_process = next(iter(found)).load()
+    except ImportError as e:
+        raise ModelLoadError(f"{need} ({e}); or set RERANK_BROKER_URL") from e
+    return in_process(app, settings)

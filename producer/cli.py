@@ -21,13 +21,14 @@ from rich.console import Console
 from rich.table import Table
 
 from producer.client import RerankClient
-from producer.errors import BrokerUnavailable, InvalidRequest, JobCancelled, RerankError, RerankTimeout, reaching, redact
+from contract.errors import BrokerUnavailable, InvalidRequest, JobCancelled, RerankError, RerankTimeout, redact
+from producer.reaching import reaching
 from producer.fleet import WorkerInfo, inspect_workers
-from producer.formats import chunk_pool
+from contract.formats import chunk_pool
 from producer.jobs import JobProgress, RerankJob
-from producer.names import DEFAULT_QUEUE
-from producer.schemas import MAX_WINDOWS, Candidate, TwoStageRequest, TwoStageResult
-from producer.settings import Settings
+from contract.names import DEFAULT_QUEUE
+from contract.schemas import MAX_WINDOWS, Candidate, TwoStageRequest, TwoStageResult
+from contract.settings import Settings
 
 EXIT_OK = 0
 EXIT_FAILED = 1

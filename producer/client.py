@@ -12,12 +12,12 @@ from pydantic import ValidationError
 
 from producer.app import create_app
 from producer.backends import backend_for
-from producer.chunking import DEFAULT_MAX_CHARS
-from producer.errors import InvalidRequest, RerankError, WorkerError
-from producer.formats import chunk_digest, chunk_pool, stage1_message, stage2_message
+from contract.chunking import DEFAULT_MAX_CHARS
+from contract.errors import InvalidRequest, RerankError, WorkerError
+from contract.formats import chunk_digest, chunk_pool, stage1_message, stage2_message
 from producer.jobs import STAGE1_SUFFIX, Finish, Handle, RerankBatch, RerankJob, ResultT, stage1_id
-from producer.names import DEFAULT_MODEL, TASK_CHUNKS, TASK_DOCUMENTS, TASK_PASSAGES, model_slug
-from producer.schemas import (
+from contract.names import DEFAULT_MODEL, TASK_CHUNKS, TASK_DOCUMENTS, TASK_PASSAGES, model_slug
+from contract.schemas import (
     Candidate,
     Chunk,
     ChunksRequest,
@@ -27,8 +27,8 @@ from producer.schemas import (
     TwoStageRequest,
     TwoStageResult,
 )
-from producer.settings import Settings, get_settings
-from producer.validation import parse_request
+from contract.settings import Settings, get_settings
+from contract.validation import parse_request
 
 CandidateLike = Candidate | Mapping[str, Any]
 ChunkLike = Chunk | Mapping[str, Any]
@@ -270,7 +270,7 @@ class RerankClient:
         return RerankBatch(batch_id, jobs)
 
     def chunk_pool(self, candidates: Iterable[Candidate]) -> list[Chunk]:
-        """Return every candidate's chunks, splitting texts that came without chunks (`producer.formats.chunk_pool`)."""
+        """Return every candidate's chunks, splitting texts that came without chunks (`contract.formats.chunk_pool`)."""
         return chunk_pool(candidates, self.chunk_chars)
 
     def validate(self, request: RequestLike) -> TwoStageRequest:

@@ -8,8 +8,8 @@ from typing import Any
 from celery import Celery
 from pydantic import BaseModel, ConfigDict, Field
 
-from producer.errors import reaching
-from producer.names import REPORT_COMMAND
+from producer.reaching import reaching
+from contract.names import REPORT_COMMAND
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from celery import states
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from producer.backends import Meta, WorkerBackend, stored_error
-from producer.errors import InvalidRequest, RerankTimeout
-from producer.schemas import Candidate, Chunk, RerankResult, TwoStageRequest, TwoStageResult
-from producer.validation import check_ranking, check_two_stage
+from contract.errors import InvalidRequest, RerankTimeout
+from contract.schemas import Candidate, Chunk, RerankResult, TwoStageRequest, TwoStageResult
+from contract.validation import check_ranking, check_two_stage
 from producer.waiting import Outcomes, Waiter
 
 STAGE1_SUFFIX = ":documents"

@@ -21,10 +21,10 @@ from typing import Any
 from celery import Celery
 from redis.exceptions import ResponseError
 
-from producer.errors import InvalidRequest
-from producer.names import SENT_AT_HEADER, model_queue, worker_queues
-from producer.settings import Settings
-from producer.validation import plain_json
+from contract.errors import InvalidRequest
+from contract.names import SENT_AT_HEADER, model_queue, worker_queues
+from contract.settings import Settings
+from contract.plain import plain_json
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def _sent_at(raw: bytes, name: str) -> float | None:
     plain, depth-bounded JSON and whatever it holds only ever makes the age unknown.
     """
     try:
-        envelope = plain_json(raw, f"the oldest item of {name}", MAX_ITEM_BYTES)
+        envelope = plain_json(raw, f"the oldest item of {name}", max_bytes=MAX_ITEM_BYTES)
     except InvalidRequest as e:
         _warn_once(name, str(e))
         return None

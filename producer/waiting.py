@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
-from producer.errors import RerankError, RerankTimeout
+from contract.errors import RerankError, RerankTimeout
 
 FIRST_POLL = 0.001
 """Seconds before the second read: a short request on a warm worker finishes within milliseconds."""

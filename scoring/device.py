@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from producer.errors import TaskTimedOut, WorkerError
+from contract.errors import TaskTimedOut, WorkerError
 from scoring.engine import EMPTY, OnProgress, Scores, engine_for
 from scoring.loop import DeviceLoop
 from scoring.runner import Runner, device_memory
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
 
     The HMAC key is the first line of standard input; settings come from the RERANK_* environment.
     """
-    from producer.settings import Settings
+    from contract.settings import Settings
 
     parser = argparse.ArgumentParser(prog="python -m scoring.device", description=main.__doc__)
     parser.add_argument("--address", required=True, help="Unix socket path to listen on.")

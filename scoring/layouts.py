@@ -9,7 +9,7 @@ from typing import Protocol
 
 import torch
 
-from producer.errors import ModelLoadError
+from contract.errors import ModelLoadError
 from scoring.packed import Fusions, PackedForward, flash_varlen_usable, unsupported_reason
 from scoring.tokens import EncodedPair
 

@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
-from producer.errors import ModelLoadError
+from contract.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from producer.errors import TaskTimedOut
+from contract.errors import TaskTimedOut
 from scoring.tokens import EncodedPair
 
 PATIENCE = 8

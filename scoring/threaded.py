@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from producer.errors import TaskTimedOut, WorkerError
+from contract.errors import TaskTimedOut, WorkerError
 from scoring.engine import EMPTY, CrossEncoderEngine, OnProgress, Scores
 from scoring.loop import DeviceLoop
 from scoring.scheduler import Request

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
-from producer.errors import ModelLoadError
+from contract.errors import ModelLoadError
 
 # Characters read per token a pair still needs; tokenizers average 3-6 characters per token on
 # prose, and a cut that yields too few tokens is widened (PairTokenizer._passage_ids).

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from producer import RerankClient
-from producer.formats import chunk_passage, document_passage
+from contract.formats import chunk_passage, document_passage
 
 ROOT = Path(__file__).parents[1]
 DATA = Path(__file__).parent / "data"

@@ -19,7 +19,7 @@ import pytest
 
 from producer import InvalidRequest, RerankClient, RerankResult, Settings
 from producer.jobs import Finish, Handle
-from producer.names import TASK_CHUNKS, TASK_DOCUMENTS
+from contract.names import TASK_CHUNKS, TASK_DOCUMENTS
 from tests.helpers import CORPUS, QUERY, wait_for
 
 OK = {"id": "ok", "title": "Apixaban in CKD", "text": "Apixaban reduced major bleeding in dialysis patients."}
@@ -84,7 +84,7 @@ PRODUCER_CORPUS = [
     Bad("chunk with extra field", with_field(chunks=[{"text": "x", "page": 3}]), r"chunks.0.page: Extra inputs are not permitted"),
     Bad("chunks is a string", with_field(chunks="x"), r"chunks: Input should be a valid list"),
     Bad("metadata is a list", with_field(metadata=[1, 2]), r"metadata: Input should be a valid dictionary"),
-    Bad("deeply nested metadata", with_field(metadata=nested(100_000)), r"metadata of 'ok' is nested deeper than 32 levels"),
+    Bad("deeply nested metadata", with_field(metadata=nested(100_000)), r"metadata of 'ok' nests deeper than 32 levels"),
     Bad("top_k_docs zero", docs(top_k_docs=0), r"top_k_docs: Input should be greater than or equal to 1"),
     Bad("top_k_docs negative", docs(top_k_docs=-5), r"top_k_docs: Input should be greater than or equal to 1"),
     Bad("top_k_docs NaN", docs(top_k_docs=float("nan")), r"top_k_docs: Input should be a valid integer"),
@@ -180,7 +180,7 @@ WORKER_CORPUS = [
     Raw("missing query", TASK_DOCUMENTS, ({"candidates": [OK]},), {}, r"query: Field required"),
     Raw("unknown request field", TASK_DOCUMENTS, ({**VALID, "priority": 9},), {}, r"priority: Extra inputs are not permitted"),
     Raw("over the worker's candidate limit", TASK_DOCUMENTS, ({"query": QUERY, "candidates": [paper(i) for i in range(1001)]},), {}, r"1001 candidates, over the limit of 1000"),
-    Raw("NaN top_k", TASK_DOCUMENTS, ({**VALID, "top_k": float("nan")},), {}, r"top_k: Input should be a valid integer"),
+    Raw("NaN top_k", TASK_DOCUMENTS, ({**VALID, "top_k": float("nan")},), {}, r"its body is not JSON"),
     Raw("control character", TASK_DOCUMENTS, ({**VALID, "query": "q\x00"},), {}, r"query contains a control character U\+0000"),
     Raw("lone surrogate", TASK_CHUNKS, (), {"request": {"query": QUERY, "chunks": [{**OK_CHUNK, "text": "\udfff"}]}}, r"lone surrogate U\+DFFF|chunks.0.text: Input should be a valid string, unable to parse raw data as a unicode string"),
     Raw("stage 1 result forged", TASK_CHUNKS, ({"stage": "documents", "items": "all"},), {"request": VALID_CHUNKS}, r"stage 2 received something other than a stage-1 result"),

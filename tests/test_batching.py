@@ -10,9 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from producer import InvalidRequest, RerankClient, Settings, TaskTimedOut
-from producer.errors import WorkerError
+from contract.errors import WorkerError
 from producer.jobs import stage1_id
-from producer.names import PROGRESS_STATE, TASK_DOCUMENTS
+from contract.names import PROGRESS_STATE, TASK_DOCUMENTS
 from tests.helpers import CORPUS, QUERY, Flower, candidates, long_papers, short_papers, wait_for
 from scoring.threaded import ThreadedScorer
 from scoring.engine import CrossEncoderEngine

@@ -1,6 +1,6 @@
 """The default chunker used for papers that arrive without chunks."""
 
-from producer.chunking import chunk_text
+from contract.chunking import chunk_text
 
 SECTIONED = """BACKGROUND: Chronic kidney disease raises bleeding risk. It also raises stroke risk.
 

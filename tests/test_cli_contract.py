@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from producer.cli import EXIT_CODES
-from producer.errors import WorkerError
+from contract.errors import WorkerError
 from tests.helpers import RedisServer, free_port
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "af_ckd_job.json"

@@ -8,12 +8,12 @@ import sys
 import pytest
 
 from producer import InvalidRequest, RerankClient, Settings
-from producer.formats import text_windows
+from contract.formats import text_windows
 from producer import JobCancelled
 from producer.jobs import stage1_id
-from producer.schemas import Candidate, Chunk
+from contract.schemas import Candidate, Chunk
 from tests.helpers import CORPUS, QUERY, candidates, reference_logits, sigmoid
-from producer.formats import document_passage
+from contract.formats import document_passage
 
 
 def test_min_score_and_documents_are_applied_client_side(in_process_settings):

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from producer.settings import Settings
+from contract.settings import Settings
 from tests.test_security import certificates  # noqa: F401  (the fixture: a throw-away CA and server certificate)
 from worker.cli import build_parser, pinned_workers
 

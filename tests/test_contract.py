@@ -17,7 +17,7 @@ from producer import (
     RerankError,
     Settings,
 )
-from producer.validation import parse_request
+from contract.validation import parse_request
 
 
 def test_importing_producer_loads_no_torch_transformers_or_worker():
@@ -101,7 +101,7 @@ def test_the_producer_validates_before_queueing(redis_server):
 
 
 def test_stage1_messages_carry_only_the_text_stage1_reads():
-    from producer.formats import stage1_message
+    from contract.formats import stage1_message
 
     # Given a paper with a long full text, chunks and metadata
     request = DocumentsRequest(
@@ -204,7 +204,7 @@ def test_stage1_finds_stage2_where_celery_puts_it_in_a_real_stage1_message(redis
 
 
 def test_stage2_of_a_two_stage_job_carries_the_digest_of_every_chunk_of_the_pool(in_process_settings):
-    from producer.formats import chunk_digest, stage2_message
+    from contract.formats import chunk_digest, stage2_message
     from worker.chaining import send_on_kept_chunks
 
     # Given a two-stage job's stage-2 request as the client builds it
@@ -220,7 +220,7 @@ def test_stage2_of_a_two_stage_job_carries_the_digest_of_every_chunk_of_the_pool
 
 
 def test_stage1_names_the_pool_of_a_producer_older_than_digests(in_process_settings):
-    from producer.formats import stage2_message
+    from contract.formats import stage2_message
     from worker.chaining import send_on_kept_chunks
 
     # Given a stage-2 request from a producer that sends no digests
@@ -254,8 +254,8 @@ def test_stage1_names_the_pool_of_a_producer_older_than_digests(in_process_setti
     ],
 )
 def test_stage2_refuses_chunks_that_are_not_the_ones_sent_at_their_places(change, message):
-    from producer.formats import chunk_digest
-    from producer.schemas import Chunk
+    from contract.formats import chunk_digest
+    from contract.schemas import Chunk
 
     # Given a stage-2 request whose digests name its two chunks
     chunks = [chunk(0, "a"), chunk(1, "a")]

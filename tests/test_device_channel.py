@@ -11,7 +11,7 @@ from multiprocessing.reduction import recv_handle, send_handle
 
 import pytest
 
-from producer.errors import WorkerError
+from contract.errors import WorkerError
 from scoring.device import DeviceClient, DeviceServer, _message, _parse
 from scoring.engine import CrossEncoderEngine
 from tests.helpers import QUERY, CORPUS

@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from producer.settings import Settings
+from contract.settings import Settings
 
 ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text()

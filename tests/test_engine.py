@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from producer.errors import ModelLoadError
+from contract.errors import ModelLoadError
 from tests.helpers import CORPUS, QUERY, reference_logits, sigmoid
 from scoring.engine import CrossEncoderEngine
 

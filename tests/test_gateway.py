@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from producer import InvalidRequest, RerankClient, Settings
-from producer.names import TASK_PASSAGES
+from contract.names import TASK_PASSAGES
 from tests.gateway_helpers import FILE_KEY, KEY, Gateway
 from tests.helpers import CORPUS, QUERY, WorkerFleet, candidates, children, kill, reference_logits, sigmoid, wait_for
 

@@ -16,7 +16,7 @@ from redis import Redis
 
 from producer import InvalidRequest, RerankClient, RerankResult, Settings
 from producer.jobs import Finish, Handle
-from producer.names import TASK_CHUNKS, TASK_DOCUMENTS
+from contract.names import TASK_CHUNKS, TASK_DOCUMENTS
 from tests.helpers import QUERY, RedisServer, WorkerFleet, WorkerProcess, children, long_papers, report, short_papers, started, wait_for
 from worker.report import rss_mb
 

@@ -17,8 +17,8 @@ import yaml
 
 from producer.cli import build_parser as rerank_parser
 from producer.metrics import default_queues
-from producer.names import model_slug, worker_queues
-from producer.settings import Settings
+from contract.names import model_slug, worker_queues
+from contract.settings import Settings
 from tests.helpers import skip_or_fail
 from tests.test_security import certificates  # noqa: F401  (the fixture: a throw-away CA and server certificate)
 from worker.cli import build_parser as worker_parser

@@ -18,7 +18,7 @@ import redis
 
 from producer import RerankClient, Settings
 from producer.metrics import QueueCollector, default_queues, read_queues
-from producer.names import TASK_CHUNKS, TASK_DOCUMENTS, TASK_PASSAGES, model_slug, queue_name
+from contract.names import TASK_CHUNKS, TASK_DOCUMENTS, TASK_PASSAGES, model_slug, queue_name
 from tests.helpers import QUERY, candidates, free_port, short_papers, skip_or_fail, wait_for
 
 try:

@@ -15,7 +15,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast, XLMRobertaConfig, XLMRobertaForSequenceClassification
 
-from producer.errors import ModelLoadError
+from contract.errors import ModelLoadError
 from tests.helpers import CORPUS, QUERY, reference_logits, sigmoid
 from scoring.engine import CrossEncoderEngine
 from scoring.packed import PackedForward

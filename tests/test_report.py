@@ -13,7 +13,7 @@ import pytest
 
 from producer import RerankClient, Settings
 from producer.app import create_app
-from producer.names import PROGRESS_STATE, REPORT_COMMAND
+from contract.names import PROGRESS_STATE, REPORT_COMMAND
 from tests.helpers import CORPUS, QUERY, ROOT, short_papers, wait_for
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from producer.errors import TaskTimedOut
+from contract.errors import TaskTimedOut
 from scoring.scheduler import PATIENCE, Request, Scheduler
 from scoring.tokens import EncodedPair
 

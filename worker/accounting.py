@@ -36,9 +36,9 @@ from celery import Task, bootsteps
 from celery.app import trace
 from celery.signals import task_postrun, task_prerun
 
-from producer.names import SENT_AT_HEADER, TASK_CHUNKS, TASK_DOCUMENTS, TASK_PASSAGES
-from producer.schemas import ScoringInfo
-from producer.settings import Settings
+from contract.names import SENT_AT_HEADER, TASK_CHUNKS, TASK_DOCUMENTS, TASK_PASSAGES
+from contract.schemas import ScoringInfo
+from contract.settings import Settings
 
 log = logging.getLogger(__name__)
 

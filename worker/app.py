@@ -15,8 +15,8 @@ from celery import bootsteps
 from celery.signals import worker_process_init, worker_shutdown
 
 from producer.app import create_app
-from producer.errors import ModelLoadError
-from producer.settings import get_settings
+from contract.errors import ModelLoadError
+from contract.settings import get_settings
 from worker import accounting, metrics, report, tasks  # noqa: F401  (registers the tasks, their accounting and the report command)
 from worker.backend import backend_url
 from worker.control import restrict_remote_control

@@ -11,11 +11,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from producer.errors import InvalidRequest
-from producer.formats import chunk_digest
-from producer.names import TASK_CHUNKS
-from producer.schemas import Chunk, ChunksRequest, RerankResult
-from producer.validation import summarize
+from contract.errors import InvalidRequest
+from contract.formats import chunk_digest
+from contract.names import TASK_CHUNKS
+from contract.schemas import Chunk, ChunksRequest, RerankResult
+from contract.validation import summarize
 
 
 def send_on_kept_chunks(chain: Any, kept: Collection[str]) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from producer.names import DEFAULT_MODEL, REPORT_COMMAND, worker_queues
+from contract.names import DEFAULT_MODEL, REPORT_COMMAND, worker_queues
 
 _ENV_OPTIONS = {
     "broker_url": "RERANK_BROKER_URL",
@@ -228,7 +228,7 @@ def report_main(argv: list[str]) -> int:
     if args.broker_url:
         os.environ["RERANK_BROKER_URL"] = args.broker_url
     from producer.app import create_app
-    from producer.settings import Settings
+    from contract.settings import Settings
 
     settings = Settings()
     if not settings.broker_url:

@@ -18,11 +18,11 @@ from datetime import datetime
 from typing import Any
 
 from celery.worker.consumer import Consumer
-from kombu.exceptions import ContentDisallowed, DecodeError
 from vine import promise
 
-from producer.errors import InvalidRequest
-from producer.names import TASK_CHUNKS, TASK_DOCUMENTS
+from contract.errors import InvalidRequest
+from contract.plain import plain_json, short
+from contract.names import TASK_CHUNKS, TASK_DOCUMENTS
 from worker.transport import REFUSED_HEADER
 
 log = logging.getLogger(__name__)
@@ -92,12 +92,12 @@ def header_refusal(headers: Any, served: frozenset[str]) -> str | None:
         return "it has no `task` header (only protocol-2 task messages are accepted)"
     task = headers["task"]
     if not isinstance(task, str) or task not in served:
-        return f"task {_short(task)} is not served here (only {', '.join(sorted(served))})"
+        return f"task {short(task)} is not served here (only {', '.join(sorted(served))})"
     if "id" not in headers:
         return "it has no `id` header"
     for name, (valid, expected) in HEADER_RULES.items():
         if name in headers and not valid(headers[name]):
-            return f"header `{name}` is {_short(headers[name])}, expected {expected}"
+            return f"header `{name}` is {short(headers[name])}, expected {expected}"
     return None
 
 
@@ -107,11 +107,8 @@ def body_refusal(task: str, payload: Any) -> str | None:
     Follow-up work travels in the body's embed: stage 1 may name stage 2 once as its chain;
     nothing else may chain, call back or join (we send no callbacks, errbacks or chords).
     """
-    if not (isinstance(payload, (list, tuple)) and len(payload) == 3):
+    if not (isinstance(payload, list) and len(payload) == 3):
         return "its body is not [args, kwargs, embed]"
-    impure = impurity(payload)
-    if impure is not None:
-        return impure
     args, kwargs, embed = payload
     if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict) or not isinstance(embed, dict):
         return "its body is not [args (a list), kwargs (an object), embed (an object)]"
@@ -123,37 +120,26 @@ def body_refusal(task: str, payload: Any) -> str | None:
         return "its chain is not a list"
     allowed = 1 if task == TASK_DOCUMENTS else 0
     if len(chain) > allowed or any(not isinstance(step, dict) or step.get("task") != TASK_CHUNKS for step in chain):
-        return f"its chain {_short([s.get('task') if isinstance(s, dict) else s for s in chain])} is not one {TASK_CHUNKS} after {TASK_DOCUMENTS}"
+        return f"its chain {short([s.get('task') if isinstance(s, dict) else s for s in chain])} is not one {TASK_CHUNKS} after {TASK_DOCUMENTS}"
     return None
 
 
-PLAIN_SCALARS = (str, int, float, bool, type(None))
 MAX_BODY_DEPTH = 32
+"""How deeply a task body may nest: ours nest at most 8 deep."""
 
 
-def impurity(payload: Any) -> str | None:
-    """Why a decoded body is not plain JSON data, or None when it is.
+def decoded_body(message: Any) -> tuple[Any, str | None]:
+    """The message's body decoded as plain JSON (what its task's arguments will be), or None and why it must not run.
 
-    kombu's JSON decoder turns `{"__type__": ..., "__value__": ...}` into bytes, datetimes, UUIDs
-    and decimals; our producers never send those, so a body holding one was not written by them.
+    kombu's own decoder would turn `{"__type__": ..., "__value__": ...}` into bytes, datetimes, UUIDs
+    and decimals, and accept any depth; this is the one decoder of untrusted bytes (contract.plain).
     """
-    level, frontier = 0, [payload]
-    while frontier:
-        level += 1
-        if level > MAX_BODY_DEPTH:
-            return f"its body nests deeper than {MAX_BODY_DEPTH} levels"
-        children: list[Any] = []
-        for value in frontier:
-            if isinstance(value, dict):
-                if not all(isinstance(k, str) for k in value):
-                    return "its body has an object key that is not a string"
-                children.extend(value.values())
-            elif isinstance(value, (list, tuple)):
-                children.extend(value)
-            elif not isinstance(value, PLAIN_SCALARS):
-                return f"its body holds a {type(value).__name__}, which plain JSON cannot (kombu's type hooks made it)"
-        frontier = children
-    return None
+    if message.content_type != "application/json" or (message.content_encoding or "utf-8").lower() != "utf-8":
+        return None, f"its content is {short(message.content_type)} in {short(message.content_encoding)}; only UTF-8 JSON is accepted"
+    try:
+        return plain_json(message.body, "its body", max_depth=MAX_BODY_DEPTH), None
+    except InvalidRequest as e:
+        return None, str(e)
 
 
 class RerankConsumer(Consumer):
@@ -169,12 +155,11 @@ class RerankConsumer(Consumer):
             headers = getattr(message, "headers", None)
             reason = header_refusal(headers, served)
             if reason is None:
-                try:
-                    reason = body_refusal(headers["task"], message.payload)
-                except ContentDisallowed as exc:
-                    return self.on_invalid_task(None, message, exc)
-                except DecodeError as exc:
-                    return self.on_decode_error(message, exc)
+                payload, reason = decoded_body(message)
+                if reason is None:
+                    reason = body_refusal(headers["task"], payload)
+                    # Celery reads the arguments from here: kombu's decoder need not run in this process.
+                    message._decoded_cache = payload
             if reason is not None:
                 return self._refuse(message, reason)
             try:
@@ -182,24 +167,14 @@ class RerankConsumer(Consumer):
             except self.connection_errors:
                 raise
             except Exception as exc:  # noqa: BLE001 - whatever else Celery cannot parse must not stop consuming
-                return self._refuse(message, f"Celery could not parse it: {type(exc).__name__}: {_short(str(exc))}")
+                return self._refuse(message, f"Celery could not parse it: {type(exc).__name__}: {short(str(exc))}")
 
         return on_task_received
-
-    def on_decode_error(self, message: Any, exc: Exception) -> None:
-        """Log and drop the message as Celery does, then fail its task."""
-        super().on_decode_error(message, exc)
-        self._fail(message, f"could not be read and was dropped: its body is not valid {message.content_type or 'content'}: {exc}")
-
-    def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
-        """Log and drop the message as Celery does, then fail its task."""
-        super().on_invalid_task(body, message, exc)
-        self._fail(message, f"could not be read and was dropped: {exc}")
 
     def _refuse(self, message: Any, reason: str) -> None:
         headers = getattr(message, "headers", None)
         task_id = headers.get("id") if isinstance(headers, dict) else None
-        log.warning("Refused message %s: %s; acknowledged and dropped", _short(task_id), reason)
+        log.warning("Refused message %s: %s; acknowledged and dropped", short(task_id), reason)
         message.ack_log_error(log, self.connection_errors)
         self._fail(message, f"was refused and dropped: {reason}")
 
@@ -215,8 +190,3 @@ class RerankConsumer(Consumer):
                 self.app.backend.mark_as_failure(task_id, error)
         except Exception:  # the message is already gone; failing to report it must not stop the worker
             log.warning("could not store the failure of refused task %s", task_id, exc_info=True)
-
-
-def _short(value: Any, most: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= most else f"{text[:most]}…"

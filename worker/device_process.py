@@ -21,8 +21,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from producer.errors import ModelLoadError
-from producer.settings import Settings
+from contract.errors import ModelLoadError
+from contract.settings import Settings
 
 log = logging.getLogger(__name__)
 

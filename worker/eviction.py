@@ -8,7 +8,7 @@ from typing import Any
 from celery import bootsteps
 from redis.exceptions import RedisError
 
-from producer.errors import redact
+from contract.errors import redact
 
 log = logging.getLogger(__name__)
 

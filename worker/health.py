@@ -68,7 +68,7 @@ def alive_main(argv: list[str]) -> int:
     parser.add_argument("--max-age", type=float, default=120.0, help="Seconds the heartbeat may be old (default 120).")
     parser.add_argument("--file", help="Heartbeat file (default: RERANK_HEARTBEAT_FILE).")
     args = parser.parse_args(argv)
-    from producer.settings import Settings
+    from contract.settings import Settings
 
     path = args.file or Settings().heartbeat_file
     if not path:

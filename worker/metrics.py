@@ -16,7 +16,7 @@ from typing import Any
 from celery import bootsteps
 
 from producer.app import settings_of
-from producer.names import model_slug
+from contract.names import model_slug
 from producer.scrape import MetricsServer, read_token
 from worker import accounting
 

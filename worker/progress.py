@@ -7,7 +7,7 @@ import time
 
 from celery import Task
 
-from producer.names import PROGRESS_STATE
+from contract.names import PROGRESS_STATE
 
 log = logging.getLogger(__name__)
 

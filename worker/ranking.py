@@ -8,8 +8,8 @@ import socket
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from producer.formats import chunk_passage, document_passage, text_windows
-from producer.schemas import ChunksRequest, DocumentsRequest, PassagesRequest, RankedItem, RerankResult, ScoringInfo
+from contract.formats import chunk_passage, document_passage, text_windows
+from contract.schemas import ChunksRequest, DocumentsRequest, PassagesRequest, RankedItem, RerankResult, ScoringInfo
 from scoring.engine import Scorer, Scores
 from worker.runtime import model_loads
 

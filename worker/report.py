@@ -17,7 +17,7 @@ from typing import Any
 from celery import bootsteps
 from celery.worker.control import inspect_command
 
-from producer.names import REPORT_COMMAND
+from contract.names import REPORT_COMMAND
 from worker import accounting
 from worker.accounting import rss_mb
 

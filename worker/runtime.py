@@ -9,7 +9,7 @@ import threading
 import torch
 from transformers.utils import logging as hf_logging
 
-from producer.settings import Settings
+from contract.settings import Settings
 from scoring.device import DeviceClient
 from scoring.engine import Scorer, engine_for
 from scoring.model import load_tokenizer

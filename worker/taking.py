@@ -119,31 +119,6 @@ def parse_taken(reply: Any, queues: list[str]) -> Taken:
     return Taken(queues[position - 1], item, moved)
 
 
-def decode_item(raw: bytes | str, max_depth: int = 32) -> Any:
-    """Plain JSON, no type hooks, nested at most `max_depth` deep; raises ValueError otherwise."""
-    text = raw.decode() if isinstance(raw, bytes) else raw  # UnicodeDecodeError is a ValueError
-    try:
-        value = json.loads(text)
-    except RecursionError:
-        raise ValueError("it nests deeper than the decoder allows") from None
-    if _depth(value, max_depth) > max_depth:
-        raise ValueError(f"it nests deeper than {max_depth} levels")
-    return value
-
-
-def _depth(value: Any, limit: int) -> int:
-    """How deep `value` nests, counting no further than `limit` + 1."""
-    deepest, level, frontier = 0, 0, [value]
-    while frontier and level <= limit:
-        containers = [v for v in frontier if isinstance(v, (dict, list))]
-        if not containers:
-            break
-        level += 1
-        deepest = level
-        frontier = [child for c in containers for child in (c.values() if isinstance(c, dict) else c)]
-    return deepest
-
-
 def quarantine_entry(item: bytes | str, queue: str | None, reason: str, at: float) -> str:
     """What is kept of a refused item for an operator to inspect: why, where from, and its first 64 KiB."""
     raw = item.encode() if isinstance(item, str) else item

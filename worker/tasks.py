@@ -10,10 +10,10 @@ from celery import Task, shared_task, states
 from celery.exceptions import SoftTimeLimitExceeded
 
 from producer.app import settings_of
-from producer.errors import InvalidRequest, TaskTimedOut
-from producer.names import TASK_CHUNKS, TASK_DOCUMENTS, TASK_PASSAGES
-from producer.schemas import ChunksRequest, DocumentsRequest, PassagesRequest
-from producer.validation import parse_request
+from contract.errors import InvalidRequest, TaskTimedOut
+from contract.names import TASK_CHUNKS, TASK_DOCUMENTS, TASK_PASSAGES
+from contract.schemas import ChunksRequest, DocumentsRequest, PassagesRequest
+from contract.validation import parse_request
 from worker import ranking
 from worker.chaining import check_stage1, send_on_kept_chunks
 from worker.progress import TaskProgress

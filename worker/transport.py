@@ -31,6 +31,8 @@ from typing import Any
 from kombu.transport import redis, virtual
 from redis.exceptions import OutOfMemoryError, ResponseError
 
+from contract.errors import InvalidRequest
+from contract.plain import plain_json, short
 from worker.taking import (
     HELD_PREFIX,
     KEEP,
@@ -39,7 +41,6 @@ from worker.taking import (
     UNEXPIRING_ASIDE,
     QUARANTINE,
     QUARANTINE_ENTRIES,
-    decode_item,
     parse_taken,
     quarantine_entry,
     take_call,
@@ -60,6 +61,9 @@ LEASE_SECONDS = 10
 
 RETRY_SECONDS = 1.0
 """After Redis refused a take (full, or an error), how long a worker waits before it tries again."""
+
+MAX_ITEM_DEPTH = 32
+"""How deeply a queue item or `unacked` entry may nest: a kombu envelope nests 3 deep, a task body inside it 6 more."""
 
 WAIT_SECONDS = 1.0
 """An idle worker's wait on a queue returns after this long at most, and it takes again (priority sub-lists included)."""
@@ -177,14 +181,14 @@ class QoS(redis.QoS):
             entry, reason = None, None
             if raw:
                 try:
-                    entry = decode_item(raw)
+                    entry = plain_json(raw, "it", max_depth=MAX_ITEM_DEPTH)
                     reason = recorded_refusal(entry)
-                except ValueError as e:
-                    reason = f"it is not plain JSON: {e}"
+                except InvalidRequest as e:
+                    reason = str(e)
             pipe.multi()
             self._remove_from_indices(tag, pipe, held_key)
             if reason is not None:
-                channel.quarantine_in(pipe, raw, None, f"unacked entry {_short(tag)}: {reason}")
+                channel.quarantine_in(pipe, raw, None, f"unacked entry {short(tag)}: {reason}")
             elif entry is not None:
                 message, exchange, routing_key = entry
                 channel._do_restore_message(message, exchange, routing_key, pipe, leftmost)
@@ -395,12 +399,12 @@ class TakingChannel:
     def _checked(self, item: bytes, queue: str, tag: str) -> dict[str, Any] | None:
         """The envelope to deliver under `tag`, or None after moving a hostile item to the quarantine."""
         try:
-            envelope = decode_item(item)
+            envelope = plain_json(item, "it", max_depth=MAX_ITEM_DEPTH)
             if isinstance(envelope, dict) and isinstance(envelope.get("properties"), dict):
                 envelope["properties"]["delivery_tag"] = tag
             reason = envelope_refusal(envelope)
-        except ValueError as e:
-            reason = f"it is not plain JSON: {e}"
+        except InvalidRequest as e:
+            reason = str(e)
         if reason is None:
             headers = envelope.get("headers") or {}
             if "compression" in headers:
@@ -447,12 +451,12 @@ class TakingChannel:
         try:
             tags = client.execute_command("SRANDMEMBER", self._key(held), most) or []
         except ResponseError as e:
-            warn_once("held", "lease %r names a held set Redis cannot read (%s); dropping the lease", _short(lease), e)
+            warn_once("held", "lease %r names a held set Redis cannot read (%s); dropping the lease", short(lease), e)
             tags = []
         for tag in tags:
             self.qos.restore_by_tag(tag.decode(errors="replace") if isinstance(tag, bytes) else tag, client, held_key=held)
         if tags:
-            log.info("Put back %d message(s) held by %s, whose lease lapsed", len(tags), _short(lease))
+            log.info("Put back %d message(s) held by %s, whose lease lapsed", len(tags), short(lease))
         if len(tags) < most:
             client.zrem(LEASES, lease)
 
@@ -532,8 +536,3 @@ class SentinelTransport(_LeaseKeeping, redis.SentinelTransport):
     """The same over Redis Sentinel (`sentinel://` URLs)."""
 
     Channel = SentinelChannel
-
-
-def _short(value: Any, most: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= most else f"{text[:most]}…"

@@ -11,8 +11,8 @@ import pytest
 from celery import chain
 
 from producer import RerankClient, Settings
-from producer.errors import RerankTimeout, TaskTimedOut
-from producer.names import TASK_CHUNKS, TASK_DOCUMENTS
+from contract.errors import RerankTimeout, TaskTimedOut
+from contract.names import TASK_CHUNKS, TASK_DOCUMENTS
 from tests.helpers import RedisServer, WorkerFleet, WorkerProcess
 from tests.helpers import FAST, QUERY, TIME_LIMIT, VISIBILITY_TIMEOUT, assert_same_ranking, long_papers, report, wait_for
 

@@ -12,17 +12,17 @@ joins back. Bytes that are not valid UTF-8 never get this far: pydantic refuses 
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from producer.errors import InvalidRequest
-from producer.formats import chunk_digest
-from producer.schemas import Candidate, Chunk, ChunksRequest, DocumentsRequest, PassagesRequest, RerankResult, TwoStageResult
-from producer.settings import Settings
+from contract.errors import InvalidRequest
+from contract.formats import chunk_digest
+from contract.plain import impurity
+from contract.schemas import Candidate, Chunk, ChunksRequest, DocumentsRequest, PassagesRequest, RerankResult, TwoStageResult
+from contract.settings import Settings
 
 RequestT = TypeVar("RequestT", DocumentsRequest, ChunksRequest, PassagesRequest)
 
@@ -31,9 +31,6 @@ MAX_TOP_K = 1_000_000
 
 MAX_METADATA_DEPTH = 32
 """How deeply a candidate's passthrough `metadata` may nest; deeper breaks JSON encoders."""
-
-MAX_READ_DEPTH = 64
-"""How deeply JSON read back from Redis (results, announcements, queue items) may nest: ours nests at most 8."""
 
 _FORBIDDEN = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff]")
 
@@ -86,7 +83,7 @@ def check_limits(request: BaseModel, settings: Settings) -> None:
             _check_top_k(request.top_k)
     if isinstance(request, DocumentsRequest):
         for c in request.candidates:
-            _check_depth(c.id, c.metadata)
+            _check_metadata(c.id, c.metadata)
     for item_id, field, text in _texts(request):
         if len(text) > settings.max_text_chars:
             raise InvalidRequest(
@@ -164,25 +161,6 @@ def check_two_stage(result: TwoStageResult, documents: Sequence[Candidate] | Non
         )
 
 
-def plain_json(raw: bytes | str, what: str, max_bytes: int | None = None) -> Any:
-    """Decode JSON read from Redis as plain data: no type hooks, at most `MAX_READ_DEPTH` deep, at most `max_bytes`.
-
-    Raises `InvalidRequest` naming `what` on anything else (not JSON, not UTF-8, too deep, too large).
-    kombu's own decoder would turn `{"__type__": "bytes", ...}` into bytes, uuids or datetimes.
-    """
-    if max_bytes is not None and len(raw) > max_bytes:
-        raise InvalidRequest(f"{what} is {len(raw):,} bytes, over the {max_bytes:,} it can be")
-    try:
-        data = json.loads(raw)
-    except RecursionError as e:
-        raise InvalidRequest(f"{what} is nested too deeply to read") from e
-    except (ValueError, TypeError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise InvalidRequest(f"{what} is not JSON: {str(e)[:200]}") from e
-    if _depth_exceeds(data, MAX_READ_DEPTH):
-        raise InvalidRequest(f"{what} nests deeper than {MAX_READ_DEPTH} levels")
-    return data
-
-
 def _texts(request: BaseModel) -> Iterator[tuple[str, str, str]]:
     if isinstance(request, DocumentsRequest):
         for c in request.candidates:
@@ -205,22 +183,10 @@ def _texts(request: BaseModel) -> Iterator[tuple[str, str, str]]:
             yield c.id, "text", c.text
 
 
-def _depth_exceeds(data: Any, limit: int) -> bool:
-    # Iterative on purpose: a recursive walk would itself overflow on hostile input.
-    level = [data]
-    for _ in range(limit + 1):
-        level = [v for node in level for v in (node.values() if isinstance(node, dict) else node if isinstance(node, (list, tuple)) else ())]
-        if not level:
-            return False
-    return True
-
-
-def _check_depth(item_id: str, metadata: Any) -> None:
-    if _depth_exceeds(metadata, MAX_METADATA_DEPTH):
-        raise InvalidRequest(
-        f"metadata of {item_id!r} is nested deeper than {MAX_METADATA_DEPTH} levels; flatten it "
-        "(it is passed through untouched and must stay JSON-encodable)"
-    )
+def _check_metadata(item_id: str, metadata: Any) -> None:
+    problem = impurity(metadata, MAX_METADATA_DEPTH)
+    if problem is not None:
+        raise InvalidRequest(f"metadata of {item_id!r} {problem}; it is passed through untouched and must be plain JSON data")
 
 
 def _check_characters(where: str, text: str) -> None:

@@ -99,7 +99,7 @@ class ChunksRequest(_Model):
     )
     digests: list[Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")]] | None = Field(
         None,
-        description="In a two-stage job, one per chunk: `producer.formats.chunk_digest` of the chunk at its place in the "
+        description="In a two-stage job, one per chunk: `contract.formats.chunk_digest` of the chunk at its place in the "
         "job's pool; stage 2 scores a chunk only if it is the one the producer sent there. Required with `positions`.",
     )
 

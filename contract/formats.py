@@ -10,8 +10,8 @@ import hashlib
 from collections.abc import Iterable
 from typing import Any
 
-from producer.chunking import DEFAULT_MAX_CHARS, chunk_text
-from producer.schemas import Candidate, Chunk, ChunksRequest, DocumentsRequest
+from contract.chunking import DEFAULT_MAX_CHARS, chunk_text
+from contract.schemas import Candidate, Chunk, ChunksRequest, DocumentsRequest
 
 WINDOW_CHARS = 1500
 """Characters of a paper's text that stage 1 reads per window (the first window is the abstract)."""
