@@ -148,9 +148,9 @@ def main() -> None:
 
     config, tokenizer = check_model(path)
     first = CrossEncoderEngine.load(path, device=args.device, dtype=dtype_name, attention="padded")
-    model = first.model
+    model = first.runner.model
     tokens = sum(len(p.input_ids) for p in first.tokenize(QUERY, texts))
-    peak = gemm_peak_flops(first.dtype, dims.hidden, dims.intermediate, args.device)
+    peak = gemm_peak_flops(first.runner.dtype, dims.hidden, dims.intermediate, args.device)
     flops = linear_flops_per_token(dims) * tokens
     del first
 

@@ -63,7 +63,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(args.device) if cuda else "cpu",
         "torch": torch.__version__,
         "shape": args.shape,
-        "dtype": str(engine.dtype).removeprefix("torch."),
+        "dtype": engine.facts.dtype,
         "pad_multiple": engine.pad_multiple,
         "load_and_warmup_s": round(load_seconds, 2),
         "padding_waste": round(statistics.mean(w for _, w in first), 4),

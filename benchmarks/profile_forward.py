@@ -47,7 +47,7 @@ def main() -> None:
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
     card = torch.cuda.get_device_name(0) if cuda else cpu_name()
     text = "\n".join([
-        f"# Profile of one forward: {args.docs} stage-1 docs, {args.shape} shape, {engine.attention} attention, {card}",
+        f"# Profile of one forward: {args.docs} stage-1 docs, {args.shape} shape, {engine.facts.attention} attention, {card}",
         "",
         f"torch {torch.__version__}; {scores.tokens} tokens in {scores.batches} batches; kernel launches: {launches}.",
         "Command: `python -m benchmarks.profile_forward " + f"--device {args.device} --shape {args.shape} --docs {args.docs}`",

@@ -163,7 +163,7 @@ def main() -> None:
     ours = CrossEncoderEngine.load(str(path), device=args.device, dtype=main_dtype, max_batch_tokens=args.max_batch_tokens)
     pairs = ours.tokenize(QUERY, documents)
     tokens = sum(len(p.input_ids) for p in pairs)
-    peak = gemm_peak_flops(ours.dtype, dims.hidden, dims.intermediate, args.device)
+    peak = gemm_peak_flops(ours.runner.dtype, dims.hidden, dims.intermediate, args.device)
     device["gemm_dtype"] = main_dtype
     print(f"{args.docs} docs, {tokens} tokens; {main_dtype} GEMM peak {peak / 1e9:.1f} GFLOP/s", flush=True)
 
@@ -211,7 +211,7 @@ def main() -> None:
     rows[f"ours in-process ({alt_dtype})"]["note"] = (
         f"{len(alt_docs)} docs" + ("" if cuda or device["native_bf16"] else "; this CPU has no native bf16 (AVX512-BF16/AMX)")
     )
-    alt_peak = gemm_peak_flops(alt.dtype, dims.hidden, dims.intermediate, args.device)
+    alt_peak = gemm_peak_flops(alt.runner.dtype, dims.hidden, dims.intermediate, args.device)
     device["gemm_peak_gflops_alt"] = alt_peak / 1e9
     print(f"{alt_dtype} GEMM peak {alt_peak / 1e9:.1f} GFLOP/s", flush=True)
     del alt

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from scoring.facts import Architecture, Weights
 from scoring.packed import pack
 from scoring.tokens import EncodedPair
 
@@ -73,11 +74,10 @@ class SimulatedRunner:
             os.pwrite(self._stats, struct.pack("<3d", *self.totals), 0)
         return logits, tokens, 1
 
-    def model_facts(self) -> dict[str, Any]:
-        """A simulated model's facts."""
-        return {"path": f"simulated ({self.name})", "weights_bytes": 0,
-                "architecture": {"model_type": "simulated", "vocab_size": None, "rate_tokens_per_s": self.rate,
-                                 "launch_ms": self.launch_seconds * 1000}}
+    def weights(self) -> Weights:
+        """No weights: a simulated device at its rate and launch time."""
+        kind = f"simulated ({self.rate:,.0f} tokens/s, {self.launch_seconds * 1000:g} ms launches)"
+        return Weights(path=f"simulated ({self.name})", bytes=0, architecture=Architecture(model_type=kind))
 
 
 def runner(settings: Any) -> SimulatedRunner:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import array
-import json
 import logging
 import mmap
 import os
@@ -45,31 +44,18 @@ from typing import Any
 import torch
 
 from contract.errors import TaskTimedOut, WorkerError
+from contract.settings import Settings
 from scoring.engine import EMPTY, OnProgress, Scores, engine_for
+from scoring.facts import ModelFacts
 from scoring.loop import DeviceLoop
 from scoring.runner import Runner, device_memory
 from scoring.scheduler import Request, UniquePairs
 from scoring.tokens import EncodedPair, PairTokenizer
+from scoring.wire import Buffer, Cancel, Done, Failed, FromDevice, Hello, Progress, Score, frame, from_device, to_device
 
 log = logging.getLogger(__name__)
 
-HEADER_LIMIT = 4096
-"""Largest header a message may carry before its payload (JSON)."""
 _INT = 4  # bytes of an int32 id or a float32 logit
-
-
-def _message(header: dict[str, Any], payload: bytes = b"") -> bytes:
-    return json.dumps(header, separators=(",", ":")).encode() + b"\0" + payload
-
-
-def _parse(raw: bytes) -> tuple[dict[str, Any], memoryview]:
-    cut = raw.find(b"\0", 0, HEADER_LIMIT)
-    if cut < 0:
-        raise ValueError("a message without a header")
-    header = json.loads(raw[:cut])
-    if not isinstance(header, dict):
-        raise ValueError("a header that is not an object")
-    return header, memoryview(raw)[cut + 1 :]
 
 
 # The device side -------------------------------------------------------------------------------
@@ -84,22 +70,22 @@ class _Host:
         self.requests: dict[int, Request] = {}
         self.sending = threading.Lock()
 
-    def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
+    def send(self, message: FromDevice, payload: bytes = b"") -> None:
         with self.sending:
-            self.conn.send_bytes(_message(header, payload))
+            self.conn.send_bytes(frame(message, payload))
 
 
 class DeviceServer:
     """Serves scoring to host processes over `listener`, every request through one `DeviceLoop` on `runner`."""
 
-    def __init__(self, runner: Runner, listener: Listener, facts: dict[str, Any]) -> None:
-        """Score on `runner`; `facts` (CrossEncoderEngine.facts: model, device, dtype, architecture...) greet each host."""
+    def __init__(self, runner: Runner, listener: Listener, facts: ModelFacts) -> None:
+        """Score on `runner`; `facts` (the loaded engine's) greet each host."""
         self.runner = runner
         self.listener = listener
         self.facts = facts
-        self.vocab_size: int | None = facts["architecture"].get("vocab_size")  # ids must lie below it
-        self.max_length = int(facts["max_length"])
-        self.device = torch.device(str(facts["device"]))
+        self.vocab_size = facts.weights.architecture.vocab_size  # ids must lie below it
+        self.max_length = facts.max_length
+        self.device = torch.device(facts.device)
         self.loop = DeviceLoop(runner)
         self._owners: dict[Request, tuple[_Host, int]] = {}
         self._finished: queue.SimpleQueue[tuple[Request, _Host, int]] = queue.SimpleQueue()
@@ -121,7 +107,7 @@ class DeviceServer:
                 self._send_outcome(request, host, ident)
             except Exception as e:  # noqa: BLE001 - one unreadable result fails its own request, and the thread goes on
                 log.exception("could not read a finished request's logits")
-                self._send(host, {"op": "failed", "id": ident, "kind": "error", "message": f"reading the logits failed: {e}"})
+                self._send(host, Failed(ident, "error", f"reading the logits failed: {e}"))
 
     def _accept(self) -> None:
         while True:
@@ -134,23 +120,21 @@ class DeviceServer:
 
     def _read(self, host: _Host) -> None:
         try:
-            host.send({"op": "hello", **self.facts})
+            host.send(Hello(self.facts))
             while True:
-                header, payload = _parse(host.conn.recv_bytes())
-                op = header.get("op")
-                if op == "buffer":
-                    fd = recv_handle(host.conn)
-                    with os.fdopen(fd, "rb", buffering=0) as file:  # the mapping keeps the memory; the descriptor can go
-                        host.buffer = mmap.mmap(file.fileno(), int(header["size"]), prot=mmap.PROT_READ)
-                elif op == "score":
-                    self._admit(host, header)
-                elif op == "cancel":
-                    with self.loop.changed:
-                        request = host.requests.get(int(header["id"]))
-                        if request is not None:
-                            request.fail(TaskTimedOut("cancelled by its host process"))
-                else:
-                    raise ValueError(f"unknown op {op!r}")
+                message, _ = to_device(host.conn.recv_bytes())
+                match message:
+                    case Buffer(size=size):
+                        fd = recv_handle(host.conn)
+                        with os.fdopen(fd, "rb", buffering=0) as file:  # the mapping keeps the memory; the descriptor can go
+                            host.buffer = mmap.mmap(file.fileno(), size, prot=mmap.PROT_READ)
+                    case Score():
+                        self._admit(host, message)
+                    case Cancel(id=ident):
+                        with self.loop.changed:
+                            request = host.requests.get(ident)
+                            if request is not None:
+                                request.fail(TaskTimedOut("cancelled by its host process"))
         except (EOFError, OSError):
             pass
         except Exception:  # noqa: BLE001 - a host that sends what we never send is cut off, alone
@@ -163,19 +147,18 @@ class DeviceServer:
                 host.requests.clear()
             host.conn.close()
 
-    def _admit(self, host: _Host, header: dict[str, Any]) -> None:
+    def _admit(self, host: _Host, score: Score) -> None:
         """Read a request's pairs out of the host's buffer, check them, and queue them."""
-        ident = int(header["id"])
         try:
-            pairs = self._pairs(host, int(header["count"]), int(header["tokens"]), bool(header["types"]))
+            pairs = self._pairs(host, score.count, score.tokens, score.types)
         except ValueError as e:
-            host.send({"op": "failed", "id": ident, "kind": "error", "message": f"the device process refused the request: {e}"})
+            host.send(Failed(score.id, "error", f"the device process refused the request: {e}"))
             return
-        request = Request(deadline=time.monotonic() + float(header["seconds"]))
+        request = Request(deadline=time.monotonic() + score.seconds)
         request.add(pairs)
         with self.loop.changed:
-            host.requests[ident] = request
-            self._owners[request] = (host, ident)
+            host.requests[score.id] = request
+            self._owners[request] = (host, score.id)
         self.loop.submit(request)
 
     def _pairs(self, host: _Host, count: int, tokens: int, types: bool) -> list[EncodedPair]:
@@ -206,21 +189,20 @@ class DeviceServer:
         for item in finished:
             self._finished.put(item)
         for request, host, ident in progressed:
-            self._send(host, {"op": "progress", "id": ident, "done": request.done, "total": request.total})
+            self._send(host, Progress(ident, request.done, request.total))
 
     def _send_outcome(self, request: Request, host: _Host, ident: int) -> None:
         if request.error is not None:
             kind = "timeout" if isinstance(request.error, TaskTimedOut) else "error"
-            self._send(host, {"op": "failed", "id": ident, "kind": kind, "message": str(request.error)})
+            self._send(host, Failed(ident, kind, str(request.error)))
             return
         logits = array.array("f", request.pairs.in_input_order()).tobytes()
-        self._send(host, {"op": "done", "id": ident, "tokens": request.tokens, "padded": request.padded,
-                          "batches": request.batches, "splits": request.splits, "memory": device_memory(self.device)}, logits)
+        self._send(host, Done(ident, request.padded, request.batches, request.splits, device_memory(self.device)), logits)
 
     @staticmethod
-    def _send(host: _Host, header: dict[str, Any], payload: bytes = b"") -> None:
+    def _send(host: _Host, message: FromDevice, payload: bytes = b"") -> None:
         try:
-            host.send(header, payload)
+            host.send(message, payload)
         except OSError:
             pass  # the host is gone; its reader thread drops its requests
 
@@ -240,34 +222,17 @@ class DeviceClient:
         self.time_limit = time_limit
         self.on_lost = on_lost or exit_worker
         self.conn = Client(address, family="AF_UNIX", authkey=authkey)
-        facts = self._receive()
-        if facts.get("op") != "hello":
-            raise WorkerError(f"the device process greeted with {facts.get('op')!r}, not hello")
-        self.facts = facts
-        self.name = str(facts["name"])
-        self.revision = facts.get("revision")
-        self.device = torch.device(str(facts["device"]))
-        self.attention = str(facts["attention"])
-        self.max_length = int(facts["max_length"])
-        self.max_batch_tokens = int(facts["max_batch_tokens"])
-        self._dtype = getattr(torch, str(facts["dtype"]))
+        hello, _ = self._receive()
+        if not isinstance(hello, Hello):
+            raise WorkerError(f"the device process greeted with {type(hello).__name__}, not Hello")
+        self.facts: ModelFacts = hello.facts
         self._buffer: mmap.mmap | None = None
         self._next_id = 0
         self._device_memory: dict[str, Any] = {}
 
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype the device process's model computes in."""
-        return self._dtype
-
     def device_memory(self) -> dict[str, Any]:
         """What the device process held on its GPU when it last returned logits (this process holds none)."""
         return dict(self._device_memory)
-
-    def model_facts(self) -> dict[str, Any]:
-        """The device process's model facts, as it sent them at the handshake."""
-        return {"path": self.facts["path"], "weights_bytes": self.facts["weights_bytes"], "architecture": self.facts["architecture"],
-                "device_process_pid": self.facts["pid"]}
 
     def score(self, query: str, passages: Sequence[str], on_batch: OnProgress | None = None) -> Scores:
         """Tokenize here, score in the device process; `on_batch(pairs done, pairs total)` follows its batches."""
@@ -280,13 +245,15 @@ class DeviceClient:
         once.add(pairs)
         ident = self._send_request(once.unique)
         tokenized = time.perf_counter()
-        header, payload = self._wait(ident, on_batch, time.monotonic() + self.time_limit)
+        done, payload = self._wait(ident, on_batch, time.monotonic() + self.time_limit)
         by_unique = array.array("f")
         by_unique.frombytes(payload)
-        logits = [float(by_unique[i]) for i in once.owner]
+        if len(by_unique) != len(once.unique):
+            raise WorkerError(f"the device process returned {len(by_unique)} logits for {len(once.unique)} pairs")
+        logits = [by_unique[i] for i in once.owner]
         finished = time.perf_counter()
-        return Scores(logits, sum(len(p.input_ids) for p in pairs), int(header["padded"]), int(header["batches"]),
-                      tokenized - started, finished - tokenized, int(header["splits"]))
+        return Scores(logits, sum(len(p.input_ids) for p in pairs), done.padded, done.batches,
+                      tokenized - started, finished - tokenized, done.splits)
 
     def _send_request(self, pairs: list[EncodedPair]) -> int:
         lengths = [len(p.input_ids) for p in pairs]
@@ -302,8 +269,7 @@ class DeviceClient:
             self._grow(len(data))
         self._buffer[: len(data)] = data
         self._next_id += 1
-        self._send({"op": "score", "id": self._next_id, "count": len(pairs), "tokens": sum(lengths), "types": types,
-                    "seconds": self.time_limit})
+        self._send(Score(self._next_id, len(pairs), sum(lengths), types, float(self.time_limit)))
         return self._next_id
 
     def _grow(self, need: int) -> None:
@@ -312,7 +278,7 @@ class DeviceClient:
         try:
             os.ftruncate(fd, size)
             buffer = mmap.mmap(fd, size)
-            self._send({"op": "buffer", "size": size})
+            self._send(Buffer(size))
             send_handle(self.conn, fd, 0)
         finally:
             os.close(fd)
@@ -320,28 +286,26 @@ class DeviceClient:
             self._buffer.close()
         self._buffer = buffer
 
-    def _wait(self, ident: int, on_batch: OnProgress | None, deadline: float) -> tuple[dict[str, Any], memoryview]:
+    def _wait(self, ident: int, on_batch: OnProgress | None, deadline: float) -> tuple[Done, memoryview]:
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not self._poll(left):
-                self._send({"op": "cancel", "id": ident})
+                self._send(Cancel(ident))
                 raise TaskTimedOut(
                     f"scoring waited past RERANK_TASK_TIME_LIMIT ({self.time_limit:g}s); send fewer or shorter texts "
                     "per request, or raise the limit"
                 )
-            header, payload = self._receive_with_payload()
-            if header.get("id") != ident:
+            message, payload = self._receive()
+            if getattr(message, "id", None) != ident:
                 continue  # the answer to a request this process gave up on
-            op = header.get("op")
-            if op == "progress" and on_batch is not None:
-                on_batch(int(header["done"]), int(header["total"]))
-            elif op == "done":
-                if isinstance(header.get("memory"), dict):
-                    self._device_memory = header["memory"]
-                return header, payload
-            elif op == "failed":
-                error = TaskTimedOut if header.get("kind") == "timeout" else WorkerError
-                raise error(str(header.get("message")))
+            match message:
+                case Progress(done=done, total=total) if on_batch is not None:
+                    on_batch(done, total)
+                case Done():
+                    self._device_memory = dict(message.memory)
+                    return message, payload
+                case Failed(kind=kind, message=text):
+                    raise (TaskTimedOut if kind == "timeout" else WorkerError)(text)
 
     def _poll(self, seconds: float) -> bool:
         try:
@@ -350,22 +314,20 @@ class DeviceClient:
             self._lost()
             raise
 
-    def _send(self, header: dict[str, Any]) -> None:
+    def _send(self, message: Buffer | Score | Cancel) -> None:
         try:
-            self.conn.send_bytes(_message(header))
+            self.conn.send_bytes(frame(message))
         except OSError:
             self._lost()
             raise
 
-    def _receive(self) -> dict[str, Any]:
-        return self._receive_with_payload()[0]
-
-    def _receive_with_payload(self) -> tuple[dict[str, Any], memoryview]:
+    def _receive(self) -> tuple[FromDevice, memoryview]:
         try:
-            return _parse(self.conn.recv_bytes())
+            raw = self.conn.recv_bytes()
         except (EOFError, OSError):
             self._lost()
             raise
+        return from_device(raw)
 
     def _lost(self) -> None:
         log.critical("the device process is gone; this host process exits so that its task is delivered again")
@@ -379,20 +341,19 @@ class DeviceClient:
 def main(argv: list[str] | None = None) -> None:
     """`python -m scoring.device --address PATH`: load the model, listen, print `ready`, serve until killed.
 
-    The HMAC key is the first line of standard input; settings come from the RERANK_* environment.
+    Standard input holds two lines: the HMAC key (hex), then the worker's settings as JSON
+    (`Settings.model_dump_json()`); nothing is read from the environment.
     """
-    from contract.settings import Settings
-
     parser = argparse.ArgumentParser(prog="python -m scoring.device", description=main.__doc__)
     parser.add_argument("--address", required=True, help="Unix socket path to listen on.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/device %(process)d] %(message)s")
     authkey = bytes.fromhex(sys.stdin.readline().strip())
-    settings = Settings()
+    settings = Settings.model_validate_json(sys.stdin.readline())
     engine = engine_for(settings)
-    facts = engine.facts()
+    facts = engine.facts
     listener = Listener(args.address, family="AF_UNIX", authkey=authkey)
-    log.info("device process ready: pid=%d model=%s device=%s address=%s", os.getpid(), facts["name"], facts["device"], args.address)
+    log.info("device process ready: pid=%d model=%s device=%s address=%s", os.getpid(), facts.name, facts.device, args.address)
     print("ready", flush=True)
     os.dup2(2, 1)  # nobody reads the pipe after "ready": whatever a library prints goes to the log, not into a full pipe
     DeviceServer(engine.runner, listener, facts).serve_forever()

@@ -20,10 +20,11 @@ from typing import Any, Literal, Protocol
 import torch
 
 from scoring.loop import DeviceLoop
-from scoring.model import check_model, load_model, load_tokenizer
+from scoring.facts import ModelFacts
+from scoring.model import check_model, hub_commit, load_model, load_tokenizer
 from scoring.packed import Fusions
 from scoring.layouts import resolve_attention
-from scoring.runner import ModelRunner, device_memory
+from scoring.runner import ModelRunner, Runner, device_memory
 from scoring.scheduler import Request
 from scoring.tokens import EncodedPair, PairTokenizer
 
@@ -63,24 +64,12 @@ EMPTY = Scores([], 0, 0, 0, 0.0, 0.0)
 
 
 class Scorer(Protocol):
-    """What ranking and tasks need: the model's facts and `score`."""
+    """What ranking and tasks need: the loaded model's facts, `score`, and what its process holds on a GPU."""
 
-    name: str
-    revision: str | None
-    device: torch.device
-    attention: str
-    max_length: int
-    max_batch_tokens: int
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype the model computes in."""
+    facts: ModelFacts
 
     def score(self, query: str, passages: Sequence[str], on_batch: OnProgress | None = None) -> Scores:
         """Logits of each passage against `query`, in input order."""
-
-    def model_facts(self) -> dict[str, Any]:
-        """Where the model came from, its weights' size and architecture (scoring.model.model_facts)."""
 
     def device_memory(self) -> dict[str, Any]:
         """What the model's process holds on its GPU (scoring.runner.device_memory); empty on a CPU."""
@@ -90,20 +79,19 @@ class CrossEncoderEngine:
     """Scores query-passage pairs with a single-logit sequence-classification model, in the calling thread."""
 
     def __init__(
-        self, tokenize: PairTokenizer, runner: ModelRunner, *, tokenize_slice: int | None = None, revision: str | None = None
+        self, tokenize: PairTokenizer, runner: Runner, *, tokenize_slice: int | None = None, revision: str | None = None
     ) -> None:
         """Join a tokenizer and a runner (of the model at hub `revision`, if pinned); prefer `CrossEncoderEngine.load`."""
         self.tokenize = tokenize
-        self.revision = revision
         self.runner = runner
         self.loop = DeviceLoop(runner)
-        self.name = runner.name
         self.device = runner.device
-        self.max_length = runner.max_length
-        self.max_batch_tokens = runner.max_batch_tokens
-        self.attention = runner.attention
-        self.model = runner.model
         self.tokenize_slice = DEFAULT_TOKENIZE_SLICE.get(self.device.type, 0) if tokenize_slice is None else tokenize_slice
+        self.facts = ModelFacts(
+            name=runner.name, revision=hub_commit(runner.name, revision), device=str(runner.device),
+            dtype=str(runner.dtype).removeprefix("torch."), attention=runner.attention, max_length=runner.max_length,
+            max_batch_tokens=runner.max_batch_tokens, pid=os.getpid(), weights=runner.weights(),
+        )
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
 
@@ -131,8 +119,7 @@ class CrossEncoderEngine:
         model = load_model(name_or_path, revision, device, dtype)
         engine = cls.of(model, tokenizer, name=name_or_path, device=device, max_length=max_length, max_batch_tokens=max_batch_tokens,
                         pad_multiple=pad_multiple, attention=resolve_attention(attention, model, torch.device(device)),
-                        fusions=fusions, tokenize_slice=tokenize_slice)
-        engine.revision = revision
+                        fusions=fusions, tokenize_slice=tokenize_slice, revision=revision)
         engine.warmup()
         return engine
 
@@ -140,7 +127,7 @@ class CrossEncoderEngine:
     def of(
         cls, model: torch.nn.Module, tokenizer, *, name: str, device: str = "cpu", max_length: int = 512,
         max_batch_tokens: int | None = None, pad_multiple: int | None = None, attention: str = "padded",
-        fusions: Fusions | None = None, tokenize_slice: int | None = None,
+        fusions: Fusions | None = None, tokenize_slice: int | None = None, revision: str | None = None,
     ) -> CrossEncoderEngine:
         """An engine over an already loaded model (on `device`) and its Hugging Face tokenizer."""
         pairs = PairTokenizer(tokenizer, name, max_length)
@@ -148,16 +135,7 @@ class CrossEncoderEngine:
             model.eval(), name=name, device=device, max_length=max_length, pad_id=pairs.pad_id, uses_type_ids=pairs.uses_type_ids,
             attention=attention, max_batch_tokens=max_batch_tokens, pad_multiple=pad_multiple, fusions=fusions,
         )
-        return cls(pairs, runner, tokenize_slice=tokenize_slice)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype the model's weights are held in."""
-        return self.runner.dtype
-
-    def model_facts(self) -> dict[str, Any]:
-        """Where the model came from, its weights' size and architecture."""
-        return self.runner.model_facts()
+        return cls(pairs, runner, tokenize_slice=tokenize_slice, revision=revision)
 
     def device_memory(self) -> dict[str, Any]:
         """What this process holds on the model's GPU; empty on a CPU."""
@@ -227,14 +205,6 @@ class CrossEncoderEngine:
         finally:
             for future in futures:
                 future.cancel()
-
-    def facts(self) -> dict[str, Any]:
-        """What a host process needs to know of this engine (and what reports show), as plain data."""
-        return {
-            "name": self.name, "revision": self.revision, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-            "attention": self.attention, "max_length": self.max_length, "max_batch_tokens": self.max_batch_tokens,
-            "pid": os.getpid(), **self.model_facts(),
-        }
 
     def _tokenizer_pool(self) -> ThreadPoolExecutor:
         # A pool made before a fork has no thread in the child: make one per process.

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from contract.errors import ModelLoadError
+from scoring.facts import Architecture, Weights
 
 log = logging.getLogger(__name__)
 
@@ -57,26 +59,41 @@ def load_model(name_or_path: str, revision: str | None, device: str, dtype: str)
     return model.eval()
 
 
-def model_facts(model: torch.nn.Module) -> dict[str, Any]:
-    """What a report says of a loaded model: where it came from, its weights' size, its architecture."""
+def weights_of(model: torch.nn.Module, name: str) -> Weights:
+    """Where a loaded model's weights came from (`name` when its config does not say), their size, and its architecture."""
     config = model.config
-    return {
-        "path": str(getattr(config, "_name_or_path", "")),
-        "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-        "architecture": {
-            "model_type": config.model_type,
-            "architectures": list(getattr(config, "architectures", None) or [type(model).__name__]),
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "layers": getattr(config, "num_hidden_layers", None),
-            "hidden_size": getattr(config, "hidden_size", None),
-            "attention_heads": getattr(config, "num_attention_heads", None),
-            "intermediate_size": getattr(config, "intermediate_size", None),
-            "vocab_size": getattr(config, "vocab_size", None),
-            "max_position_embeddings": getattr(config, "max_position_embeddings", None),
-            "modules": [f"{name}: {type(module).__name__}" for name, module in model.named_children()],
-        },
-    }
+    parameters = list(model.parameters())
+    return Weights(
+        path=str(getattr(config, "_name_or_path", "") or name),
+        bytes=sum(p.numel() * p.element_size() for p in parameters),
+        architecture=Architecture(
+            model_type=config.model_type,
+            architectures=tuple(getattr(config, "architectures", None) or [type(model).__name__]),
+            parameters=sum(p.numel() for p in parameters),
+            trainable_parameters=sum(p.numel() for p in parameters if p.requires_grad),
+            layers=getattr(config, "num_hidden_layers", None),
+            hidden_size=getattr(config, "hidden_size", None),
+            attention_heads=getattr(config, "num_attention_heads", None),
+            intermediate_size=getattr(config, "intermediate_size", None),
+            vocab_size=getattr(config, "vocab_size", None),
+            max_position_embeddings=getattr(config, "max_position_embeddings", None),
+            modules=tuple(f"{child}: {type(module).__name__}" for child, module in model.named_children()),
+        ),
+    )
+
+
+@functools.cache
+def hub_commit(name_or_path: str, pinned: str | None = None) -> str | None:
+    """The commit of the hub snapshot the model's files come from, else the pinned revision (None for a plain local directory)."""
+    from huggingface_hub import try_to_load_from_cache
+    from transformers.utils.hub import extract_commit_hash
+
+    if os.path.isdir(name_or_path):
+        config = os.path.join(os.path.abspath(name_or_path), "config.json")
+    else:
+        config = try_to_load_from_cache(name_or_path, "config.json", revision=pinned)
+    # A file in the hub cache sits in snapshots/<commit>/; anything else has no commit to tell.
+    return (extract_commit_hash(config, None) if isinstance(config, str) else None) or pinned
 
 
 def check_model(name_or_path: str, revision: str | None = None, max_length: int | None = None) -> tuple[AutoConfig, PreTrainedTokenizerBase]:

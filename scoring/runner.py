@@ -9,7 +9,8 @@ from typing import Any, Protocol
 import torch
 
 from scoring.layouts import Forward, choose_layout
-from scoring.model import model_facts
+from scoring.facts import Weights
+from scoring.model import weights_of
 from scoring.packed import Fusions
 from scoring.tokens import EncodedPair
 
@@ -24,8 +25,13 @@ DEFAULT_PAD_MULTIPLE = {"cpu": 1, "cuda": 64}
 
 
 class Runner(Protocol):
-    """What the scheduler's drivers need of a device: a token budget and a way to run one batch."""
+    """What the scheduler's drivers need of a device (a token budget, a way to run one batch), and what it computes with."""
 
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+    attention: str
+    max_length: int
     max_batch_tokens: int
 
     def batch_tokens(self, longest: int, count: int, total: int) -> int:
@@ -33,6 +39,9 @@ class Runner(Protocol):
 
     def run_batch(self, pairs: Sequence[EncodedPair]) -> tuple[torch.Tensor, int, int]:
         """Fp32 logits of `pairs` (possibly still on the device), tokens taken, forward passes run."""
+
+    def weights(self) -> Weights:
+        """What the runner computes with: where its weights came from, their size, the network."""
 
 
 class ModelRunner:
@@ -61,10 +70,9 @@ class ModelRunner:
         """The dtype the model's weights are held in."""
         return next(self.model.parameters()).dtype
 
-    def model_facts(self) -> dict[str, Any]:
+    def weights(self) -> Weights:
         """Where the model came from, its weights' size and architecture."""
-        facts = model_facts(self.model)
-        return {**facts, "path": facts["path"] or self.name}
+        return weights_of(self.model, self.name)
 
     def batch_tokens(self, longest: int, count: int, total: int) -> int:
         """Tokens a batch of `count` pairs takes in this attention layout (padding included where there is any)."""

@@ -18,8 +18,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
-
 from contract.errors import TaskTimedOut, WorkerError
 from scoring.engine import EMPTY, CrossEncoderEngine, OnProgress, Scores
 from scoring.loop import DeviceLoop
@@ -40,20 +38,10 @@ class ThreadedScorer:
         self.time_limit = time_limit
         self.on_stop = on_stop or exit_worker
         self.stopped = False
-        self.name, self.revision, self.device, self.attention = engine.name, engine.revision, engine.device, engine.attention
-        self.max_length, self.max_batch_tokens = engine.max_length, engine.max_batch_tokens
+        self.facts = engine.facts
         self._loop = DeviceLoop(engine.runner)
         self._thread = threading.Thread(target=self._serve, name="rerank-device", daemon=True)
         self._thread.start()
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype the model's weights are held in."""
-        return self.engine.dtype
-
-    def model_facts(self) -> dict[str, Any]:
-        """The engine's model facts."""
-        return self.engine.model_facts()
 
     def device_memory(self) -> dict[str, Any]:
         """What this process holds on the model's GPU."""

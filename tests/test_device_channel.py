@@ -12,8 +12,9 @@ from multiprocessing.reduction import recv_handle, send_handle
 import pytest
 
 from contract.errors import WorkerError
-from scoring.device import DeviceClient, DeviceServer, _message, _parse
+from scoring.device import DeviceClient, DeviceServer
 from scoring.engine import CrossEncoderEngine
+from scoring.wire import Buffer, Failed, Hello, Score, frame, from_device, to_device
 from tests.helpers import QUERY, CORPUS
 
 
@@ -23,8 +24,7 @@ def served(tiny_model, tmp_path_factory):
     engine = CrossEncoderEngine.load(str(tiny_model), attention="packed")
     address = str(tmp_path_factory.mktemp("device") / "device.sock")
     key = secrets.token_bytes(16)
-    facts = engine.facts()
-    server = DeviceServer(engine.runner, Listener(address, family="AF_UNIX", authkey=key), facts)
+    server = DeviceServer(engine.runner, Listener(address, family="AF_UNIX", authkey=key), engine.facts)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return address, key, engine
 
@@ -53,13 +53,13 @@ def test_scores_through_the_device_process_are_the_in_process_scores(served):
         assert results[n].logits == pytest.approx(engine.score(f"{QUERY} {n}", passages).logits, abs=1e-5)
     assert alone.logits == pytest.approx(engine.score(QUERY, passages).logits, abs=1e-5)
     assert alone.logits[12:] == alone.logits[:3]
-    assert first.model_facts()["device_process_pid"] == os.getpid() and first.device.type == "cpu"
+    assert first.facts == engine.facts and first.facts.pid == os.getpid() and first.facts.device == "cpu"
 
 
 def hostile_connection(served):
     address, key, _ = served
     conn = Client(address, family="AF_UNIX", authkey=key)
-    assert _parse(conn.recv_bytes())[0]["op"] == "hello"
+    assert isinstance(from_device(conn.recv_bytes())[0], Hello)
     return conn
 
 
@@ -68,7 +68,7 @@ def buffer_for(conn, words: list[int]) -> None:
     os.ftruncate(fd, 4096)
     with mmap.mmap(fd, 4096) as buffer:
         buffer[: 4 * len(words)] = b"".join(w.to_bytes(4, "little", signed=True) for w in words)
-    conn.send_bytes(_message({"op": "buffer", "size": 4096}))
+    conn.send_bytes(frame(Buffer(4096)))
     send_handle(conn, fd, 0)
     os.close(fd)
 
@@ -83,14 +83,27 @@ def buffer_for(conn, words: list[int]) -> None:
 def test_a_request_the_device_process_cannot_trust_is_refused_and_it_serves_on(served, words, header, refusal):
     conn = hostile_connection(served)
     buffer_for(conn, words)
-    conn.send_bytes(_message({"op": "score", "id": 7, "types": False, "seconds": 5, **header}))
-    reply, _ = _parse(conn.recv_bytes())
-    assert reply["op"] == "failed" and reply["id"] == 7 and refusal in reply["message"]
+    conn.send_bytes(frame(Score(7, header["count"], header["tokens"], False, 5.0)))
+    reply, _ = from_device(conn.recv_bytes())
+    assert isinstance(reply, Failed) and reply.id == 7 and refusal in reply.message
     _, _, engine = served
     assert client_of(served).score(QUERY, CORPUS[:4]).logits == pytest.approx(engine.score(QUERY, CORPUS[:4]).logits, abs=1e-5)
 
 
-@pytest.mark.parametrize("raw", [b"no header at all", b"[1,2]\0", b"{\"op\": \"score\"}\0", b"\xff" * 5000, b"{}\0"])
+HOSTILE_HEADERS = [
+    b"no header at all", b"[1,2]\0", b"{}\0", b"\xff" * 5000, b"{\"type\": \"score\"}\0",  # not a message, no fields
+    b"{\"type\": \"hello\", \"facts\": {}}\0",  # the device's own op, sent to it
+    b"{\"type\": \"launch\", \"id\": 1}\0",  # an op nobody defined
+    b"{\"type\": \"score\", \"id\": \"7\", \"count\": 1, \"tokens\": 2, \"types\": false, \"seconds\": 5}\0",  # an id that is a string
+    b"{\"type\": \"score\", \"id\": -7, \"count\": 1, \"tokens\": 2, \"types\": false, \"seconds\": 5}\0",  # a negative id
+    b"{\"type\": \"score\", \"id\": 7, \"count\": 1, \"tokens\": 2, \"types\": false, \"seconds\": 1e308}\0",  # a deadline past any limit
+    b"{\"type\": \"buffer\", \"size\": 1e400}\0",  # a number JSON cannot hold
+    b"{\"type\": \"buffer\", \"size\": 99999999999999999999}\0",  # a buffer larger than any
+    b"{\"type\": \"cancel\"" + b" " * 5000 + b"}\0",  # a header past the limit
+]
+
+
+@pytest.mark.parametrize("raw", HOSTILE_HEADERS)
 def test_a_message_the_device_process_cannot_read_closes_that_connection_alone(served, raw):
     conn = hostile_connection(served)
     conn.send_bytes(raw)
@@ -113,12 +126,11 @@ def test_a_client_whose_device_process_is_gone_says_so(served, tmp_path):
     address, key = str(tmp_path / "gone.sock"), b"k"
     listener = Listener(address, family="AF_UNIX", authkey=key)
     _, _, engine = served
-    facts = engine.facts()
 
     def greet_and_close():
         conn = listener.accept()
-        conn.send_bytes(_message({"op": "hello", **facts}))
-        while _parse(conn.recv_bytes())[0]["op"] != "score":
+        conn.send_bytes(frame(Hello(engine.facts)))
+        while not isinstance(to_device(conn.recv_bytes())[0], Score):
             recv_handle(conn)
         conn.close()
 

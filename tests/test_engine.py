@@ -58,7 +58,7 @@ def test_rounded_batch_widths_keep_scores_and_stay_within_budget(tiny_model):
     assert scores.padded_tokens <= scores.batches * 512
     assert scores.probabilities == pytest.approx(sigmoid(reference_logits(tiny_model, QUERY, passages)), abs=1e-5)
     width = rounded.runner.layout.width
-    assert width(1) == 32 and width(33) == 64 and width(rounded.max_length) == rounded.max_length
+    assert width(1) == 32 and width(33) == 64 and width(rounded.facts.max_length) == rounded.facts.max_length
 
 
 def test_cuda_warm_up_runs_one_full_batch_at_every_rounded_width(tiny_model, monkeypatch):
@@ -149,9 +149,9 @@ def test_max_length_beyond_the_model_is_refused(tiny_model):
 
 
 def test_dtype_auto_is_fp32_on_cpu_and_bf16_is_honoured(tiny_model):
-    assert CrossEncoderEngine.load(str(tiny_model)).dtype == torch.float32
+    assert CrossEncoderEngine.load(str(tiny_model)).runner.dtype == torch.float32
     bf16 = CrossEncoderEngine.load(str(tiny_model), dtype="bf16")
-    assert bf16.dtype == torch.bfloat16
+    assert bf16.runner.dtype == torch.bfloat16 and bf16.facts.dtype == "bfloat16"
     logits = bf16.score(QUERY, CORPUS[:10]).logits
     assert all(isinstance(x, float) for x in logits)
     assert logits == pytest.approx(CrossEncoderEngine.load(str(tiny_model)).score(QUERY, CORPUS[:10]).logits, abs=0.5)
@@ -184,9 +184,9 @@ def full_ids(engine: CrossEncoderEngine, text: str) -> list[int]:
 def test_a_long_passage_is_cut_before_tokenizing_and_keeps_the_whole_texts_tokens(engine, text):
     pair = engine.tokenize(QUERY, [text])[0]
     query = full_ids(engine, QUERY)
-    budget = engine.max_length - len(query) - engine.tokenize.template.specials
+    budget = engine.facts.max_length - len(query) - engine.tokenize.template.specials
     assert pair.input_ids[len(engine.tokenize.template.prefix) + len(query) + len(engine.tokenize.template.middle) :][:budget] == full_ids(engine, text)[:budget]
-    assert len(pair.input_ids) == min(engine.max_length, len(query) + engine.tokenize.template.specials + len(full_ids(engine, text)))
+    assert len(pair.input_ids) == min(engine.facts.max_length, len(query) + engine.tokenize.template.specials + len(full_ids(engine, text)))
 
 
 def test_tokenizing_time_does_not_grow_with_text_length(engine):

@@ -400,20 +400,25 @@ def test_a_thousand_half_open_connections_to_the_metrics_port_leave_the_worker_b
     assert worker.process.poll() is None
 
 
-def test_gpu_memory_of_a_device_process_is_counted_once_however_many_host_processes_report_it():
-    # Given two host processes of one device process and a pool process holding its own model, all on cuda:0
+def test_gpu_memory_of_a_device_process_is_counted_once_however_many_host_processes_report_it(monkeypatch):
+    # Given two host processes of one device process and a pool process holding its own model, all on cuda:0, and one that exited
+    from worker import accounting
     from worker.metrics import _model_families
-    from worker.report import _sum_gpu
+    from worker.report import worker_report
 
-    def snapshot(pid, holder, allocated):
-        model = {"name": "m", "load_seconds": 1.0, "revision": None, "device": "cuda:0", "dtype": "float16", "device_process_pid": holder}
-        return {"pid": pid, "model": model, "memory": {"rss_mb": 1.0, "gpu_allocated_bytes": allocated, "gpu_reserved_bytes": 2 * allocated}}
+    def snapshot(pid, holder, allocated, alive=True):
+        model = {"name": "m", "load_seconds": 1.0, "revision": None, "device": "cuda:0", "dtype": "float16", "pid": holder, "weights": {}}
+        memory = {"rss_mb": 1.0, "gpu_allocated_bytes": allocated, "gpu_reserved_bytes": 2 * allocated}
+        return {"pid": pid, "alive": alive, "model": model, "memory": memory, "tasks": {}, "updated": 0.0, "cuda_visible_devices": "0"}
 
-    live = [snapshot(11, 99, 1000), snapshot(12, 99, 1000), snapshot(13, None, 500)]
+    everyone = [snapshot(11, 99, 1000), snapshot(12, 99, 1000), snapshot(13, 13, 500), snapshot(14, 14, 700, alive=False)]
+    live = everyone[:3]
+    monkeypatch.setattr(accounting, "snapshots", lambda: everyone)
     # When the metrics and the report add GPU memory up
-    families = {f.name: f for f in _model_families("w", live, live)}
+    families = {f.name: f for f in _model_families("w", everyone, live)}
     allocated = {tuple(s.labels.values()): s.value for s in families["rerank_gpu_memory_allocated_bytes"].samples}
-    report_view = [{"pid": p["pid"], "device_process_pid": p["model"]["device_process_pid"], "memory": {"gpu_allocated_mb": p["memory"]["gpu_allocated_bytes"]}} for p in live]
-    # Then the device process's memory counts once, beside the other holder's
+    report = worker_report("w")
+    # Then the device process's memory counts once, beside the other live holder's; the host processes name their holder
     assert allocated == {("w", "cuda:0"): 1500}
-    assert _sum_gpu(report_view, "gpu_allocated_mb") == 1500
+    assert report["memory"]["gpu_allocated_mb"] == round(1500 / 2**20, 2) and report["memory"]["gpu_reserved_mb"] == round(3000 / 2**20, 2)
+    assert [p["device_process_pid"] for p in report["processes"]] == [99, 99, None, None]

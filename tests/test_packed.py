@@ -99,7 +99,7 @@ def test_pairs_are_the_tokenizers_own_pair_encoding_with_type_ids(engines):
     pair = packed.tokenize(QUERY, ["Apixaban reduced bleeding."])[0]
     encoded = packed.tokenize.tokenizer(QUERY, "Apixaban reduced bleeding.")
     assert pair.input_ids == encoded["input_ids"]
-    if packed.model.config.model_type == "bert":
+    if packed.runner.model.config.model_type == "bert":
         # BERT: the passage and its [SEP] are type 1, and the packed encoder reads them
         assert pair.type_ids == encoded["token_type_ids"] and set(pair.type_ids) == {0, 1}
         assert packed.runner.layout.uses_type_ids
@@ -111,11 +111,11 @@ def test_a_pair_exactly_at_max_length_and_a_batch_of_one(engines, model_dir):
     # Given a passage that fills the pair to max_length, scored alone
     padded, packed = engines
     long = [" ".join(CORPUS) * 3]
-    assert len(packed.tokenize(QUERY, long)[0].input_ids) == packed.max_length
+    assert len(packed.tokenize(QUERY, long)[0].input_ids) == packed.facts.max_length
     # When packed attention scores it, as a batch of one pair
     scores = packed.score(QUERY, long)
     # Then it is the padded and the reference score
-    assert scores.batches == 1 and scores.padded_tokens == packed.max_length
+    assert scores.batches == 1 and scores.padded_tokens == packed.facts.max_length
     assert scores.logits == pytest.approx(padded.score(QUERY, long).logits, abs=LOGIT_TOLERANCE)
     assert scores.probabilities == pytest.approx(sigmoid(reference_logits(model_dir, QUERY, long)), abs=SCORE_TOLERANCE)
 
@@ -156,7 +156,7 @@ def test_tokenizing_ahead_in_slices_keeps_scores_dedup_and_progress(engines, mod
     # Given a packed engine that tokenizes 7 passages at a time while earlier slices run
     _, packed = engines
     sliced = CrossEncoderEngine.of(
-        packed.model, packed.tokenize.tokenizer, name=packed.name, attention="packed", tokenize_slice=7, max_batch_tokens=1024
+        packed.runner.model, packed.tokenize.tokenizer, name=packed.facts.name, attention="packed", tokenize_slice=7, max_batch_tokens=1024
     )
     texts = passages()
     progress: list[tuple[int, int]] = []
@@ -175,7 +175,7 @@ def test_tokenizing_ahead_in_slices_keeps_scores_dedup_and_progress(engines, mod
 
 def test_a_failing_batch_while_later_slices_are_tokenized_raises_at_once(engines, monkeypatch):
     _, packed = engines
-    sliced = CrossEncoderEngine.of(packed.model, packed.tokenize.tokenizer, name=packed.name, attention="packed", tokenize_slice=4)
+    sliced = CrossEncoderEngine.of(packed.runner.model, packed.tokenize.tokenizer, name=packed.facts.name, attention="packed", tokenize_slice=4)
 
     def broken(pairs):
         raise RuntimeError("shape mismatch")
@@ -196,13 +196,13 @@ def test_rerank_attention_packed_is_honoured_on_cpu(tiny_model, monkeypatch):
     # When the worker loads its engine
     engine = runtime.load_engine(Settings(broker_url=None, model=str(tiny_model), torch_threads=1))
     # Then it runs packed attention, with the reference attention since a CPU has no FlashAttention
-    assert engine.attention == "packed"
+    assert engine.facts.attention == "packed"
     assert isinstance(engine.runner.layout, PackedForward) and engine.runner.layout.kernel == "sdpa_per_pair"
 
 
 def test_unset_attention_is_packed_on_cpu(tiny_model):
     engine = CrossEncoderEngine.load(str(tiny_model))
-    assert engine.attention == "packed"
+    assert engine.facts.attention == "packed"
 
 
 def test_packed_refuses_an_architecture_it_cannot_run_and_names_the_fix(tiny_model):
@@ -215,7 +215,7 @@ def test_packed_refuses_an_architecture_it_cannot_run_and_names_the_fix(tiny_mod
     # Then packed attention is refused with what to set instead, and padded attention still loads
     with pytest.raises(ModelLoadError, match=r"hidden_act 'relu'.*RERANK_ATTENTION=padded"):
         CrossEncoderEngine.of(model, tokenizer, name="relu-model", attention="packed")
-    assert CrossEncoderEngine.of(model, tokenizer, name="relu-model").attention == "padded"
+    assert CrossEncoderEngine.of(model, tokenizer, name="relu-model").facts.attention == "padded"
 
 
 def test_packed_warm_up_is_one_full_budget_of_longest_pairs(tiny_model, monkeypatch):

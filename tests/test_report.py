@@ -97,11 +97,10 @@ def test_a_long_job_reports_batches_done_of_total_while_it_runs(start_worker, re
     chunks = [{"id": f"c{i}", "doc_id": f"d{i // 10}", "section": "Results", "text": f"{CORPUS[i % len(CORPUS)]} (record {i})"} for i in range(3000)]
     handle = client.submit_chunks(QUERY, chunks, top_k=5)
     seen = []
-    result = client.app.AsyncResult(handle.id)
     deadline = time.monotonic() + 120
-    while not result.ready() and time.monotonic() < deadline:
-        if result.state == PROGRESS_STATE:
-            seen.append(dict(result.info))
+    while (meta := client.backend.meta(handle.id))["status"] not in ("SUCCESS", "FAILURE") and time.monotonic() < deadline:
+        if meta["status"] == PROGRESS_STATE:  # one read: the state and its meta together
+            seen.append(meta["result"])
         time.sleep(0.02)
     final = handle.result(timeout=60)
     # Then the producer saw PROGRESS states counting batches up towards a fixed total

@@ -30,15 +30,18 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import msgspec
 from celery import Task, bootsteps
 from celery.app import trace
 from celery.signals import task_postrun, task_prerun
 
 from contract.names import SENT_AT_HEADER, TASK_CHUNKS, TASK_DOCUMENTS, TASK_PASSAGES
 from contract.schemas import ScoringInfo
-from contract.settings import Settings
+
+if TYPE_CHECKING:
+    from scoring.engine import Scorer
 
 log = logging.getLogger(__name__)
 
@@ -139,27 +142,11 @@ class Ledger:
         self.scorer: Any = None
         self.tasks: dict[str, dict[str, Any]] = {}
 
-    def loaded(self, engine: Any, seconds: float, settings: Settings) -> None:
-        """Record the model this process loaded, and how long it took."""
-        from worker.ranking import model_revision
-
-        facts = engine.model_facts()
+    def loaded(self, engine: Scorer, seconds: float) -> None:
+        """Record the model this process loaded (its facts), and how long it took."""
         with _lock:
             self.scorer = engine
-            self.model = {
-                "name": engine.name,
-                "revision": model_revision(engine.name, settings.model_revision),
-                "path": facts["path"],
-                "device": str(engine.device),
-                "dtype": str(engine.dtype).removeprefix("torch."),
-                "attention": engine.attention,
-                "max_length": engine.max_length,
-                "max_batch_tokens": engine.max_batch_tokens,
-                "load_seconds": seconds,
-                "weights_bytes": facts["weights_bytes"],
-                "architecture": facts["architecture"],
-                "device_process_pid": facts.get("device_process_pid"),
-            }
+            self.model = {**msgspec.to_builtins(engine.facts), "load_seconds": seconds}
 
     def count(self, task: TaskFigures) -> None:
         """Add one finished task to its task name's record."""
@@ -231,11 +218,11 @@ def memory(scorer: Any) -> dict[str, Any]:
     return stats
 
 
-def model_loaded(engine: Any, seconds: float, settings: Settings) -> None:
+def model_loaded(engine: Scorer, seconds: float) -> None:
     """Record that this process loaded `engine` in `seconds`, and write its first snapshot."""
     book = ledger()
     try:
-        book.loaded(engine, seconds, settings)
+        book.loaded(engine, seconds)
     except Exception:  # diagnostics: never stop a worker over them
         log.warning("could not record the model load", exc_info=True)
     book.write()
@@ -305,6 +292,25 @@ def alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def gpu_memory(snapshots: Iterable[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Bytes PyTorch holds per GPU (`{device: {"allocated": n, "reserved": n}}`) over the live processes holding a model.
+
+    Each holder counts once: the host processes of one device process all report its memory.
+    """
+    by_holder: dict[int, tuple[str, dict[str, Any]]] = {}
+    for snapshot in snapshots:
+        model = snapshot["model"]
+        if snapshot["alive"] and model:
+            by_holder[model["pid"]] = (model["device"], snapshot["memory"])
+    held: dict[str, dict[str, int]] = {}
+    for device, memory in by_holder.values():
+        for key in ("allocated", "reserved"):
+            if f"gpu_{key}_bytes" in memory:
+                held.setdefault(device, {}).setdefault(key, 0)
+                held[device][key] += memory[f"gpu_{key}_bytes"]
+    return held
 
 
 def snapshots() -> list[dict[str, Any]]:

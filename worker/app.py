@@ -168,7 +168,7 @@ def _exit_1_after_a_failed_load(sender: Any = None, **_: Any) -> None:
 def _load_model() -> None:
     started = time.perf_counter()
     engine = load_engine(settings)
-    accounting.model_loaded(engine, time.perf_counter() - started, settings)
+    accounting.model_loaded(engine, time.perf_counter() - started)
 
 
 @worker_process_init.connect

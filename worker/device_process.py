@@ -39,7 +39,7 @@ class DeviceProcess:
     """The running device process of this worker."""
 
     def __init__(self, settings: Settings) -> None:
-        """Start `python -m scoring.device` with this worker's settings and wait until it serves (or fails to load)."""
+        """Start `python -m scoring.device`, hand it its key and this worker's settings, and wait until it serves (or fails to load)."""
         self._directory = tempfile.mkdtemp(prefix="rerank-device-")  # 0700: only this user can reach the socket
         self.address = DeviceAddress(str(Path(self._directory) / "device.sock"), secrets.token_bytes(32))
         self.stopping = False
@@ -47,7 +47,7 @@ class DeviceProcess:
             [sys.executable, "-m", "scoring.device", "--address", self.address.path],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent,
         )
-        self.process.stdin.write(self.address.authkey.hex() + "\n")
+        self.process.stdin.write(self.address.authkey.hex() + "\n" + settings.model_dump_json() + "\n")
         self.process.stdin.close()
         ready, _, _ = select.select([self.process.stdout], [], [], settings.worker_start_timeout)
         line = self.process.stdout.readline() if ready else ""

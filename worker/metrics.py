@@ -115,23 +115,13 @@ def _model_families(worker: str, processes: list[dict[str, Any]], live: list[dic
         "rerank_model_info", "1 for the model a worker serves (labels: model, its queue slug, revision, device, dtype).",
         labels=["worker", "model", "slug", "revision", "device", "dtype"],
     )
-    # Host processes of one device process each report its memory: count every holder once.
-    by_holder: dict[tuple[str, str, int], float] = {}
-    served = set()
-    for p in live:
-        model = p["model"]
-        if not model:
-            continue
-        served.add((model["name"], model_slug(model["name"]), model["revision"] or "", model["device"], model["dtype"]))
-        holder = model.get("device_process_pid") or p["pid"]
-        for key in gpu:
-            if f"gpu_{key}_bytes" in p["memory"]:
-                by_holder[key, model["device"], holder] = p["memory"][f"gpu_{key}_bytes"]
-    held: dict[tuple[str, str], float] = defaultdict(float)
-    for (key, device, _), value in by_holder.items():
-        held[key, device] += value
-    for (key, device), value in sorted(held.items()):
-        gpu[key].add_metric([worker, device], value)
+    served = {
+        (model["name"], model_slug(model["name"]), model["revision"] or "", model["device"], model["dtype"])
+        for model in (p["model"] for p in live) if model
+    }
+    for device, held in sorted(accounting.gpu_memory(live).items()):
+        for key, value in held.items():
+            gpu[key].add_metric([worker, device], value)
     for labels in sorted(served):
         info.add_metric([worker, *labels], 1)
     yield from gpu.values()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import socket
 from collections.abc import Callable, Sequence
@@ -100,28 +99,15 @@ def _ranked(
     ]
 
 
-@functools.cache
-def model_revision(name_or_path: str, pinned: str | None = None) -> str | None:
-    """The commit of the hub snapshot the model's files come from, else the pinned revision (None for a plain local directory)."""
-    from huggingface_hub import try_to_load_from_cache
-    from transformers.utils.hub import extract_commit_hash
-
-    if os.path.isdir(name_or_path):
-        config = os.path.join(os.path.abspath(name_or_path), "config.json")
-    else:
-        config = try_to_load_from_cache(name_or_path, "config.json", revision=pinned)
-    # A file in the hub cache sits in snapshots/<commit>/; anything else has no commit to tell.
-    return (extract_commit_hash(config, None) if isinstance(config, str) else None) or pinned
-
-
 def _info(engine: Scorer, scores: Scores, pairs: int, worker: str | None) -> ScoringInfo:
+    facts = engine.facts
     return ScoringInfo(
-        model=engine.name,
-        revision=model_revision(engine.name, engine.revision),
-        device=str(engine.device),
-        dtype=str(engine.dtype).removeprefix("torch."),
-        attention=engine.attention,
-        max_length=engine.max_length,
+        model=facts.name,
+        revision=facts.revision,
+        device=facts.device,
+        dtype=facts.dtype,
+        attention=facts.attention,
+        max_length=facts.max_length,
         pairs=pairs,
         tokens=scores.tokens,
         padded_tokens=scores.padded_tokens,

@@ -27,12 +27,13 @@ _MB = 1024 * 1024
 def process_report(snapshot: dict[str, Any]) -> dict[str, Any]:
     """One pool process: the model it serves, its architecture, memory and work done."""
     model = snapshot["model"] or {}
+    weights = model.get("weights") or {}
     memory = snapshot["memory"]
     work = accounting.add_up(snapshot["tasks"].values())
     busy = work.get("busy_seconds", 0.0)
     documents = work.get("documents", 0)
     stats: dict[str, Any] = {
-        "weights_mb": _mb(model.get("weights_bytes")),
+        "weights_mb": _mb(weights.get("bytes")),
         "rss_mb": rss_mb(snapshot["pid"]) if snapshot["alive"] else memory["rss_mb"],
     }
     for key in ("allocated", "reserved", "max_allocated"):
@@ -45,15 +46,15 @@ def process_report(snapshot: dict[str, Any]) -> dict[str, Any]:
         "alive": snapshot["alive"],
         "model": model.get("name"),
         "revision": model.get("revision"),
-        "path": model.get("path"),
+        "path": weights.get("path"),
         "device": model.get("device"),
         "cuda_visible_devices": snapshot["cuda_visible_devices"],
         "dtype": model.get("dtype"),
         "attention": model.get("attention"),
         "max_length": model.get("max_length"),
         "max_batch_tokens": model.get("max_batch_tokens"),
-        "device_process_pid": model.get("device_process_pid"),
-        "architecture": model.get("architecture"),
+        "device_process_pid": model["pid"] if model.get("pid", snapshot["pid"]) != snapshot["pid"] else None,
+        "architecture": weights.get("architecture"),
         "memory": stats,
         "tasks": work.get("states", {}).get("SUCCESS", 0),
         "documents": documents,
@@ -70,8 +71,10 @@ def _mb(size: int | None) -> float | None:
 
 def worker_report(hostname: str | None = None) -> dict[str, Any]:
     """Every pool process's report, with their RSS refreshed, and totals."""
-    processes = [process_report(snapshot) for snapshot in accounting.snapshots()]
+    snapshots = accounting.snapshots()
+    processes = [process_report(snapshot) for snapshot in snapshots]
     live = [p for p in processes if p["alive"]]
+    gpu = accounting.gpu_memory(snapshots)
     documents = sum(p["documents"] for p in processes)
     busy = sum(p["busy_seconds"] for p in processes)
     first = live[0] if live else (processes[0] if processes else {})
@@ -93,8 +96,8 @@ def worker_report(hostname: str | None = None) -> dict[str, Any]:
         "memory": {
             "parent_rss_mb": rss_mb(os.getpid()),
             "rss_mb": round(sum(p["memory"]["rss_mb"] or 0 for p in live), 2),
-            "gpu_allocated_mb": _sum_gpu(live, "gpu_allocated_mb"),
-            "gpu_reserved_mb": _sum_gpu(live, "gpu_reserved_mb"),
+            "gpu_allocated_mb": _mb(sum(held.get("allocated", 0) for held in gpu.values())) if gpu else None,
+            "gpu_reserved_mb": _mb(sum(held.get("reserved", 0) for held in gpu.values())) if gpu else None,
         },
         "tasks": sum(p["tasks"] for p in processes),
         "documents": documents,
@@ -102,12 +105,6 @@ def worker_report(hostname: str | None = None) -> dict[str, Any]:
         "busy_seconds": round(busy, 3),
         "documents_per_second": round(documents / busy, 2) if busy > 0 else None,
     }
-
-
-def _sum_gpu(processes: list[dict[str, Any]], key: str) -> float | None:
-    # Host processes of one device process each report its memory: count every holder once.
-    by_holder = {p["device_process_pid"] or p["pid"]: p["memory"][key] for p in processes if key in p["memory"]}
-    return round(sum(by_holder.values()), 2) if by_holder else None
 
 
 class ReportStep(bootsteps.StartStopStep):

@@ -38,21 +38,15 @@ def load_engine(settings: Settings) -> Scorer:
                 pairs = PairTokenizer(load_tokenizer(settings.model, settings.model_revision), settings.model, settings.max_length)
                 address = device_process.address
                 _engine = DeviceClient(address.path, address.authkey, pairs, settings.task_time_limit)
-                _loads += 1
-                log.info(
-                    "model loaded: pid=%d model=%s device=%s dtype=%s attention=%s max_length=%d in device process pid=%s loads=%d",
-                    os.getpid(), _engine.name, _engine.device, str(_engine.dtype).removeprefix("torch."), _engine.attention,
-                    _engine.max_length, _engine.facts["pid"], _loads,
-                )
-                return _engine
-            engine = engine_for(settings)
-            tasks = settings.tasks_in_hand
-            _engine = ThreadedScorer(engine, settings.task_time_limit) if tasks > 1 else engine
+            else:
+                engine = engine_for(settings)
+                _engine = ThreadedScorer(engine, settings.task_time_limit) if settings.tasks_in_hand > 1 else engine
             _loads += 1
+            facts = _engine.facts
             log.info(
-                "model loaded: pid=%d model=%s device=%s dtype=%s attention=%s max_length=%d tasks_in_hand=%d loads=%d",
-                os.getpid(), settings.model, settings.device, str(engine.dtype).removeprefix("torch."),
-                engine.attention, settings.max_length, tasks, _loads,
+                "model loaded: pid=%d model=%s device=%s dtype=%s attention=%s max_length=%d held by pid %d tasks_in_hand=%d loads=%d",
+                os.getpid(), facts.name, facts.device, facts.dtype, facts.attention, facts.max_length, facts.pid,
+                settings.tasks_in_hand, _loads,
             )
         return _engine
 
