@@ -24,9 +24,28 @@ from contract.schemas import (
     TwoStageResult,
 )
 from contract.settings import Settings
-from producer.aio import AsyncRerankClient
-from producer.client import RerankClient
-from producer.jobs import BatchProgress, JobProgress, RerankBatch, RerankJob
+
+# The clients load Celery, kombu and redis: they are imported when first named (PEP 562), so that
+# `rerank --help`, or a usage error, answers without loading them.
+_LAZY = {
+    "AsyncRerankClient": "producer.aio",
+    "RerankClient": "producer.client",
+    "BatchProgress": "producer.jobs",
+    "JobProgress": "producer.jobs",
+    "RerankBatch": "producer.jobs",
+    "RerankJob": "producer.jobs",
+}
+
+
+def __getattr__(name: str) -> object:
+    """Import a client or job name from its module on first use."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'producer' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "AsyncRerankClient",

@@ -14,21 +14,22 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import IO, Any
 
-from celery import states
-from pydantic import ValidationError
-from rich import box
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING
 
-from producer.client import RerankClient
+from pydantic import ValidationError
+
 from contract.errors import BrokerUnavailable, InvalidRequest, JobCancelled, RerankError, RerankTimeout, redact
-from producer.reaching import reaching
-from producer.fleet import WorkerInfo, inspect_workers
 from contract.formats import chunk_pool
-from producer.jobs import JobProgress, RerankJob
 from contract.names import DEFAULT_QUEUE
 from contract.schemas import MAX_WINDOWS, Candidate, TwoStageRequest, TwoStageResult
 from contract.settings import Settings
+
+if TYPE_CHECKING:  # Celery, kombu, redis and rich load when a command needs them, so usage errors answer at once
+    from rich.table import Table
+
+    from producer.client import RerankClient
+    from producer.fleet import WorkerInfo
+    from producer.jobs import JobProgress, RerankJob
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -60,7 +61,7 @@ ERROR_EXIT_CODES = [
     (RerankError, EXIT_FAILED),
 ]
 # `status` without --wait: a job's state is its answer, not an error.
-STATE_EXIT_CODES = {states.FAILURE: EXIT_FAILED, states.REVOKED: EXIT_CANCELLED, states.PENDING: EXIT_NOT_FOUND}
+STATE_EXIT_CODES = {"FAILURE": EXIT_FAILED, "REVOKED": EXIT_CANCELLED, "PENDING": EXIT_NOT_FOUND}
 STDIN = "-"
 
 
@@ -210,6 +211,12 @@ def _broker_client(settings: Settings, what: str) -> RerankClient:
     """A client for commands that only make sense with workers; without a broker that is a settings error (exit 2)."""
     if not settings.broker_url:
         raise InvalidRequest(f"no RERANK_BROKER_URL: cannot {what} without a broker (tasks run inside each producer); set it")
+    return _client(settings)
+
+
+def _client(settings: Settings) -> RerankClient:
+    from producer.client import RerankClient
+
     return RerankClient(settings)
 
 
@@ -249,9 +256,12 @@ def _name(path: str) -> str:
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
-    client = _broker_client(settings, "use --no-wait") if args.no_wait else RerankClient(settings)
     try:
-        request = parse_job(read_text(args.job), args)
+        request = parse_job(read_text(args.job), args)  # before the client: a bad job is told at once, nothing loaded
+    except InvalidRequest as e:
+        raise InvalidRequest(f"invalid job {_name(args.job)}: {e}") from e
+    client = _broker_client(settings, "use --no-wait") if args.no_wait else _client(settings)
+    try:
         handle = client.submit(**request.model_dump(exclude={"candidates"}), candidates=request.candidates)
     except InvalidRequest as e:
         raise InvalidRequest(f"invalid job {_name(args.job)}: {e}") from e
@@ -275,7 +285,7 @@ def _batch(args: argparse.Namespace, settings: Settings) -> int:
     lines = [(n, line) for n, line in enumerate(read_text(args.jobs).splitlines(), 1) if line.strip()]
     if not lines:
         raise InvalidRequest(f"{_name(args.jobs)} holds no job: write one JSON job per line")
-    client = RerankClient(settings)
+    client = _client(settings)
     outcomes: dict[int, dict[str, Any]] = {}
     valid: list[tuple[int, TwoStageRequest]] = []
     for n, line in lines:
@@ -391,7 +401,7 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
         except RerankError:
             pass  # a failed or cancelled job: its state and error are shown below
     progress = job.progress()
-    result = job.result() if progress.state == states.SUCCESS else None
+    result = job.result() if progress.state == "SUCCESS" else None
     if args.json:
         print(json.dumps({**progress.model_dump(mode="json"), "result": result.model_dump(mode="json") if result else None}, indent=2))
     else:
@@ -399,7 +409,7 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
         if result is not None:
             print()
             print(render(result))
-    if progress.state == states.PENDING:
+    if progress.state == "PENDING":
         print(f"rerank: no worker has started job {args.job_id}: it is still queued, or no job has this id (never sent, "
               "or its result expired); Celery cannot tell which. Wait with --wait, or check the id", file=sys.stderr)
     return STATE_EXIT_CODES.get(progress.state, EXIT_OK)
@@ -423,17 +433,21 @@ def _cancel(args: argparse.Namespace, settings: Settings) -> int:
     elif not cancelled:
         print(f"job {args.job_id}: already finished ({before}), nothing to cancel")
     else:
-        unknown = " (no worker had started it: queued, or no job has this id; either way it will not run)" if before == states.PENDING else ""
+        unknown = " (no worker had started it: queued, or no job has this id; either way it will not run)" if before == "PENDING" else ""
         print(f"job {args.job_id}: cancelled{unknown}")
     return EXIT_OK
 
 
 def _workers(args: argparse.Namespace, settings: Settings) -> int:
     client = _broker_client(settings, "list workers")
+    from producer.fleet import inspect_workers
+
     workers = inspect_workers(client.app, timeout=args.timeout)
     if args.json:
         print(json.dumps([w.model_dump(mode="json") for w in workers], indent=2))
     elif workers:
+        from rich.console import Console
+
         Console(markup=False, highlight=False, emoji=False).print(workers_table(workers))
     if not workers:
         print(f"rerank: no worker answered within {args.timeout}s on {redact(settings.broker_url)}", file=sys.stderr)
@@ -443,6 +457,9 @@ def _workers(args: argparse.Namespace, settings: Settings) -> int:
 
 def workers_table(workers: list[WorkerInfo]) -> Table:
     """The workers as a table that fits 80 columns: queue names shortened to the part that tells them apart."""
+    from rich import box
+    from rich.table import Table
+
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, caption=f"queues: {DEFAULT_QUEUE}.<model>.<queue>, shared = {DEFAULT_QUEUE}.<model>; --json for everything")
     for column in ("worker", "model", "queues", "procs", "tasks"):
         table.add_column(column, overflow="fold", justify="right" if column in ("procs", "tasks") else "left")
@@ -480,6 +497,8 @@ def _metrics(args: argparse.Namespace, settings: Settings) -> int:
     models = [m.strip() for m in (args.models or "").split(",") if m.strip()]
     queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else default_queues(settings, models)
     if args.once:
+        from producer.reaching import reaching
+
         with reaching("reading the queues", settings.broker_url):
             depths = read_queues(client.app, queues)
         if args.json:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from celery import Celery
@@ -35,13 +36,17 @@ def inspect_workers(app: Celery, timeout: float = 2.0) -> list[WorkerInfo]:
     Raises:
         BrokerUnavailable: the broker cannot be reached.
     """
-    inspector = app.control.inspect(timeout=timeout)
-    with reaching("asking the workers", app.conf.broker_url):
-        queues = inspector.active_queues() or {}
-        stats = inspector.stats() or {}
-        registered = inspector.registered() or {}
-        reports = _reports(inspector)
-    return merge_replies(queues, stats, registered, reports)
+    asks = {
+        "queues": lambda inspector: inspector.active_queues(),
+        "stats": lambda inspector: inspector.stats(),
+        "registered": lambda inspector: inspector.registered(),
+        "reports": _reports,
+    }
+    # Each broadcast waits out `timeout` for replies: the four wait at once, not one after the other.
+    with reaching("asking the workers", app.conf.broker_url), ThreadPoolExecutor(len(asks)) as pool:
+        futures = {name: pool.submit(ask, app.control.inspect(timeout=timeout)) for name, ask in asks.items()}
+        replies = {name: future.result() or {} for name, future in futures.items()}
+    return merge_replies(replies["queues"], replies["stats"], replies["registered"], replies["reports"])
 
 
 def merge_replies(queues: Any, stats: Any, registered: Any, reports: Any) -> list[WorkerInfo]:

@@ -164,24 +164,24 @@ def test_devices_starts_a_real_pinned_worker_and_the_parent_loads_no_torch(redis
 
 
 @pytest.mark.integration
-def test_jobs_spread_over_three_workers_and_a_worker_that_joins_takes_jobs(start_worker, redis_server, tiny_model):
-    # Given three single-process workers consuming one queue
-    workers = [start_worker("-Q", "scale", name=f"scale{n}-") for n in range(3)]
+def test_jobs_spread_over_workers_and_a_worker_that_joins_takes_jobs(start_worker, redis_server, tiny_model):
+    # Given two single-process workers consuming one queue
+    workers = [start_worker("-Q", "scale", name=f"scale{n}-") for n in range(2)]
     for worker in workers:
         worker.wait_until_loaded(processes=1)
     client = RerankClient(Settings(broker_url=redis_server.url, queue="scale", model=str(tiny_model)))
-    # When 60 jobs are sent at once
-    handles = [client.submit_documents(QUERY, short_papers(12, n), top_k=3) for n in range(60)]
+    # When 40 jobs are sent at once
+    handles = [client.submit_documents(QUERY, short_papers(12, n), top_k=3) for n in range(40)]
     split = collections.Counter(h.result(timeout=120).info.worker.split("@")[0] for h in handles)
-    print(f"60 jobs over 3 workers: {dict(sorted(split.items()))}")
-    # Then all three took a share
-    assert sum(split.values()) == 60 and len(split) == 3, split
+    print(f"40 jobs over 2 workers: {dict(sorted(split.items()))}")
+    # Then both took a share
+    assert sum(split.values()) == 40 and len(split) == 2, split
 
-    # When a fourth worker joins while work keeps arriving
+    # When a third worker joins while work keeps arriving
     joiner = start_worker("-Q", "scale", name="joiner")
     pending, by_worker, deadline = [], collections.Counter(), time.monotonic() + 120
     n = 0
-    while by_worker["joiner3"] < 3:
+    while by_worker["joiner2"] < 3:
         assert time.monotonic() < deadline, f"the new worker took no jobs: {by_worker}\n{joiner.output()[-2000:]}"
         while len(pending) < 8:  # keep a backlog so that every worker always has something to take
             pending.append(client.submit_documents(QUERY, short_papers(12, n), top_k=3))
@@ -192,5 +192,5 @@ def test_jobs_spread_over_three_workers_and_a_worker_that_joins_takes_jobs(start
         by_worker[handle.result(timeout=120).info.worker.split("@")[0]] += 1
     print(f"after the join: {dict(sorted(by_worker.items()))}")
     # Then the newcomer takes jobs beside the others, which were already serving before it came up
-    assert by_worker["joiner3"] >= 3
-    assert sum(by_worker[f"scale{k}-{k}"] for k in range(3)) > 0
+    assert by_worker["joiner2"] >= 3
+    assert sum(by_worker[f"scale{k}-{k}"] for k in range(2)) > 0

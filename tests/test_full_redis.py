@@ -70,7 +70,18 @@ def test_a_full_redis_keeps_the_worker_up_and_the_job_completes_once_memory_is_f
         fleet.stop_all()
 
 
-@pytest.mark.parametrize(("policy", "refused"), [("allkeys-lru", True), ("allkeys-random", True), ("volatile-lru", False)])
+def test_every_eviction_policy_gets_its_verdict():
+    from worker.eviction import eviction_verdict
+
+    # Any policy that may delete a queue is refused, one that may delete results is warned about, none passes
+    for policy in ("allkeys-lru", "allkeys-lfu", "allkeys-random"):
+        assert eviction_verdict(policy)[0] == "refuse"
+    for policy in ("volatile-lru", "volatile-lfu", "volatile-random", "volatile-ttl"):
+        assert eviction_verdict(policy)[0] == "warn"
+    assert eviction_verdict("noeviction") is None and eviction_verdict(None) is None
+
+
+@pytest.mark.parametrize(("policy", "refused"), [("allkeys-lru", True), ("volatile-lru", False)])
 def test_a_worker_refuses_a_redis_that_evicts_queued_jobs_and_warns_on_one_that_evicts_results(policy, refused, tmp_path, tiny_model):
     server = RedisServer(tmp_path)
     server.start("--maxmemory", "100mb", "--maxmemory-policy", policy)

@@ -217,7 +217,7 @@ def rejected_messages_leave_memory_flat(start_worker, redis_server, tiny_model, 
 
 
 def test_rejected_60_mb_messages_leave_memory_flat(start_worker, redis_server, tiny_model):
-    rejected_messages_leave_memory_flat(start_worker, redis_server, tiny_model, count=8)
+    rejected_messages_leave_memory_flat(start_worker, redis_server, tiny_model, count=4)
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Load: 8 producer threads, 1,000 two-stage jobs, 2 workers; nothing lost, wrong or duplicated."""
+"""Load: 8 producer threads, 400 two-stage jobs, 2 workers; nothing lost, wrong or duplicated."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from tests.helpers import CORPUS, RedisServer, WorkerFleet
 
 pytestmark = pytest.mark.integration
 
-JOBS = 1000
+JOBS = 400
 THREADS = 8
 TEMPLATES = 10
 RESULT_EXPIRES = 600
@@ -34,7 +34,7 @@ def for_job(n: int) -> tuple[str, list[dict]]:
     return query, [{**p, "id": f"j{n}-{p['id']}"} for p in papers]
 
 
-def test_a_thousand_jobs_from_eight_threads_all_arrive_right_and_once(tmp_path: Path, tiny_model: Path, in_process_settings):
+def test_four_hundred_jobs_from_eight_threads_all_arrive_right_and_once(tmp_path: Path, tiny_model: Path, in_process_settings):
     # Given 2 workers on a private Redis, and the right answer for each request template
     server = RedisServer(tmp_path)
     server.start("--appendonly", "no")
@@ -54,7 +54,7 @@ def test_a_thousand_jobs_from_eight_threads_all_arrive_right_and_once(tmp_path: 
         redis = RerankClient(settings).app.backend.client
         memory_before = redis.info("memory")["used_memory"]
 
-        # When 8 threads each submit their share of 1,000 jobs, one at a time, waiting for each
+        # When 8 threads each submit their share of 400 jobs, one at a time, waiting for each
         results: dict[int, object] = {}
         latencies: list[float] = []
         errors: list[BaseException] = []

@@ -102,10 +102,23 @@ def broken_copies(model: Path, root: Path) -> dict[str, tuple[Path, str]]:
     return cases
 
 
-@pytest.mark.integration
-def test_a_broken_model_folder_stops_the_worker_at_start_up_with_exit_1_and_one_clear_line(start_worker, tiny_model, tmp_path):
+def test_every_broken_model_folder_is_refused_by_the_check_a_worker_runs_before_its_pool_starts(tiny_model, tmp_path):
+    from contract.errors import ModelLoadError
+    from scoring.model import check_model
+
     # Given model folders with a part missing, foreign or damaged
-    cases = {name: ({"RERANK_MODEL": str(folder)}, line) for name, (folder, line) in broken_copies(tiny_model, tmp_path).items()}
+    for name, (folder, line) in broken_copies(tiny_model, tmp_path).items():
+        # When the worker's start-up check reads each, Then it refuses it with the line the worker prints
+        with pytest.raises(ModelLoadError, match=re.escape(line)):
+            check_model(str(folder), None, 512)
+    check_model(str(tiny_model), None, 512)  # and the intact folder passes
+
+
+@pytest.mark.integration
+def test_a_worker_that_cannot_load_its_model_stops_at_start_up_with_exit_1_and_one_clear_line(start_worker, tiny_model, tmp_path):
+    # Given a broken model folder, which the parent's check finds before any pool process forks,
+    folder, line = broken_copies(tiny_model, tmp_path)["truncated weights"]
+    cases = {"truncated weights": ({"RERANK_MODEL": str(folder)}, line)}
     # and a device that is not there, which only the process that loads the model finds out: the
     # device process (the GPU default) or, with no host processes, a pool process
     cases["a GPU that is not there"] = ({"RERANK_DEVICE": "cuda:0", "CUDA_VISIBLE_DEVICES": ""}, "the device process failed to load the model")

@@ -70,7 +70,7 @@ def run_storm(shape, fleet, fault_redis, tiny_model, in_process_settings, tmp_pa
 
 @pytest.mark.parametrize("shape", ["prefork", "device"])
 def test_a_kill_storm_loses_nothing(shape, fleet, fault_redis, tiny_model, in_process_settings, tmp_path):
-    run_storm(shape, fleet, fault_redis, tiny_model, in_process_settings, tmp_path, producers=3, jobs_each=300, slots=3, seconds=10, kills=10)
+    run_storm(shape, fleet, fault_redis, tiny_model, in_process_settings, tmp_path, producers=3, jobs_each=200, slots=2, seconds=8, kills=6)
 
 
 @pytest.mark.slow
