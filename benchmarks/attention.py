@@ -32,8 +32,21 @@ from pathlib import Path
 import torch
 
 from benchmarks.baselines import SeedReranker
-from benchmarks.corpus import QUERY, cpu_features, cpu_name, model_dir, papers, stage1_texts
-from benchmarks.run import gemm_peak_flops, kendall_tau, linear_flops_per_token, shape_of, top_overlap
+from benchmarks.corpus import (
+    QUERY,
+    cpu_features,
+    cpu_name,
+    model_dir,
+    papers,
+    stage1_texts,
+)
+from benchmarks.run import (
+    gemm_peak_flops,
+    kendall_tau,
+    linear_flops_per_token,
+    shape_of,
+    top_overlap,
+)
 from scoring.engine import CrossEncoderEngine, Scores
 from scoring.model import check_model, resolve_dtype
 from scoring.packed import Fusions, flash_varlen_usable

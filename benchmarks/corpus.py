@@ -6,8 +6,8 @@ import re
 import sys
 from pathlib import Path
 
-from producer import Candidate
 from contract.formats import document_passage
+from producer import Candidate
 from worker.synthetic import SHAPES, build_cross_encoder
 
 ROOT = Path(__file__).parents[1]

@@ -20,7 +20,14 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.corpus import QUERY, ROOT, cpu_features, cpu_name, model_dir, stage1_texts
+from benchmarks.corpus import (
+    QUERY,
+    ROOT,
+    cpu_features,
+    cpu_name,
+    model_dir,
+    stage1_texts,
+)
 from benchmarks.output import write_results
 from benchmarks.through_redis import _free_port, running_system
 

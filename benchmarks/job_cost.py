@@ -91,9 +91,10 @@ def redis_counters(client: Any) -> dict[str, Any]:
     """Redis's CPU seconds, bytes in and out, and calls per command, as its INFO says now."""
     info = client.backend.app.backend.client.info("all")
     calls = {key.removeprefix("cmdstat_"): value["calls"] for key, value in info.items() if key.startswith("cmdstat_")}
+    usec = {key.removeprefix("cmdstat_"): value["usec"] for key, value in info.items() if key.startswith("cmdstat_")}
     return {
         "cpu": info["used_cpu_user"] + info["used_cpu_sys"], "in": info["total_net_input_bytes"],
-        "out": info["total_net_output_bytes"], "calls": calls,
+        "out": info["total_net_output_bytes"], "calls": calls, "usec": usec,
     }
 
 
@@ -103,8 +104,11 @@ def redis_per_job(before: dict[str, Any], after: dict[str, Any], idle: dict[str,
     names = set(after["calls"]) | set(before["calls"])
     calls = {name: (after["calls"].get(name, 0) - before["calls"].get(name, 0) - idle["calls"].get(name, 0) * seconds) / jobs for name in names}
     calls = {name: round(count, 2) for name, count in sorted(calls.items(), key=lambda item: -item[1]) if count >= 0.05}
+    usec = {name: (after["usec"].get(name, 0) - before["usec"].get(name, 0) - idle["usec"].get(name, 0) * seconds) / jobs for name in names}
     return {"cpu_ms": round(net["cpu"] * 1000, 3), "bytes_in": round(net["in"]), "bytes_out": round(net["out"]),
-            "commands": round(sum(calls.values()), 1), "calls": calls}
+            "commands": round(sum(calls.values()), 1), "calls": calls,
+            "command_ms": round(sum(usec.values()) / 1000, 3),
+            "usec": {name: round(value, 1) for name, value in sorted(usec.items(), key=lambda item: -item[1]) if value >= 1}}
 
 
 def idle_rates(client: Any, seconds: float) -> dict[str, Any]:
@@ -114,6 +118,7 @@ def idle_rates(client: Any, seconds: float) -> dict[str, Any]:
     redis1, cpu1 = redis_counters(client), process_tree_cpu(client.worker_pid)
     rates = {key: (redis1[key] - redis0[key]) / seconds for key in ("cpu", "in", "out")}
     rates["calls"] = {name: (count - redis0["calls"].get(name, 0)) / seconds for name, count in redis1["calls"].items()}
+    rates["usec"] = {name: (count - redis0["usec"].get(name, 0)) / seconds for name, count in redis1["usec"].items()}
     rates["worker"] = {role: (cpu1[role] - cpu0[role]) / seconds for role in cpu0}
     return rates
 
@@ -218,9 +223,11 @@ def render(rows: list[dict[str, Any]], noop: float, args: argparse.Namespace, ho
             f"({p['validate']} / {p['encode and publish']} / {p['wait and decode']}) | {redis['cpu_ms']} | "
             f"{redis['bytes_in']:,} / {redis['bytes_out']:,} | {redis['commands']} |"
         )
-    lines += ["", "Redis commands per job:", ""]
+    lines += ["", "Redis commands per job (calls), and the microseconds Redis spent in each command per job (its `commandstats`; "
+              "the rest of its CPU is reading, parsing and writing the network):", ""]
     for r in rows:
         lines.append(f"- {r['kind']}: " + ", ".join(f"{name} {count:g}" for name, count in r["redis"]["calls"].items()))
+        lines.append(f"  - {r['redis']['command_ms']} ms in commands: " + ", ".join(f"{name} {us:g} µs" for name, us in r["redis"]["usec"].items()))
     if any(r["worker_steps"] for r in rows):
         lines += ["", "Where the worker's CPU goes (share of py-spy samples of all its processes, and ms per job):", ""]
         for r in rows:

@@ -22,10 +22,10 @@ from benchmarks.baselines import SeedReranker, SentenceTransformersReranker
 from benchmarks.corpus import QUERY, cpu_features, cpu_name, model_dir
 from benchmarks.corpus import papers as make_papers
 from benchmarks.through_redis import running_system
+from contract.formats import document_passage
 from producer import Candidate, DocumentsRequest
 from scoring.engine import CrossEncoderEngine
 from scoring.runner import DEFAULT_BATCH_TOKENS
-from contract.formats import document_passage
 from worker.ranking import rank_documents
 from worker.synthetic import SHAPES, Shape
 

@@ -17,9 +17,9 @@ import torch
 
 from benchmarks.corpus import QUERY, make_chunks, model_dir, stage1_texts
 from benchmarks.run import median_seconds
+from contract.formats import chunk_passage
 from producer import Chunk
 from scoring.engine import CrossEncoderEngine
-from contract.formats import chunk_passage
 from worker.synthetic import SHAPES
 
 ROOT = Path(__file__).parents[1]

@@ -28,8 +28,8 @@ RESULTS = Path(__file__).parent / "results"
 
 def time_one(app: str, model: Path, samples: int) -> dict[str, list[float]]:
     """Round trips (s) of 1-doc requests and no-op tasks through a fresh Redis and worker running `app`."""
-    from producer import Settings
     from contract.names import model_queue
+    from producer import Settings
 
     queue = model_queue(str(model))
     queues = [f"{queue}.gpu.interactive", queue, f"{queue}.gpu.bulk"]

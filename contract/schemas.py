@@ -18,6 +18,8 @@ from pydantic import (
 
 Query = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 Identifier = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=512)]
+Digest = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+StoreKey = Annotated[str, StringConstraints(pattern=r"^rerank\.job\.[^\x00-\x20]{1,255}$")]
 MAX_WINDOWS = 32
 
 
@@ -80,11 +82,36 @@ class DocumentsRequest(_Model):
         return self
 
 
+class Stored(_Model):
+    """A request kept in Redis beside its task message (producer.payloads): its hash, its field, a digest of its bytes."""
+
+    key: StoreKey
+    field: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_]{1,32}$")]
+    digest: Digest
+
+
+class Pool(_Model):
+    """A two-stage job's chunk pool, kept in Redis: field `<n>` of `key` holds candidate n's chunks, in candidate order."""
+
+    key: StoreKey
+    counts: list[Annotated[StrictInt, Field(ge=0)]] = Field(min_length=1, description="Chunks of each candidate.")
+    digests: list[Digest] = Field(min_length=1, description="A digest of each candidate's stored chunks.")
+
+    @model_validator(mode="after")
+    def _one_per_candidate(self) -> Pool:
+        if len(self.counts) != len(self.digests):
+            raise ValueError(f"{len(self.digests)} digests for {len(self.counts)} candidates; send one per candidate")
+        return self
+
+
 class ChunksRequest(_Model):
     """Stage 2: score chunks; with a stage-1 result only the kept papers' chunks are scored."""
 
     query: Query
-    chunks: list[Chunk] = Field(min_length=1)
+    chunks: list[Chunk] | None = Field(None, min_length=1, description="The chunks, unless they are kept in `pool`.")
+    pool: Pool | None = Field(
+        None, description="In a two-stage job: where the job's chunks are kept; stage 2 reads only those of the papers stage 1 kept."
+    )
     top_k: StrictInt | None = Field(None, ge=1)
     return_logits: StrictBool = False
     candidate_ids: list[Identifier] | None = Field(
@@ -105,11 +132,17 @@ class ChunksRequest(_Model):
 
     @model_validator(mode="after")
     def _unique_ids(self) -> ChunksRequest:
-        _reject_duplicates(c.id for c in self.chunks)
+        if (self.chunks is None) == (self.pool is None):
+            raise ValueError("send the chunks, or (in a two-stage job) the pool they are kept in: one of them")
+        if self.pool is not None and (self.candidate_ids is None or len(self.candidate_ids) != len(self.pool.counts)):
+            raise ValueError("a pool needs candidate_ids, one per candidate it keeps chunks for")
+        if self.pool is not None and (self.positions is not None or self.digests is not None):
+            raise ValueError("positions and digests come with chunks sent in the request, not with a pool")
+        _reject_duplicates(c.id for c in self.chunks or ())
         if self.candidate_ids is not None:
             _reject_duplicates(self.candidate_ids)
         if self.positions is not None:
-            if len(self.positions) != len(self.chunks):
+            if len(self.positions) != len(self.chunks or ()):
                 raise ValueError(f"{len(self.positions)} positions for {len(self.chunks)} chunks; send one per chunk, or none")
             if any(a >= b for a, b in zip(self.positions, self.positions[1:])):
                 raise ValueError("positions must be strictly increasing: each chunk's place in the pool, in pool order")

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from functools import lru_cache
 from typing import Any, Literal
-
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contract.names import DEFAULT_MODEL, model_queue
-
 
 URL_SCHEMES = frozenset({"redis", "rediss", "sentinel", "amqp", "amqps", "pyamqp"})
 """Brokers and result backends this service is built and tested for."""
@@ -101,6 +99,12 @@ class Settings(BaseSettings):
     max_chunks: int = Field(5000, ge=1, le=500_000, description="Chunks per stage-2 request, and passages per plain request.")
     max_text_chars: int = Field(100_000, ge=100, le=10_000_000, description="Characters per title, text or chunk.")
     max_query_chars: int = Field(2000, ge=10, le=100_000, description="Characters per query.")
+    max_request_bytes: int = Field(
+        64 * 2**20, ge=2**20, le=2**31, description="Bytes of JSON a request may take: a single stage's, or all a two-stage job keeps stored (so also the most any stored part may inflate to)."
+    )
+    request_expires: int = Field(
+        86_400, ge=60, le=30 * 86_400, description="Seconds a job's stored request waits for its workers before Redis drops it."
+    )
 
     # Producer
     stage1_windows: int = Field(

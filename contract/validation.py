@@ -21,7 +21,15 @@ from pydantic import BaseModel, ValidationError
 from contract.errors import InvalidRequest
 from contract.formats import chunk_digest
 from contract.plain import impurity
-from contract.schemas import Candidate, Chunk, ChunksRequest, DocumentsRequest, PassagesRequest, RerankResult, TwoStageResult
+from contract.schemas import (
+    Candidate,
+    Chunk,
+    ChunksRequest,
+    DocumentsRequest,
+    PassagesRequest,
+    RerankResult,
+    TwoStageResult,
+)
 from contract.settings import Settings
 
 RequestT = TypeVar("RequestT", DocumentsRequest, ChunksRequest, PassagesRequest)
@@ -72,7 +80,8 @@ def check_limits(request: BaseModel, settings: Settings) -> None:
         if request.top_k is not None:
             _check_top_k(request.top_k)
     else:
-        _check_count("chunks", len(request.chunks), settings.max_chunks, "RERANK_MAX_CHUNKS")
+        chunks = len(request.chunks) if request.chunks is not None else sum(request.pool.counts)
+        _check_count("chunks", chunks, settings.max_chunks, "RERANK_MAX_CHUNKS")
         _check_count("candidate_ids", len(request.candidate_ids or ()), settings.max_candidates, "RERANK_MAX_CANDIDATES")
         if request.positions and request.positions[-1] >= settings.max_chunks:
             raise InvalidRequest(
@@ -175,7 +184,7 @@ def _texts(request: BaseModel) -> Iterator[tuple[str, str, str]]:
         for n, text in enumerate(request.passages):
             yield f"passages.{n}", "text", text
     else:
-        for c in request.chunks:
+        for c in request.chunks or ():
             yield c.id, "id", c.id
             yield c.id, "doc_id", c.doc_id
             yield c.id, "title", c.title

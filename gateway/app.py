@@ -8,7 +8,12 @@ import logging
 import re
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext, suppress
+from contextlib import (
+    AbstractAsyncContextManager,
+    asynccontextmanager,
+    nullcontext,
+    suppress,
+)
 from functools import partial
 from typing import Any
 
@@ -20,19 +25,31 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException
 
-from producer.aio import Nap, wait
 from contract.errors import InvalidRequest, RerankError, RerankTimeout, TaskTimedOut
-from producer.jobs import Finish, Handle, JobProgress
 from contract.schemas import RerankResult, TwoStageRequest, TwoStageResult
 from contract.settings import Settings, get_settings
-
 from gateway.announcements import Announcements
-from gateway.errors import ClientGone, TooLarge, Unprocessable, WaitTimedOut, error_response
+from gateway.errors import (
+    ClientGone,
+    TooLarge,
+    Unprocessable,
+    WaitTimedOut,
+    error_response,
+)
 from gateway.fleet import Fleet
 from gateway.guard import Guard, load_keys
 from gateway.metrics import GatewayMetrics, Measure
 from gateway.settings import GatewaySettings
-from gateway.shapes import CohereRequest, CohereResponse, TeiRank, TeiRequest, cohere_response, tei_response
+from gateway.shapes import (
+    CohereRequest,
+    CohereResponse,
+    TeiRank,
+    TeiRequest,
+    cohere_response,
+    tei_response,
+)
+from producer.aio import Nap, wait
+from producer.jobs import Finish, Handle, JobProgress
 
 log = logging.getLogger(__name__)
 

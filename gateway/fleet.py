@@ -13,15 +13,14 @@ import asyncio
 import collections
 import logging
 
-from producer.aio import AsyncRerankClient
 from contract.errors import RerankError
-from producer.fleet import WorkerInfo, inspect_workers
-from producer.metrics import read_queues
 from contract.names import model_queue, model_slug
 from contract.settings import Settings
-
 from gateway.errors import NotServed, Overloaded
 from gateway.settings import GatewaySettings
+from producer.aio import AsyncRerankClient
+from producer.fleet import WorkerInfo, inspect_workers
+from producer.metrics import read_queues
 
 log = logging.getLogger(__name__)
 

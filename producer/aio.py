@@ -17,11 +17,11 @@ from functools import partial
 from typing import Any
 
 from contract.chunking import DEFAULT_MAX_CHARS
-from producer.client import CandidateLike, ChunkLike, RequestLike, RerankClient
 from contract.errors import RerankTimeout
-from producer.jobs import BatchProgress, Handle, JobProgress, RerankBatch, RerankJob
 from contract.schemas import Chunk, RerankResult, TwoStageResult
 from contract.settings import Settings
+from producer.client import CandidateLike, ChunkLike, RequestLike, RerankClient
+from producer.jobs import BatchProgress, Handle, JobProgress, RerankBatch, RerankJob
 from producer.waiting import Outcomes, Waiter
 
 Nap = Callable[[float], Awaitable[object]]

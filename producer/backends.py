@@ -22,11 +22,18 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from contract import errors
-from contract.errors import InvalidRequest, JobCancelled, ModelLoadError, RerankError, WorkerError
-from producer.reaching import reaching
+from contract.errors import (
+    InvalidRequest,
+    JobCancelled,
+    ModelLoadError,
+    RerankError,
+    WorkerError,
+)
 from contract.names import PROGRESS_STATE
-from contract.settings import Settings
 from contract.plain import plain_json
+from contract.settings import Settings
+from producer.payloads import key_of, store_for
+from producer.reaching import reaching
 
 Meta = dict[str, Any]
 
@@ -274,7 +281,7 @@ class WorkerBackend:
         return Sleep()
 
     def revoke(self, task_ids: Sequence[str]) -> None:
-        """Stop the tasks from running and record them as REVOKED for every process to see."""
+        """Stop the tasks from running, record them as REVOKED for every process to see, and drop what they keep stored."""
         with reaching("cancelling tasks", self.broker_url):
             self.app.control.revoke(list(task_ids))
         self._mark_revoked(task_ids)
@@ -286,6 +293,9 @@ class WorkerBackend:
             for task_id, meta in self._read(task_ids).items():
                 if meta["status"] not in states.READY_STATES:
                     self.app.backend.mark_as_revoked(task_id, "cancelled by the client")
+            store = store_for(self.app)
+            for task_id in task_ids:
+                store.drop(key_of(task_id))
 
 
 BACKENDS = "bge_rerank_celery.backends"

@@ -12,13 +12,18 @@ import time
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import IO, Any
-
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from contract.errors import BrokerUnavailable, InvalidRequest, JobCancelled, RerankError, RerankTimeout, redact
+from contract.errors import (
+    BrokerUnavailable,
+    InvalidRequest,
+    JobCancelled,
+    RerankError,
+    RerankTimeout,
+    redact,
+)
 from contract.formats import chunk_pool
 from contract.names import DEFAULT_QUEUE
 from contract.schemas import MAX_WINDOWS, Candidate, TwoStageRequest, TwoStageResult

@@ -9,14 +9,18 @@ from typing import Any
 from celery import Celery, chain, uuid
 from celery.canvas import Signature
 from pydantic import ValidationError
+from pydantic_core import to_json
 
-from producer.app import create_app
-from producer.backends import backend_for
 from contract.chunking import DEFAULT_MAX_CHARS
 from contract.errors import InvalidRequest, RerankError, WorkerError
-from contract.formats import chunk_digest, chunk_pool, stage1_message, stage2_message
-from producer.jobs import STAGE1_SUFFIX, Finish, Handle, RerankBatch, RerankJob, ResultT, stage1_id
-from contract.names import DEFAULT_MODEL, TASK_CHUNKS, TASK_DOCUMENTS, TASK_PASSAGES, model_slug
+from contract.formats import chunk_pool, stage1_message, stage2_message
+from contract.names import (
+    DEFAULT_MODEL,
+    TASK_CHUNKS,
+    TASK_DOCUMENTS,
+    TASK_PASSAGES,
+    model_slug,
+)
 from contract.schemas import (
     Candidate,
     Chunk,
@@ -29,6 +33,18 @@ from contract.schemas import (
 )
 from contract.settings import Settings, get_settings
 from contract.validation import parse_request
+from producer.app import create_app
+from producer.backends import backend_for
+from producer.jobs import (
+    STAGE1_SUFFIX,
+    Finish,
+    Handle,
+    RerankBatch,
+    RerankJob,
+    ResultT,
+    stage1_id,
+)
+from producer.payloads import INLINE_BYTES, digest, key_of, pack, store_for
 
 CandidateLike = Candidate | Mapping[str, Any]
 ChunkLike = Chunk | Mapping[str, Any]
@@ -44,6 +60,7 @@ class RerankClient:
         self.chunk_chars = chunk_chars
         self.app: Celery = create_app(self.settings)
         self.backend = backend_for(self.app, self.settings)
+        self.store = store_for(self.app)
 
     # One stage at a time
 
@@ -90,8 +107,8 @@ class RerankClient:
         """Validate and enqueue stage 1 alone; return a handle whose `result(timeout)` waits for it."""
         request = self._documents_request(query, candidates, top_k, return_logits, windows)
         _check_min_score(min_score)
-        signature = self.app.signature(TASK_DOCUMENTS, args=(stage1_message(request),), queue=self.settings.queue)
-        return self._send(signature, self._finish(RerankResult, min_score, request.candidates, join=return_documents))
+        finish = self._finish(RerankResult, min_score, request.candidates, join=return_documents)
+        return self._send(TASK_DOCUMENTS, stage1_message(request), finish, positional=True)
 
     def rerank_chunks(
         self,
@@ -130,8 +147,7 @@ class RerankClient:
             self.settings,
         )
         _check_min_score(min_score)
-        signature = self.app.signature(TASK_CHUNKS, kwargs={"request": stage2_message(request)}, queue=self.settings.queue)
-        return self._send(signature, self._finish(RerankResult, min_score, chunks=request.chunks, join=return_documents))
+        return self._send(TASK_CHUNKS, stage2_message(request), self._finish(RerankResult, min_score, chunks=request.chunks, join=return_documents))
 
     def rerank_passages(
         self, query: str, passages: Sequence[str], top_k: int | None = None, *, return_logits: bool = False, timeout: float | None = None
@@ -149,8 +165,7 @@ class RerankClient:
         """Validate and enqueue plain passages; return a handle whose `result(timeout)` waits for them."""
         data = {"query": query, "passages": _as_list(passages), "top_k": top_k, "return_logits": return_logits}
         request = parse_request(PassagesRequest, data, self.settings)
-        signature = self.app.signature(TASK_PASSAGES, kwargs={"request": request.model_dump(mode="json")}, queue=self.settings.queue)
-        return self._send(signature, self._finish(RerankResult))
+        return self._send(TASK_PASSAGES, request.model_dump(mode="json"), self._finish(RerankResult))
 
     # Two-stage jobs
 
@@ -201,7 +216,8 @@ class RerankClient:
             "query": query, "candidates": _as_list(candidates), "top_k_docs": top_k_docs,
             "top_k_chunks": top_k_chunks, "min_score": min_score, "windows": windows,
         }
-        job, signature = self._prepare(request, None, return_logits, return_documents)
+        job, signature, parts = self._prepare(request, None, return_logits, return_documents)
+        self.store.put(key_of(job.id), parts, self.settings.request_expires)
         self.backend.send(job.id, signature)
         return job
 
@@ -221,8 +237,10 @@ class RerankClient:
         prepared = [self._prepare(r, n, return_logits, return_documents) for n, r in enumerate(requests)]
         if not prepared:
             raise InvalidRequest("submit_many needs at least one request")
-        batch_id = self.backend.send_many([(job.id, signature) for job, signature in prepared])
-        return RerankBatch(batch_id, [job for job, _ in prepared])
+        for job, _, parts in prepared:
+            self.store.put(key_of(job.id), parts, self.settings.request_expires)
+        batch_id = self.backend.send_many([(job.id, signature) for job, signature, _ in prepared])
+        return RerankBatch(batch_id, [job for job, _, _ in prepared])
 
     def two_stage_many(
         self,
@@ -275,13 +293,15 @@ class RerankClient:
 
     def validate(self, request: RequestLike) -> TwoStageRequest:
         """Check a two-stage request as `submit` would (schema and limits) without sending it."""
-        job, _ = self._prepare(request, None, False, False)
+        job, _, _ = self._prepare(request, None, False, False)
         return job.request
 
     # Internals
 
-    def _prepare(self, data: RequestLike, index: int | None, return_logits: bool, return_documents: bool) -> tuple[RerankJob, Signature]:
-        """Validate a two-stage request; return its job handle and the chain that runs it, not yet sent."""
+    def _prepare(
+        self, data: RequestLike, index: int | None, return_logits: bool, return_documents: bool
+    ) -> tuple[RerankJob, Signature, dict[str, bytes]]:
+        """Validate a two-stage request; return its job handle, the chain that runs it and the parts to store, nothing yet sent."""
         where = "" if index is None else f"request {index}: "
         try:
             request = data if isinstance(data, TwoStageRequest) else TwoStageRequest.model_validate(data)
@@ -294,15 +314,31 @@ class RerankClient:
             raise InvalidRequest(f"{where}invalid TwoStageRequest: {e}") from e
         finish = self._finish(TwoStageResult, request.min_score, documents.candidates, chunks.chunks, join=return_documents)
         job = RerankJob(self.backend, uuid(), finish, index=index, request=request)
-        return job, self._chain(documents, chunks, job.id)
+        signature, parts = self._chain(documents, chunks, job.id)
+        return job, signature, parts
 
     def _finish(self, *args: Any, **kwargs: Any) -> Finish:
         return ScoredBy(*args, **kwargs, expected_model=self.settings.model)
 
-    def _send(self, signature: Signature, finish: Finish) -> Handle:
-        task_id = signature.freeze().id
-        self.backend.send(task_id, signature)
+    def _send(self, task: str, request: dict[str, Any], finish: Finish, positional: bool = False) -> Handle:
+        """Send one stage's request: inside its message when small, else stored beside it (producer.payloads)."""
+        task_id = uuid()
+        encoded = to_json(request)
+        self._check_size(len(encoded))
+        if len(encoded) > INLINE_BYTES:
+            blob = pack(encoded)
+            self.store.put(key_of(task_id), {"request": blob}, self.settings.request_expires)
+            request = {"stored": {"key": key_of(task_id), "field": "request", "digest": digest(blob)}}
+        options: dict[str, Any] = {"args": (request,)} if positional else {"kwargs": {"request": request}}
+        self.backend.send(task_id, self.app.signature(task, **options, queue=self.settings.queue, task_id=task_id))
         return Handle(self.backend, task_id, finish)
+
+    def _check_size(self, size: int) -> None:
+        if size > self.settings.max_request_bytes:
+            raise InvalidRequest(
+                f"the request is {size:,} bytes of JSON, over the limit of {self.settings.max_request_bytes:,} "
+                "(RERANK_MAX_REQUEST_BYTES); send fewer or shorter texts per request"
+            )
 
     def _two_stage_requests(
         self,
@@ -325,21 +361,29 @@ class RerankClient:
             },
             self.settings,
         )
-        # Digests of what this process built, so not checked again: hashing the pool is ~4 ms a MB.
-        return documents, chunks.model_copy(update={"digests": [chunk_digest(c, n) for n, c in enumerate(chunks.chunks)]})
+        return documents, chunks
 
-    def _chain(self, documents: DocumentsRequest, chunks: ChunksRequest, job_id: str) -> Signature:
+    def _chain(self, documents: DocumentsRequest, chunks: ChunksRequest, job_id: str) -> tuple[Signature, dict[str, bytes]]:
+        """The chain that runs a two-stage job, and the parts it reads from the store: stage 1's request and each paper's chunks."""
+        key = key_of(job_id)
+        by_paper: dict[str, list[dict[str, Any]]] = {c.id: [] for c in documents.candidates}
+        for chunk in chunks.chunks or ():
+            by_paper[chunk.doc_id].append(chunk.model_dump(mode="json"))
+        counts = {paper: len(paper_chunks) for paper, paper_chunks in by_paper.items()}
+        encoded = {"documents": to_json(stage1_message(documents))} | {str(n): to_json(c) for n, c in enumerate(by_paper.values())}
+        self._check_size(sum(len(part) for part in encoded.values()))
+        parts = {field: pack(part) for field, part in encoded.items()}
+        pool = {"key": key, "counts": list(counts.values()), "digests": [digest(parts[str(n)]) for n in range(len(by_paper))]}
+        stage2 = {**stage2_message(chunks.model_copy(update={"chunks": None})), "pool": pool}
+        stage1 = {"stored": {"key": key, "field": "documents", "digest": digest(parts["documents"])}}
         # The job id is stage 2's task id and stage 1's is derived from it, so any process that
         # knows the job id finds both stages. The queue travels with each signature: stage 2 is
         # sent by the worker, whose own routing would otherwise pick the worker's default queue.
-        return chain(
-            self.app.signature(
-                TASK_DOCUMENTS, args=(stage1_message(documents),), immutable=True, queue=self.settings.queue, task_id=stage1_id(job_id)
-            ),
-            self.app.signature(
-                TASK_CHUNKS, kwargs={"request": stage2_message(chunks)}, queue=self.settings.queue, task_id=job_id
-            ),
+        signature = chain(
+            self.app.signature(TASK_DOCUMENTS, args=(stage1,), immutable=True, queue=self.settings.queue, task_id=stage1_id(job_id)),
+            self.app.signature(TASK_CHUNKS, kwargs={"request": stage2}, queue=self.settings.queue, task_id=job_id),
         )
+        return signature, parts
 
     def _documents_request(
         self, query: str, candidates: Sequence[CandidateLike], top_k: int, return_logits: bool, windows: int | None = None

@@ -9,8 +9,8 @@ from typing import Any
 from celery import Celery
 from pydantic import BaseModel, ConfigDict, Field
 
-from producer.reaching import reaching
 from contract.names import REPORT_COMMAND
+from producer.reaching import reaching
 
 log = logging.getLogger(__name__)
 

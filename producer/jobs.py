@@ -14,10 +14,16 @@ from typing import Any, Generic, TypeVar
 from celery import states
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from producer.backends import Meta, WorkerBackend, stored_error
 from contract.errors import InvalidRequest, RerankTimeout
-from contract.schemas import Candidate, Chunk, RerankResult, TwoStageRequest, TwoStageResult
+from contract.schemas import (
+    Candidate,
+    Chunk,
+    RerankResult,
+    TwoStageRequest,
+    TwoStageResult,
+)
 from contract.validation import check_ranking, check_two_stage
+from producer.backends import Meta, WorkerBackend, stored_error
 from producer.waiting import Outcomes, Waiter
 
 STAGE1_SUFFIX = ":documents"

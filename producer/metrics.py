@@ -23,8 +23,8 @@ from redis.exceptions import ResponseError
 
 from contract.errors import InvalidRequest
 from contract.names import SENT_AT_HEADER, model_queue, worker_queues
-from contract.settings import Settings
 from contract.plain import plain_json
+from contract.settings import Settings
 
 log = logging.getLogger(__name__)
 

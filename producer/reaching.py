@@ -11,7 +11,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from contract.errors import BrokerUnavailable, JobCancelled, RerankError, WorkerError, redact
+from contract.errors import (
+    BrokerUnavailable,
+    JobCancelled,
+    RerankError,
+    WorkerError,
+    redact,
+)
 
 _UNREACHABLE = (OperationalError, ConnectionError, RedisConnectionError, RedisTimeoutError)
 

@@ -51,7 +51,19 @@ from scoring.loop import DeviceLoop
 from scoring.runner import Runner, device_memory
 from scoring.scheduler import Request, UniquePairs
 from scoring.tokens import EncodedPair, PairTokenizer
-from scoring.wire import Buffer, Cancel, Done, Failed, FromDevice, Hello, Progress, Score, frame, from_device, to_device
+from scoring.wire import (
+    Buffer,
+    Cancel,
+    Done,
+    Failed,
+    FromDevice,
+    Hello,
+    Progress,
+    Score,
+    frame,
+    from_device,
+    to_device,
+)
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from scoring.loop import DeviceLoop
 from scoring.facts import ModelFacts
+from scoring.layouts import resolve_attention
+from scoring.loop import DeviceLoop
 from scoring.model import check_model, hub_commit, load_model, load_tokenizer
 from scoring.packed import Fusions
-from scoring.layouts import resolve_attention
 from scoring.runner import ModelRunner, Runner, device_memory
 from scoring.scheduler import Request
 from scoring.tokens import EncodedPair, PairTokenizer

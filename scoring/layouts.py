@@ -10,7 +10,12 @@ from typing import Protocol
 import torch
 
 from contract.errors import ModelLoadError
-from scoring.packed import Fusions, PackedForward, flash_varlen_usable, unsupported_reason
+from scoring.packed import (
+    Fusions,
+    PackedForward,
+    flash_varlen_usable,
+    unsupported_reason,
+)
 from scoring.tokens import EncodedPair
 
 log = logging.getLogger(__name__)

@@ -8,8 +8,8 @@ from typing import Any, Protocol
 
 import torch
 
-from scoring.layouts import Forward, choose_layout
 from scoring.facts import Weights
+from scoring.layouts import Forward, choose_layout
 from scoring.model import weights_of
 from scoring.packed import Fusions
 from scoring.tokens import EncodedPair

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from producer import RerankClient
 from contract.formats import chunk_passage, document_passage
+from producer import RerankClient
 
 ROOT = Path(__file__).parents[1]
 DATA = Path(__file__).parent / "data"

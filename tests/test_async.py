@@ -7,7 +7,14 @@ import time
 
 import pytest
 
-from producer import InvalidRequest, JobCancelled, RerankClient, RerankError, RerankTimeout, Settings
+from producer import (
+    InvalidRequest,
+    JobCancelled,
+    RerankClient,
+    RerankError,
+    RerankTimeout,
+    Settings,
+)
 from producer.aio import AsyncRerankClient
 from tests.helpers import QUERY, candidates
 

@@ -9,13 +9,21 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from producer import InvalidRequest, RerankClient, Settings, TaskTimedOut
 from contract.errors import WorkerError
-from producer.jobs import stage1_id
 from contract.names import PROGRESS_STATE, TASK_DOCUMENTS
-from tests.helpers import CORPUS, QUERY, Flower, candidates, long_papers, short_papers, wait_for
-from scoring.threaded import ThreadedScorer
+from producer import InvalidRequest, RerankClient, Settings, TaskTimedOut
+from producer.jobs import stage1_id
 from scoring.engine import CrossEncoderEngine
+from scoring.threaded import ThreadedScorer
+from tests.helpers import (
+    CORPUS,
+    QUERY,
+    Flower,
+    candidates,
+    long_papers,
+    short_papers,
+    wait_for,
+)
 
 QUERIES = [f"{CORPUS[i]} and anticoagulation" for i in range(8)]
 

@@ -13,7 +13,16 @@ import pytest
 from kombu import Connection, Queue
 
 from producer import InvalidRequest, RerankClient, Settings
-from tests.helpers import QUERY, WorkerFleet, WorkerProcess, candidates, check_two_stage, kill_running_child, report, skip_or_fail
+from tests.helpers import (
+    QUERY,
+    WorkerFleet,
+    WorkerProcess,
+    candidates,
+    check_two_stage,
+    kill_running_child,
+    report,
+    skip_or_fail,
+)
 
 pytestmark = pytest.mark.integration
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from producer.cli import EXIT_CODES
 from contract.errors import WorkerError
+from producer.cli import EXIT_CODES
 from tests.helpers import RedisServer, free_port
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "af_ckd_job.json"

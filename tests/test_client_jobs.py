@@ -7,13 +7,11 @@ import sys
 
 import pytest
 
-from producer import InvalidRequest, RerankClient, Settings
-from contract.formats import text_windows
-from producer import JobCancelled
-from producer.jobs import stage1_id
+from contract.formats import document_passage, text_windows
 from contract.schemas import Candidate, Chunk
+from producer import InvalidRequest, JobCancelled, RerankClient, Settings
+from producer.jobs import stage1_id
 from tests.helpers import CORPUS, QUERY, candidates, reference_logits, sigmoid
-from contract.formats import document_passage
 
 
 def test_min_score_and_documents_are_applied_client_side(in_process_settings):

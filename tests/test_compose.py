@@ -7,11 +7,11 @@ import os
 import re
 import socket
 import subprocess
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tomllib
 import yaml
 
 from contract.settings import Settings

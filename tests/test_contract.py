@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from contract.validation import parse_request
 from producer import (
     TASK_CHUNKS,
     TASK_DOCUMENTS,
@@ -17,7 +18,6 @@ from producer import (
     RerankError,
     Settings,
 )
-from contract.validation import parse_request
 
 
 def test_importing_producer_loads_no_torch_transformers_or_worker():
@@ -133,107 +133,6 @@ def test_chunk_positions_must_place_each_chunk_in_a_pool_once(positions, message
     data = {"query": "q", "chunks": [chunk(0, "a"), chunk(1, "a")], "positions": positions}
     with pytest.raises(InvalidRequest, match=message):
         parse_request(ChunksRequest, data, Settings())
-
-
-def test_stage1_sends_stage2_only_the_kept_papers_chunks_in_their_places_in_the_pool(in_process_settings):
-    from worker.chaining import send_on_kept_chunks
-
-    # Given a two-stage job's chain as stage 1 receives it: the next step holds the whole pool
-    client = RerankClient(in_process_settings)
-    documents, chunks = client._two_stage_requests("q", [paper(i, text="Apixaban. " * 300) for i in range(6)], 2, None, False, None)
-    stage2 = client._chain(documents, chunks, "job").tasks[1]
-    pending = [dict(stage2, kwargs={"request": chunks.model_dump(mode="json")})]
-
-    # When stage 1 kept papers p1 and p4
-    send_on_kept_chunks(pending, {"p1", "p4"})
-
-    # Then stage 2 receives only their chunks, each with its place in the whole pool
-    sent = parse_request(ChunksRequest, pending[-1]["kwargs"]["request"], in_process_settings)
-    pool = chunks.chunks
-    assert len(pool) > len(sent.chunks) > 2
-    assert {c.doc_id for c in sent.chunks} == {"p1", "p4"}
-    assert [pool[n] for n in sent.positions] == sent.chunks
-    assert [n for n, c in enumerate(pool) if c.doc_id in {"p1", "p4"}] == sent.positions
-
-
-@pytest.mark.parametrize(
-    "step",
-    [
-        {"task": "rerank.documents", "kwargs": {"request": {"chunks": [chunk(0, "a")]}}},
-        {"task": TASK_CHUNKS, "kwargs": {"request": {"chunks": [chunk(0, "a")], "positions": [0]}}},
-        {"task": TASK_CHUNKS, "kwargs": {"request": {"chunks": [chunk(0, "a"), "junk"]}}},
-        {"task": TASK_CHUNKS, "kwargs": {"request": {"chunks": [{**chunk(0, "a"), "doc_id": ["a"]}]}}},
-        {"task": TASK_CHUNKS, "kwargs": {"request": {"chunks": [chunk(0, "z")]}}},
-        {"task": TASK_CHUNKS, "kwargs": ["request"]},
-        "not a signature",
-    ],
-)
-def test_a_next_step_not_shaped_like_our_stage2_is_sent_on_untouched(step):
-    from copy import deepcopy
-
-    from worker.chaining import send_on_kept_chunks
-
-    # Given a chain whose next step is not a stage-2 request with chunks of the kept paper "a"
-    pending = [deepcopy(step)]
-    # When stage 1 would trim it, Then it is left as it came, for stage 2 to judge
-    send_on_kept_chunks(pending, {"a"})
-    assert pending == [step]
-
-
-def test_stage1_finds_stage2_where_celery_puts_it_in_a_real_stage1_message(redis_server):
-    import base64
-    import json
-
-    from worker.chaining import send_on_kept_chunks
-
-    # Given a two-stage job queued on a broker nobody consumes
-    settings = Settings(broker_url=redis_server.url, queue="chain-shape")
-    client = RerankClient(settings)
-    papers = [paper(i, text="Apixaban. " * 300) for i in range(6)]
-    client.submit("q", papers, top_k_docs=2)
-    # When stage 1's message is read off the queue as a worker would decode it
-    envelope = json.loads(client.app.connection_for_write().default_channel.client.rpop("chain-shape"))
-    _, _, embed = json.loads(base64.b64decode(envelope["body"]))
-    # Then the chain it carries is what stage 1 cuts down to the kept papers' chunks
-    send_on_kept_chunks(embed["chain"], {"p1", "p4"})
-    sent = parse_request(ChunksRequest, embed["chain"][-1]["kwargs"]["request"], settings)
-    pool = client.chunk_pool(client.validate({"query": "q", "candidates": papers}).candidates)
-    assert {c.doc_id for c in sent.chunks} == {"p1", "p4"}
-    assert sent.positions == [n for n, c in enumerate(pool) if c.doc_id in {"p1", "p4"}]
-    assert [pool[n] for n in sent.positions] == list(sent.chunks)
-
-
-def test_stage2_of_a_two_stage_job_carries_the_digest_of_every_chunk_of_the_pool(in_process_settings):
-    from contract.formats import chunk_digest, stage2_message
-    from worker.chaining import send_on_kept_chunks
-
-    # Given a two-stage job's stage-2 request as the client builds it
-    client = RerankClient(in_process_settings)
-    documents, chunks = client._two_stage_requests("q", [paper(i, text="Apixaban. " * 300) for i in range(4)], 2, None, False, None)
-    # Then it names each chunk of the pool at its place by a digest
-    assert chunks.digests == [chunk_digest(c, n) for n, c in enumerate(chunks.chunks)] and len(set(chunks.digests)) == len(chunks.chunks)
-    # And stage 1's trimming sends on the digests of the kept chunks only, which the trimmed request passes
-    pending = [{"task": TASK_CHUNKS, "kwargs": {"request": stage2_message(chunks)}}]
-    send_on_kept_chunks(pending, {"p2"})
-    sent = parse_request(ChunksRequest, pending[-1]["kwargs"]["request"], in_process_settings)
-    assert {c.doc_id for c in sent.chunks} == {"p2"} and sent.digests == [chunks.digests[n] for n in sent.positions]
-
-
-def test_stage1_names_the_pool_of_a_producer_older_than_digests(in_process_settings):
-    from contract.formats import stage2_message
-    from worker.chaining import send_on_kept_chunks
-
-    # Given a stage-2 request from a producer that sends no digests
-    client = RerankClient(in_process_settings)
-    _, chunks = client._two_stage_requests("q", [paper(i, text="Apixaban. " * 300) for i in range(4)], 2, None, False, None)
-    old = stage2_message(chunks.model_copy(update={"digests": None}))
-    assert "digests" not in old
-    # When stage 1 trims it, Then stage 2 still receives the pool's digests and checks its chunks against them
-    pending = [{"task": TASK_CHUNKS, "kwargs": {"request": old}}]
-    send_on_kept_chunks(pending, {"p1", "p3"})
-    sent = pending[-1]["kwargs"]["request"]
-    assert sent["digests"] == [chunks.digests[n] for n in sent["positions"]]
-    parse_request(ChunksRequest, pending[-1]["kwargs"]["request"], in_process_settings)
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from contract.errors import WorkerError
 from scoring.device import DeviceClient, DeviceServer
 from scoring.engine import CrossEncoderEngine
 from scoring.wire import Buffer, Failed, Hello, Score, frame, from_device, to_device
-from tests.helpers import QUERY, CORPUS
+from tests.helpers import CORPUS, QUERY
 
 
 @pytest.fixture(scope="module")

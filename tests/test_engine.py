@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from contract.errors import ModelLoadError
-from tests.helpers import CORPUS, QUERY, reference_logits, sigmoid
 from scoring.engine import CrossEncoderEngine
-
+from tests.helpers import CORPUS, QUERY, reference_logits, sigmoid
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from producer import RerankClient, Settings
 from contract.names import DEFAULT_QUEUE, queue_name, worker_queues
+from producer import RerankClient, Settings
 from tests.helpers import QUERY, ROOT, short_papers
 from worker.cli import build_parser, celery_argv, pinned_workers
-
-
-
 
 # Queues ---------------------------------------------------------------------------------------
 

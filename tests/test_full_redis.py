@@ -10,7 +10,16 @@ import pytest
 from redis import Redis
 
 from producer import BrokerUnavailable, RerankClient, Settings
-from tests.helpers import FAST, QUERY, RedisServer, WorkerFleet, long_papers, short_papers, started, wait_for
+from tests.helpers import (
+    FAST,
+    QUERY,
+    RedisServer,
+    WorkerFleet,
+    long_papers,
+    short_papers,
+    started,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 

@@ -17,10 +17,20 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from producer import InvalidRequest, RerankClient, Settings
 from contract.names import TASK_PASSAGES
+from producer import InvalidRequest, RerankClient, Settings
 from tests.gateway_helpers import FILE_KEY, KEY, Gateway
-from tests.helpers import CORPUS, QUERY, WorkerFleet, candidates, children, kill, reference_logits, sigmoid, wait_for
+from tests.helpers import (
+    CORPUS,
+    QUERY,
+    WorkerFleet,
+    candidates,
+    children,
+    kill,
+    reference_logits,
+    sigmoid,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -418,7 +428,6 @@ def test_the_readme_examples_run_as_written(gateway):
 
 def test_compose_and_kubernetes_run_the_gateway_behind_keys_with_its_real_settings():
     import tomllib
-
     import yaml
 
     from gateway.settings import GatewaySettings

@@ -14,10 +14,21 @@ from typing import Any
 import pytest
 from redis import Redis
 
+from contract.names import TASK_CHUNKS, TASK_DOCUMENTS
 from producer import InvalidRequest, RerankClient, RerankResult, Settings
 from producer.jobs import Finish, Handle
-from contract.names import TASK_CHUNKS, TASK_DOCUMENTS
-from tests.helpers import QUERY, RedisServer, WorkerFleet, WorkerProcess, children, long_papers, report, short_papers, started, wait_for
+from tests.helpers import (
+    QUERY,
+    RedisServer,
+    WorkerFleet,
+    WorkerProcess,
+    children,
+    long_papers,
+    report,
+    short_papers,
+    started,
+    wait_for,
+)
 from worker.report import rss_mb
 
 pytestmark = pytest.mark.integration

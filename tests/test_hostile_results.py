@@ -21,12 +21,19 @@ from typing import Any
 import pytest
 from redis import Redis
 
-from producer import AsyncRerankClient, InvalidRequest, RerankClient, RerankError, Settings, WorkerError
 from contract.formats import chunk_digest
+from contract.plain import MAX_DEPTH, plain_json
+from contract.schemas import Chunk
+from producer import (
+    AsyncRerankClient,
+    InvalidRequest,
+    RerankClient,
+    RerankError,
+    Settings,
+    WorkerError,
+)
 from producer.jobs import RerankJob
 from producer.metrics import default_queues
-from contract.schemas import Chunk
-from contract.plain import MAX_DEPTH, plain_json
 from tests.helpers import QUERY, candidates, free_port, short_papers, wait_for
 
 pytestmark = pytest.mark.integration
@@ -312,8 +319,16 @@ def send_to_worker(redis: Redis, envelope: dict[str, Any], body: list[Any], queu
     redis.lpush(queue, json.dumps(envelope))
 
 
+def as_sent_by_an_older_producer(client: RerankClient, request: dict[str, Any]) -> None:
+    """Turn a stage-2 request naming its stored pool into the form producers before stored pools sent: every chunk, with digests."""
+    pool = client.chunk_pool(client.validate({"query": QUERY, "candidates": papers()}).candidates)
+    del request["pool"]
+    request["chunks"] = [c.model_dump(mode="json") for c in pool]
+    request["digests"] = [chunk_digest(c, n) for n, c in enumerate(pool)]
+
+
 def _forge(name: str) -> Callable[[dict[str, Any]], None]:
-    """Change a stage-2 request (the whole pool, with digests) the way a forger would, before stage 1 sees it."""
+    """Change a stage-2 request (the whole pool, with digests) the way a forger would, trimmed as older workers' stage 1 did."""
 
     def kept(request: dict[str, Any], docs: set[str]) -> list[int]:
         return [n for n, c in enumerate(request["chunks"]) if c["doc_id"] in docs]
@@ -377,6 +392,7 @@ def test_a_forged_stage2_request_is_refused_and_the_worker_serves_on(shared_work
     # Given a two-stage job's stage-1 message, whose stage-2 request a forger changed
     job, envelope, body = held_stage1(held, redis)
     request = body[2]["chain"][-1]["kwargs"]["request"]
+    as_sent_by_an_older_producer(held, request)
     _forge(forgery)(request)
     # When it reaches a worker
     queue = Settings(model=held.settings.model).queue

@@ -7,18 +7,18 @@ import copy
 import re
 import shutil
 import subprocess
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
+import tomllib
 import yaml
 
-from producer.cli import build_parser as rerank_parser
-from producer.metrics import default_queues
 from contract.names import model_slug, worker_queues
 from contract.settings import Settings
+from producer.cli import build_parser as rerank_parser
+from producer.metrics import default_queues
 from tests.helpers import skip_or_fail
 from tests.test_security import certificates  # noqa: F401  (the fixture: a throw-away CA and server certificate)
 from worker.cli import build_parser as worker_parser

@@ -16,10 +16,23 @@ import urllib.request
 import pytest
 import redis
 
+from contract.names import (
+    TASK_CHUNKS,
+    TASK_DOCUMENTS,
+    TASK_PASSAGES,
+    model_slug,
+    queue_name,
+)
 from producer import RerankClient, Settings
 from producer.metrics import QueueCollector, default_queues, read_queues
-from contract.names import TASK_CHUNKS, TASK_DOCUMENTS, TASK_PASSAGES, model_slug, queue_name
-from tests.helpers import QUERY, candidates, free_port, short_papers, skip_or_fail, wait_for
+from tests.helpers import (
+    QUERY,
+    candidates,
+    free_port,
+    short_papers,
+    skip_or_fail,
+    wait_for,
+)
 
 try:
     import prometheus_client

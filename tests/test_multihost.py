@@ -17,7 +17,6 @@ from producer import RerankClient, Settings
 from tests.helpers import CORPUS, QUERY, RedisServer, need_binary, skip_or_fail
 
 
-
 def ip(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=20)
 

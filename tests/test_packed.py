@@ -12,13 +12,27 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast, XLMRobertaConfig, XLMRobertaForSequenceClassification
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertTokenizerFast,
+    XLMRobertaConfig,
+    XLMRobertaForSequenceClassification,
+)
 
 from contract.errors import ModelLoadError
-from tests.helpers import CORPUS, QUERY, reference_logits, sigmoid
 from scoring.engine import CrossEncoderEngine
 from scoring.packed import PackedForward
+from tests.helpers import CORPUS, QUERY, reference_logits, sigmoid
 
 SCORE_TOLERANCE = 1e-5
 LOGIT_TOLERANCE = 5e-5

@@ -15,6 +15,7 @@ import pytest
 from producer import InvalidRequest, RerankClient, Settings
 from tests.helpers import CORPUS, QUERY, candidates, check_two_stage
 
+
 def test_in_process_two_stage_matches_the_reference(in_process_settings, tiny_model):
     result = check_two_stage(RerankClient(in_process_settings), tiny_model)
     assert result.documents.info.model_loads == 1

@@ -11,12 +11,10 @@ import time
 
 import pytest
 
+from contract.names import PROGRESS_STATE, REPORT_COMMAND
 from producer import RerankClient, Settings
 from producer.app import create_app
-from contract.names import PROGRESS_STATE, REPORT_COMMAND
 from tests.helpers import CORPUS, QUERY, ROOT, short_papers, wait_for
-
-
 
 
 def report_cli(broker_url: str, *args: str) -> subprocess.CompletedProcess[str]:

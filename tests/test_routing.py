@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer import RerankClient, Settings, WorkerError
-from producer.client import ScoredBy
 from contract.names import MAX_SLUG, model_queue, model_slug, queue_name, worker_queues
 from contract.schemas import RerankResult, ScoringInfo, TwoStageResult
+from producer import RerankClient, Settings, WorkerError
+from producer.client import ScoredBy
 from tests.helpers import CORPUS, QUERY, candidates, short_papers
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -14,17 +14,16 @@ from billiard.process import current_process
 from celery import bootsteps
 from celery.signals import worker_process_init, worker_shutdown
 
-from producer.app import create_app
 from contract.errors import ModelLoadError
 from contract.settings import get_settings
-from worker import accounting, metrics, report, tasks  # noqa: F401  (registers the tasks, their accounting and the report command)
+from producer.app import create_app
+from scoring.model import check_model
+from worker import accounting, metrics, report, runtime, tasks  # noqa: F401  (registers the tasks, their accounting and the report command)
 from worker.backend import backend_url
 from worker.control import restrict_remote_control
-from scoring.model import check_model
+from worker.device_process import DeviceProcess
 from worker.eviction import EvictionCheck
 from worker.health import HeartbeatStep
-from worker import runtime
-from worker.device_process import DeviceProcess
 from worker.runtime import load_engine
 
 log = logging.getLogger(__name__)

@@ -227,8 +227,8 @@ def report_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.broker_url:
         os.environ["RERANK_BROKER_URL"] = args.broker_url
-    from producer.app import create_app
     from contract.settings import Settings
+    from producer.app import create_app
 
     settings = Settings()
     if not settings.broker_url:
@@ -267,9 +267,8 @@ def main(argv: list[str] | None = None) -> None:
         if value is not None:
             os.environ[variable] = str(value)
     # Imported only now: the app reads its settings from the environment set above.
-    from pydantic import ValidationError
-
     from celery.bin.celery import celery
+    from pydantic import ValidationError
 
     try:
         from worker.app import settings

@@ -21,8 +21,8 @@ from celery.worker.consumer import Consumer
 from vine import promise
 
 from contract.errors import InvalidRequest
-from contract.plain import plain_json, short
 from contract.names import TASK_CHUNKS, TASK_DOCUMENTS
+from contract.plain import plain_json, short
 from worker.transport import REFUSED_HEADER
 
 log = logging.getLogger(__name__)

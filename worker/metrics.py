@@ -15,8 +15,8 @@ from typing import Any
 
 from celery import bootsteps
 
-from producer.app import settings_of
 from contract.names import model_slug
+from producer.app import settings_of
 from producer.scrape import MetricsServer, read_token
 from worker import accounting
 

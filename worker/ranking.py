@@ -8,7 +8,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from contract.formats import chunk_passage, document_passage, text_windows
-from contract.schemas import ChunksRequest, DocumentsRequest, PassagesRequest, RankedItem, RerankResult, ScoringInfo
+from contract.schemas import (
+    ChunksRequest,
+    DocumentsRequest,
+    PassagesRequest,
+    RankedItem,
+    RerankResult,
+    ScoringInfo,
+)
 from scoring.engine import Scorer, Scores
 from worker.runtime import model_loads
 

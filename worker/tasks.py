@@ -9,13 +9,13 @@ from typing import Any
 from celery import Task, shared_task, states
 from celery.exceptions import SoftTimeLimitExceeded
 
-from producer.app import settings_of
 from contract.errors import InvalidRequest, TaskTimedOut
 from contract.names import TASK_CHUNKS, TASK_DOCUMENTS, TASK_PASSAGES
 from contract.schemas import ChunksRequest, DocumentsRequest, PassagesRequest
-from contract.validation import parse_request
-from worker import ranking
-from worker.chaining import check_stage1, send_on_kept_chunks
+from contract.validation import check_limits, parse_request
+from producer.app import settings_of
+from worker import ranking, stored
+from worker.chaining import check_stage1
 from worker.progress import TaskProgress
 from worker.runtime import load_engine
 
@@ -55,10 +55,12 @@ class RerankTask(Task):
             ) from e
 
     def after_return(self, status: str, *_: Any) -> None:
-        """Remember a failure, whose reference cycles the next task collects."""
+        """Drop what the job keeps in Redis once nothing will read it; remember a failure, whose reference cycles the next task collects."""
         global _failed_before
         if status != states.SUCCESS:
             _failed_before = True
+        if status != states.SUCCESS or not self.request.chain:
+            stored.drop(self)
 
 
 _failed_before = False
@@ -68,20 +70,23 @@ _failed_before = False
 def rerank_documents(self: Task, request: dict[str, Any]) -> dict[str, Any]:
     """Stage 1: rank candidate papers by title and abstract."""
     settings = settings_of(self.app)
-    parsed = parse_request(DocumentsRequest, request, settings)
+    parsed = parse_request(DocumentsRequest, stored.request_of(self, request), settings)
     progress = TaskProgress(self, "documents", settings.progress_interval)
-    result = ranking.rank_documents(load_engine(settings), parsed, self.request.hostname, progress)
-    send_on_kept_chunks(self.request.chain, {item.id for item in result.items})
-    return result.model_dump(mode="json")
+    return ranking.rank_documents(load_engine(settings), parsed, self.request.hostname, progress).model_dump(mode="json")
 
 
 @shared_task(name=TASK_CHUNKS, bind=True, base=RerankTask)
 def rerank_chunks(self: Task, stage1: dict[str, Any] | None = None, *, request: dict[str, Any]) -> dict[str, Any]:
     """Stage 2: rank chunks; in a chain, only those of the papers stage 1 kept, returning both stages."""
     settings = settings_of(self.app)
-    parsed = parse_request(ChunksRequest, request, settings)
+    parsed = parse_request(ChunksRequest, stored.request_of(self, request), settings)
     documents = None if stage1 is None else check_stage1(stage1, parsed)
     kept = None if documents is None else {item.id for item in documents.items}
+    if parsed.pool is not None:
+        if kept is None:
+            raise InvalidRequest("a stage-2 request with a pool reads the papers stage 1 kept: it runs only chained after stage 1")
+        parsed = stored.kept_chunks(self, parsed, kept)
+        check_limits(parsed, settings)
     progress = TaskProgress(self, "chunks", settings.progress_interval)
     chunks = ranking.rank_chunks(load_engine(settings), parsed, kept, self.request.hostname, progress).model_dump(mode="json")
     return chunks if documents is None else {"documents": documents.model_dump(mode="json"), "chunks": chunks}
@@ -91,6 +96,6 @@ def rerank_chunks(self: Task, stage1: dict[str, Any] | None = None, *, request: 
 def rerank_passages(self: Task, request: dict[str, Any]) -> dict[str, Any]:
     """Plain pairs: rank passages scored exactly as sent, without a template."""
     settings = settings_of(self.app)
-    parsed = parse_request(PassagesRequest, request, settings)
+    parsed = parse_request(PassagesRequest, stored.request_of(self, request), settings)
     progress = TaskProgress(self, "passages", settings.progress_interval)
     return ranking.rank_passages(load_engine(settings), parsed, self.request.hostname, progress).model_dump(mode="json")

@@ -13,7 +13,13 @@ from typing import Any
 import pytest
 
 from producer import RerankClient, Settings
-from tests.helpers import TIME_LIMIT, VISIBILITY_TIMEOUT, RedisServer, WorkerFleet, kill_tree
+from tests.helpers import (
+    TIME_LIMIT,
+    VISIBILITY_TIMEOUT,
+    RedisServer,
+    WorkerFleet,
+    kill_tree,
+)
 
 
 @pytest.fixture

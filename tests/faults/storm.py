@@ -19,7 +19,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import ROOT, RedisServer, WorkerFleet, WorkerProcess, children, is_device_process, kill, kill_tree, short_papers
+from tests.helpers import (
+    ROOT,
+    RedisServer,
+    WorkerFleet,
+    WorkerProcess,
+    children,
+    is_device_process,
+    kill,
+    kill_tree,
+    short_papers,
+)
 
 VARIANTS = 20
 """Distinct requests the jobs cycle through; each is scored once in-process as the reference."""

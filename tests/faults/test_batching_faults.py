@@ -10,7 +10,18 @@ import pytest
 
 from producer import RerankClient, TaskTimedOut
 from tests.helpers import (
-    FAST, QUERY, ROOT, TIME_LIMIT, VISIBILITY_TIMEOUT, assert_same_ranking, deliveries, kill_tree, long_papers, report, started, wait_for,
+    FAST,
+    QUERY,
+    ROOT,
+    TIME_LIMIT,
+    VISIBILITY_TIMEOUT,
+    assert_same_ranking,
+    deliveries,
+    kill_tree,
+    long_papers,
+    report,
+    started,
+    wait_for,
 )
 
 pytestmark = pytest.mark.integration

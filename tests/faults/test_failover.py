@@ -17,7 +17,17 @@ from redis import Redis
 
 from producer import BrokerUnavailable, RerankClient, Settings
 from tests.faults.storm import VARIANTS, request
-from tests.helpers import RELAXED, RedisServer, WorkerFleet, free_port, kill, need_binary, report, terminate, wait_for
+from tests.helpers import (
+    RELAXED,
+    RedisServer,
+    WorkerFleet,
+    free_port,
+    kill,
+    need_binary,
+    report,
+    terminate,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 

@@ -10,9 +10,18 @@ import time
 
 import pytest
 
-from producer import RerankClient
 from contract.names import model_queue
-from tests.helpers import FAST, QUERY, VISIBILITY_TIMEOUT, assert_same_ranking, kill_tree, long_papers, started, wait_for
+from producer import RerankClient
+from tests.helpers import (
+    FAST,
+    QUERY,
+    VISIBILITY_TIMEOUT,
+    assert_same_ranking,
+    kill_tree,
+    long_papers,
+    started,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,16 @@ import pytest
 
 from producer import RerankClient
 from producer.jobs import stage1_id
-from tests.helpers import FAST, QUERY, assert_same_ranking, deliveries, long_papers, report, started, wait_for
+from tests.helpers import (
+    FAST,
+    QUERY,
+    assert_same_ranking,
+    deliveries,
+    long_papers,
+    report,
+    started,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 

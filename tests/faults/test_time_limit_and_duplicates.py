@@ -10,11 +10,22 @@ from pathlib import Path
 import pytest
 from celery import chain
 
-from producer import RerankClient, Settings
 from contract.errors import RerankTimeout, TaskTimedOut
 from contract.names import TASK_CHUNKS, TASK_DOCUMENTS
-from tests.helpers import RedisServer, WorkerFleet, WorkerProcess
-from tests.helpers import FAST, QUERY, TIME_LIMIT, VISIBILITY_TIMEOUT, assert_same_ranking, long_papers, report, wait_for
+from producer import RerankClient, Settings
+from tests.helpers import (
+    FAST,
+    QUERY,
+    TIME_LIMIT,
+    VISIBILITY_TIMEOUT,
+    RedisServer,
+    WorkerFleet,
+    WorkerProcess,
+    assert_same_ranking,
+    long_papers,
+    report,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
