@@ -134,7 +134,7 @@ def create_app(settings: Settings | None = None, gateway: GatewaySettings | None
     async def answered(request: Request, handle: Handle) -> Any:
         """Wait for `handle`'s result; revoke the job if the client leaves first, and turn a timeout into 504 with the job id."""
         async with _announced(request, handle) as nap:
-            result = asyncio.ensure_future(wait(handle, gateway.wait_timeout, nap))
+            result = asyncio.ensure_future(wait(handle, gateway.wait_timeout, nap, announced=nap is not asyncio.sleep))
             gone = asyncio.ensure_future(_disconnected(request))
             try:
                 await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)

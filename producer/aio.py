@@ -168,18 +168,21 @@ class AsyncRerankBatch:
         return await asyncio.to_thread(self.sync.cancel)
 
 
-async def wait(handle: Handle, timeout: float | None, nap: Nap = asyncio.sleep) -> Any:
+async def wait(handle: Handle, timeout: float | None, nap: Nap = asyncio.sleep, announced: bool = False) -> Any:
     """Await `handle`'s result: backend reads in a thread, `nap(seconds)` (a sleep) in between."""
-    async for _ in completed([handle], timeout, f"job {handle.id}", nap):
+    async for _ in completed([handle], timeout, f"job {handle.id}", nap, announced):
         pass
     return handle.decode()
 
 
-async def completed(handles: Iterable[Handle], timeout: float | None, what: str, nap: Nap = asyncio.sleep) -> AsyncIterator[Any]:
+async def completed(
+    handles: Iterable[Handle], timeout: float | None, what: str, nap: Nap = asyncio.sleep, announced: bool = False
+) -> AsyncIterator[Any]:
     """Yield `handles` as they finish: `producer.jobs.completed` for asyncio.
 
-    `nap(seconds)` waits between reads; one that returns early on the result backend's
-    announcements (as the HTTP gateway's shared subscriber does) notices a finished job sooner.
+    `nap(seconds)` waits between reads; with `announced`, it returns as soon as the result backend
+    announces a new state of the task (as the HTTP gateway's shared subscriber does), so reads are
+    paced for a safety net only.
     """
     handles = list(handles)
     waiter = Waiter(handles, timeout, what)
@@ -189,4 +192,4 @@ async def completed(handles: Iterable[Handle], timeout: float | None, what: str,
         for handle in waiter.settle(await asyncio.to_thread(handles[0].backend.finished, waiter.ids())):
             yield handle
         if waiter.pending:
-            await nap(waiter.pause())
+            await nap(waiter.pause(announced))

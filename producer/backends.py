@@ -128,7 +128,9 @@ def _foreign(what: str, problem: str) -> WorkerError:
 
 
 class Watch(Protocol):
-    """Something to wait on between reads of the result backend."""
+    """Something to wait on between reads of the result backend; `wakes` while a finished task ends its wait at once."""
+
+    wakes: bool
 
     def wait(self, seconds: float) -> None:
         """Return when a watched task's state may have changed, or after `seconds`."""
@@ -139,6 +141,8 @@ class Watch(Protocol):
 
 class Sleep:
     """Waits out the pause: for a backend that announces nothing, and in-process, where nothing runs meanwhile."""
+
+    wakes = False
 
     def wait(self, seconds: float) -> None:
         """Sleep `seconds`."""
@@ -170,6 +174,11 @@ class Announcements:
         with reaching("watching tasks", url):
             self._pubsub = backend.client.pubsub(ignore_subscribe_messages=True)
             self._pubsub.subscribe(*[backend.get_key_for_task(task_id) for task_id in task_ids])
+
+    @property
+    def wakes(self) -> bool:
+        """Whether announcements still wake the waits (not after MAX_DROPS dropped subscriptions)."""
+        return self._drops <= self.MAX_DROPS
 
     def wait(self, seconds: float) -> None:
         """Return on the first announcement of a final state, on a dropped subscription, or after `seconds`."""

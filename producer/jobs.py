@@ -314,6 +314,6 @@ def completed(handles: Iterable[Handle], timeout: float | None, what: str) -> It
         while waiter.pending:
             yield from waiter.settle(backend.finished(waiter.ids()))
             if waiter.pending:
-                watch.wait(waiter.pause())
+                watch.wait(waiter.pause(watch.wakes))
     finally:
         watch.close()

@@ -21,8 +21,13 @@ POLL_GROWTH = 1.25
 run time after it finishes, and a long one costs few reads (about 4 a second)."""
 
 MAX_POLL = 0.25
-"""The longest pause between reads, and so the most a finished job waits to be noticed when its
-announcement is missed (a backend that announces nothing)."""
+"""The longest pause between reads where nothing announces a finished job (a backend that
+announces nothing, or an asyncio caller without a subscriber): the most it waits to be noticed."""
+
+ANNOUNCED_POLL = 2.0
+"""The pause between reads while the waits end on the result backend's announcements: a safety net
+only (a finished job wakes its waiter at once), so a job costs Redis a few reads, not one every
+quarter second."""
 
 
 class Waitable(Protocol):
@@ -58,8 +63,8 @@ class Waiter:
         self._found = bool(done)
         return done
 
-    def pause(self) -> float:
-        """Seconds to sleep before the next read: none right after progress, then growing.
+    def pause(self, announced: bool = False) -> float:
+        """Seconds to sleep before the next read: none right after progress, then growing; ANNOUNCED_POLL when `announced`.
 
         Raises:
             RerankTimeout: the deadline passed with tasks unfinished; they may still finish.
@@ -73,9 +78,9 @@ class Waiter:
                 f"{self.what} gave no result within {self.timeout}s ({len(self.pending)} unfinished); it may still "
                 "finish: check that workers consume the queue (`rerank workers`), or wait longer"
             )
-        delay = self._delay if remaining is None else min(self._delay, remaining)
+        wanted = ANNOUNCED_POLL if announced else self._delay
         self._delay = min(self._delay * POLL_GROWTH, MAX_POLL)
-        return delay
+        return wanted if remaining is None else min(wanted, remaining)
 
 
 class Outcomes:

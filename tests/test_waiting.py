@@ -51,3 +51,19 @@ def test_tasks_already_finished_are_ready_without_a_read():
     finished = Task("done", {"status": "SUCCESS", "result": None})
     waiter = Waiter([finished, Task("open")], 1.0, "batch")
     assert waiter.ready == [finished] and waiter.ids() == ["open"]
+
+
+def test_while_announcements_wake_the_waits_reads_are_a_slow_safety_net_bounded_by_the_deadline():
+    from producer.waiting import ANNOUNCED_POLL
+
+    # Given a task whose waits end on the result backend's announcements
+    waiter = Waiter([Task("a")], None, "job a")
+    waiter.settle({})
+    # When nothing was found, Then the next read is a safety net only, not a quarter-second poll
+    assert waiter.pause(announced=True) == ANNOUNCED_POLL > 4 * MAX_POLL
+    # And without announcements the pauses are the growing polls
+    assert waiter.pause() <= MAX_POLL
+    # And a deadline still bounds the pause
+    late = Waiter([Task("b")], 0.3, "job b")
+    late.settle({})
+    assert late.pause(announced=True) <= 0.3
