@@ -8,7 +8,6 @@ from pathlib import Path
 
 from producer import Candidate
 from contract.formats import document_passage
-from worker.synthetic import SHAPES, build_cross_encoder
 
 ROOT = Path(__file__).parents[1]
 CACHE = ROOT / ".bench-cache"
@@ -41,6 +40,9 @@ def model_dir(shape: str) -> Path:
     """Build (once) and return a random-weight cross-encoder with the named shape."""
     path = CACHE / shape
     if not (path / "config.json").exists():
+        # Here, not at the top: processes that only send jobs (producers, probes) need no transformers.
+        from worker.synthetic import SHAPES, build_cross_encoder
+
         print(f"building a random-weight {shape} model {SHAPES[shape]} in {path}", flush=True)
         build_cross_encoder(path, tokenizer_text(), shape, vocab_size=4000)
     return path
