@@ -21,13 +21,10 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import torch
-
-from benchmarks.corpus import QUERY, cpu_features, cpu_name, model_dir, papers
+from benchmarks.corpus import QUERY, cpu_features, cpu_name, model_dir, papers, shape_name
 from benchmarks.output import write_results
 from benchmarks.through_redis import running_system
 from contract.formats import chunk_pool
-from worker.synthetic import SHAPES
 
 ROOT = Path(__file__).parents[1]
 PHASES = {
@@ -78,7 +75,7 @@ def timeline(log: str, job_id: str, sent: float, queued: float, done: float, com
 def parser() -> argparse.ArgumentParser:
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--shape", type=shape_name, default="tiny", help="A worker/synthetic.py shape.")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--docs", type=int, default=100)
@@ -117,7 +114,12 @@ def main() -> None:
     medians = {name: statistics.median(r[name] for r in rows) for name in rows[0] if name != "ran"}
     overhead = medians["wall"] - medians["compute"]
 
-    device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"{cpu_name()} ({cpu_features()})"
+    if args.device.startswith("cuda"):
+        import torch
+
+        device = torch.cuda.get_device_name(0)
+    else:
+        device = f"{cpu_name()} ({cpu_features()})"
     lines = [
         f"Device: {device}; producer, Redis and worker on this host ({cpu_name()}). Model: random weights, {args.shape} shape, "
         f"dtype {args.dtype}. {args.docs}-paper two-stage jobs ({jobs[0][5]} chunks scored of a {pool_bytes / 1e3:.0f} KB chunk pool), "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 from evidence import QUERY, make_candidates, make_chunks  # noqa: E402
 
-__all__ = ["QUERY", "make_candidates", "make_chunks", "model_dir", "papers", "stage1_texts", "tokenizer_text"]
+__all__ = ["QUERY", "make_candidates", "make_chunks", "model_dir", "papers", "shape_name", "stage1_texts", "tokenizer_text"]
 
 
 def papers(n: int, seed: int = 5) -> list[Candidate]:
@@ -34,6 +35,21 @@ def tokenizer_text() -> list[str]:
     text = " ".join(f"{p['title']}. {p['text']}" for p in papers)
     shipped = (ROOT / "tests" / "data" / "medical_corpus.txt").read_text().splitlines()
     return re.split(r"(?<=[.:])\s+", text) + shipped
+
+
+def shape_name(name: str) -> str:
+    """`--shape` for benchmarks that load no model themselves: a name of worker/synthetic.py's SHAPES.
+
+    That module imports transformers (seconds of CPU), so it is read only when no model of this
+    name is built yet; a built one had a valid name.
+    """
+    if (CACHE / name / "config.json").exists():
+        return name
+    from worker.synthetic import SHAPES
+
+    if name not in SHAPES:
+        raise argparse.ArgumentTypeError(f"unknown shape {name!r}: choose from {', '.join(sorted(SHAPES))}")
+    return name
 
 
 def model_dir(shape: str) -> Path:

@@ -17,8 +17,7 @@ import queue
 import time
 from pathlib import Path
 
-from benchmarks.corpus import QUERY, model_dir, stage1_texts
-from worker.synthetic import SHAPES
+from benchmarks.corpus import QUERY, model_dir, shape_name, stage1_texts
 
 ROOT = Path(__file__).parents[1]
 
@@ -73,7 +72,7 @@ def run_layout(path: str, processes: int, threads: int, passages: list[str], tas
 def parser() -> argparse.ArgumentParser:
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="bge-reranker-base")
+    parser.add_argument("--shape", type=shape_name, default="bge-reranker-base", help="A worker/synthetic.py shape.")
     parser.add_argument("--docs", type=int, default=100)
     parser.add_argument("--tasks", type=int, default=4)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")

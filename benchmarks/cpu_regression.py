@@ -23,9 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.corpus import cpu_features, cpu_name, model_dir
+from benchmarks.corpus import cpu_features, cpu_name, model_dir, shape_name
 from benchmarks.output import write_results
-from worker.synthetic import SHAPES
 
 ROOT = Path(__file__).parents[1]
 
@@ -74,7 +73,7 @@ def parser() -> argparse.ArgumentParser:
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", required=True, help="Git revision to compare with.")
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="bge-reranker-base")
+    parser.add_argument("--shape", type=shape_name, default="bge-reranker-base", help="A worker/synthetic.py shape.")
     parser.add_argument("--rounds", type=int, default=3, help="Alternations per row.")
     parser.add_argument("--repeats", type=int, default=3, help="Warm requests per measurement.")
     parser.add_argument("--docs", type=int, default=100, help="Stage-1 papers per request.")

@@ -18,10 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.corpus import QUERY, cpu_name, model_dir, papers
+from benchmarks.corpus import QUERY, cpu_name, model_dir, papers, shape_name
 from benchmarks.output import write_results
 from benchmarks.through_redis import running_system
-from worker.synthetic import SHAPES
 
 ROOT = Path(__file__).parents[1]
 
@@ -37,7 +36,7 @@ def _runtimes(log: str, task: str) -> list[float]:
 def parser() -> argparse.ArgumentParser:
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--shape", type=shape_name, default="tiny", help="A worker/synthetic.py shape.")
     parser.add_argument("--samples", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=10, help="Untimed 1-doc requests first.")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")

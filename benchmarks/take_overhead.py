@@ -18,10 +18,9 @@ import statistics
 import time
 from pathlib import Path
 
-from benchmarks.corpus import QUERY, cpu_name, model_dir, papers
+from benchmarks.corpus import QUERY, cpu_name, model_dir, papers, shape_name
 from benchmarks.output import write_results
 from benchmarks.through_redis import running_system
-from worker.synthetic import SHAPES
 
 TRANSPORTS = {"ours": "benchmarks.noop_worker", "kombu": "benchmarks.kombu_transport_worker"}
 ROOT = Path(__file__).parents[1]
@@ -74,7 +73,7 @@ def summary(values: list[float]) -> dict[str, float]:
 def parser() -> argparse.ArgumentParser:
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--shape", type=shape_name, default="tiny", help="A worker/synthetic.py shape.")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=10, help="Untimed 1-doc requests first, per worker.")
