@@ -97,7 +97,7 @@ def main() -> None:
                 a, b = (first, second) if n % 2 == 0 else (second, first)
                 direct.append(a * 1000)
                 through.append(b * 1000)
-            counted = gateway_answers(str(http.base_url).rstrip("/"), "/v2/rerank")
+            counted = gateway_answers(str(http.base_url).rstrip("/"), "/v2/rerank", args.warmup + args.runs)
         finally:
             http.close()
             gateway.terminate()

@@ -85,16 +85,24 @@ async def load(url: str, body: dict, connections: int, seconds: float, pid: int)
             "wall": time.monotonic() - started}
 
 
-def gateway_answers(url: str, route: str) -> dict[str, int]:
-    """How many requests to `route` the gateway at `url` says it answered, by status (from its /metrics page)."""
+def gateway_answers(url: str, route: str, sent: int) -> dict[str, int]:
+    """How many requests to `route` the gateway at `url` says it answered, by status (its /metrics page), once it counts `sent` or 5 s pass.
+
+    The gateway counts a request after its last byte is sent, so the client may hold the last
+    answer a moment before the gateway has counted it.
+    """
     from prometheus_client.parser import text_string_to_metric_families
 
-    counts: dict[str, int] = {}
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
-        for sample in family.samples:
-            if sample.name == "rerank_gateway_requests_total" and sample.labels.get("route") == route:
-                counts[sample.labels["status"]] = int(sample.value)
-    return dict(sorted(counts.items()))
+    deadline = time.monotonic() + 5
+    while True:
+        counts: dict[str, int] = {}
+        for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+            for sample in family.samples:
+                if sample.name == "rerank_gateway_requests_total" and sample.labels.get("route") == route:
+                    counts[sample.labels["status"]] = int(sample.value)
+        if sum(counts.values()) >= sent or time.monotonic() > deadline:
+            return dict(sorted(counts.items()))
+        time.sleep(0.05)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -145,7 +153,7 @@ def main() -> None:
             time.sleep(0.5)
         body = {"model": str(model), "query": QUERY, "documents": stage1_texts(args.docs)}
         run = asyncio.run(load(url, body, args.connections, args.seconds, gateway.pid))
-        counted = gateway_answers(url, "/v2/rerank")
+        counted = gateway_answers(url, "/v2/rerank", run["sent"])
     finally:
         for process in reversed(processes):
             process.terminate()

@@ -33,32 +33,31 @@ from tests.helpers import ROOT, need_binary
 pytestmark = pytest.mark.integration
 
 # What each test runs besides `--out OUT`: the smallest run in which what the benchmark varies can
-# still be seen. Longest first: that is the order they start in. `redis` marks those that start
-# their own redis-server.
+# still be seen, and whether it starts a redis-server of its own. Longest first: the order they start in.
 COMMANDS: dict[str, tuple[list[str], bool]] = {
     "fleet_throughput": (["--shape", "tiny", "--shapes", "threads,device+1", "--kinds", "k10", "--seconds", "1", "--producers", "1",
                           "--closed-jobs", "4", "--rates-k10", "4"], True),
-    "run": (["--shape", "tiny", "--docs", "4", "--repeats", "1", "--bf16-docs", "2", "--max-batch-tokens", "512",
-             "--plots", "{out}"], True),
     "attention": (["--device", "cpu", "--shape", "tiny", "--docs", "4", "--repeats", "1", "--e2e", "--only",
                    "ours padded,ours packed,packed + qkv,packed - prune_last_layer,packed + cuda_graphs,packed tokenizing in slices of 16"],
                   True),
     "gateway_load": (["--connections", "20", "--seconds", "2", "--queue-bound", "2", "--docs", "4", "--workers", "1"], True),
-    "take_overhead": (["--shape", "tiny", "--rounds", "1", "--samples", "3", "--warmup", "1"], True),
-    "cpu_processes": (["--shape", "tiny", "--docs", "4", "--tasks", "2"], False),
     "gateway_latency": (["--shape", "tiny", "--docs", "4", "--runs", "5", "--warmup", "1"], True),
+    "cpu_processes": (["--shape", "tiny", "--docs", "4", "--tasks", "2"], False),
+    "take_overhead": (["--shape", "tiny", "--rounds", "1", "--samples", "3", "--warmup", "1"], True),
     "cpu_regression": (["--baseline", "HEAD", "--shape", "tiny", "--rounds", "1", "--repeats", "1", "--docs", "2",
                         "--rows", "bf16/in-process"], False),
-    "chain_overhead": (["--shape", "tiny", "--docs", "2", "--runs", "2", "--warmup", "1", "--dtype", "bf16"], True),
-    "latency": (["--shape", "tiny", "--samples", "5", "--warmup", "1"], True),
     "sweep": (["--shape", "tiny", "--docs", "4", "--repeats", "1", "--budgets", "512,2048", "--attention", "padded",
                "--compile", "default", "--compile-backend", "eager"], False),
+    "chain_overhead": (["--shape", "tiny", "--docs", "2", "--runs", "2", "--warmup", "1", "--dtype", "bf16"], True),
+    # Its Redis rows (--skip-e2e off) vary nothing; benchmarks.attention's do, and run here.
+    "run": (["--shape", "tiny", "--docs", "4", "--repeats", "1", "--bf16-docs", "2", "--max-batch-tokens", "512", "--skip-e2e",
+             "--plots", "{out}"], False),
+    "latency": (["--shape", "tiny", "--samples", "5", "--warmup", "1"], True),
     "fresh_shapes": (["--device", "cpu", "--shape", "tiny", "--pad-multiple", "64", "--requests", "2", "--docs", "4"], False),
     "profile_forward": (["--device", "cpu", "--shape", "tiny", "--docs", "4", "--rows", "5"], False),
 }
 AT_ONCE = 3
 LIMIT_S = 240
-TINY_LAYERS = 2  # worker/synthetic.py SHAPES["tiny"]
 
 
 @dataclass
@@ -136,20 +135,25 @@ class Benchmarks:
                 os.killpg(process.pid, signal.SIGKILL)
 
 
+def benchmark_of(test: str) -> str | None:
+    """The benchmark a test here is about: its name follows `test_`."""
+    return next((name for name in COMMANDS if test.startswith(f"test_{name}_")), None)
+
+
 @pytest.fixture(scope="session")
 def benchmarks(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     """The benchmarks whose tests this session runs, started at once (a few at a time) on the tiny model, built first."""
     from benchmarks.corpus import model_dir
 
     model_dir("tiny")  # once, before several benchmarks would build it at the same time
-    selected = {item.originalname.removeprefix("test_") for item in request.session.items if item.module.__name__ == __name__}
+    selected = {benchmark_of(item.originalname) for item in request.session.items if item.module.__name__ == __name__}
     names = [name for name in COMMANDS if name in selected and (not COMMANDS[name][1] or shutil.which("redis-server"))]
     runner = Benchmarks(tmp_path_factory.mktemp("benchmarks"), names)
     yield runner
     runner.stop()
 
 
-def ran(benchmarks: Benchmarks, name: str) -> Run:
+def finished(benchmarks: Benchmarks, name: str) -> Run:
     """The finished run of `name`, once redis-server is known to be there if it needs one."""
     if COMMANDS[name][1]:
         need_binary("redis-server")
@@ -159,8 +163,8 @@ def ran(benchmarks: Benchmarks, name: str) -> Run:
 # -- the benchmarks -----------------------------------------------------------------------------
 
 
-def test_fleet_throughput(benchmarks):
-    result = ran(benchmarks, "fleet_throughput").json("fleet-cpu-tiny.json")
+def test_fleet_throughput_threads_score_in_the_worker_and_device_shapes_in_a_device_process(benchmarks):
+    result = finished(benchmarks, "fleet_throughput").json("fleet-cpu-tiny.json")
     rows = result["rows"]
     # Both worker shapes ran, closed and open loop, at the rate asked for
     assert {(r["shape"], r["loop"]) for r in rows} == {(s, loop) for s in ("threads", "device+1") for loop in ("closed", "open")}
@@ -176,8 +180,8 @@ def test_fleet_throughput(benchmarks):
     assert cpu["device+1"]["device"] > 0 and cpu["device+1"]["hosts"] > 0
 
 
-def test_run(benchmarks):
-    run = ran(benchmarks, "run")
+def test_run_rows_ran_their_dtype_within_the_budget_and_missing_extras_are_skipped_with_a_note(benchmarks):
+    run = finished(benchmarks, "run")
     result = run.json("cpu-tiny.json")
     rows = result["implementations"]
     fp32, bf16 = rows["ours in-process (fp32)"], rows["ours in-process (bf16)"]
@@ -188,13 +192,9 @@ def test_run(benchmarks):
     for row in (fp32, bf16):
         assert row["ran"]["max_batch_tokens"] == 512
         assert row["batches"] >= math.ceil(row["padded_tokens"] / 512) > 1
-    # Through Redis, a worker scored in fp32 under the same budget
-    queued = rows["ours via Redis + worker (fp32)"]
-    assert queued["ran"]["dtype"] == "float32" and queued["ran"]["worker"].startswith("bench@")
-    assert queued["ran"]["batches"] >= math.ceil(queued["padded_tokens"] / 512) > 1
-    assert len(result["queue"]["chain"]) == 1 and result["queue"]["added_latency_ms"]["samples"] == 30
+    assert result["queue"] == {} and not any(name.startswith("ours via Redis") for name in rows)
     # Our scores are the seed's, in fp32
-    assert fp32["max_abs_delta_vs_seed_fp32"] < 1e-4 and fp32["kendall_tau_vs_seed_fp32"] == 1
+    assert fp32["max_abs_delta_vs_seed_fp32"] < 1e-4
     # What this environment lacks is skipped with a note, and nothing is written outside --out
     if importlib.util.find_spec("sentence_transformers") is None:
         assert "sentence-transformers" in result["skipped"]["sentence-transformers (fp32)"]
@@ -208,8 +208,8 @@ def test_run(benchmarks):
         assert (run.out / "benchmark-cpu-tiny.png").stat().st_size > 0
 
 
-def test_attention(benchmarks):
-    result = ran(benchmarks, "attention").json("attention-cpu-tiny-fp32.json")
+def test_attention_rows_ran_their_layout_and_fusions_in_process_and_through_a_worker(benchmarks):
+    result = finished(benchmarks, "attention").json("attention-cpu-tiny-fp32.json")
     rows = result["rows"]
     padded, packed = rows["ours padded"], rows["ours packed"]
     # Each row ran the layout it is named after: padded pads, packed does not
@@ -229,8 +229,8 @@ def test_attention(benchmarks):
         assert result["end_to_end"][f"via Redis + worker, {attention}"]["attention"] == attention
 
 
-def test_gateway_load(benchmarks):
-    result = ran(benchmarks, "gateway_load").json("gateway-load-cpu-tiny-20c-2s.json")
+def test_gateway_load_refuses_only_past_the_queue_bound_and_answers_everything(benchmarks):
+    result = finished(benchmarks, "gateway_load").json("gateway-load-cpu-tiny-20c-2s.json")
     statuses = result["statuses"]
     # The queue bound was applied: 20 connections on one worker got 429s, each past the bound of 2
     assert statuses.get("429", 0) > 0 and statuses.get("200", 0) > 0
@@ -240,8 +240,8 @@ def test_gateway_load(benchmarks):
     assert result["gateway_counted"] == statuses
 
 
-def test_take_overhead(benchmarks):
-    result = ran(benchmarks, "take_overhead").json("take-overhead-cpu-tiny.json")
+def test_take_overhead_workers_took_with_their_own_transport(benchmarks):
+    result = finished(benchmarks, "take_overhead").json("take-overhead-cpu-tiny.json")
     ours, kombu = result["redis_calls_per_round"]["ours"][0], result["redis_calls_per_round"]["kombu"][0]
     tasks = 2 * 3  # requests and no-ops
     # Each worker took with its own transport: ours by a script, kombu's by BRPOP
@@ -250,8 +250,8 @@ def test_take_overhead(benchmarks):
     assert set(result["results"]) == {"ours", "kombu"}
 
 
-def test_cpu_processes(benchmarks):
-    result = ran(benchmarks, "cpu_processes").json("cpu-processes-tiny.json")
+def test_cpu_processes_layouts_ran_as_that_many_processes_of_that_many_threads(benchmarks):
+    result = finished(benchmarks, "cpu_processes").json("cpu-processes-tiny.json")
     cores = os.cpu_count() or 1
     assert {(r["processes"], r["threads"]) for r in result["rows"]} >= {(1, cores), (cores, 1)}
     for row in result["rows"]:
@@ -261,8 +261,8 @@ def test_cpu_processes(benchmarks):
         assert sum(p["tasks"] for p in row["ran"]) == 2
 
 
-def test_gateway_latency(benchmarks):
-    result = ran(benchmarks, "gateway_latency").json("gateway-latency-cpu-tiny.json")
+def test_gateway_latency_gateway_rounds_went_through_the_gateway_and_client_rounds_around_it(benchmarks):
+    result = finished(benchmarks, "gateway_latency").json("gateway-latency-cpu-tiny.json")
     assert len(result["python_client_ms"]) == len(result["gateway_http_ms"]) == 5
     # The gateway answered exactly the gateway's half of the rounds (warm-up included), the client's went around it
     assert result["gateway_counted"] == {"200": 5 + 1}
@@ -270,8 +270,8 @@ def test_gateway_latency(benchmarks):
         assert 0 < result["ms"][path]["p50"] <= result["ms"][path]["p99"]
 
 
-def test_cpu_regression(benchmarks):
-    result = ran(benchmarks, "cpu_regression").json("cpu-regression-tiny.json")
+def test_cpu_regression_each_side_ran_its_own_tree_in_the_dtype_asked_for(benchmarks):
+    result = finished(benchmarks, "cpu_regression").json("cpu-regression-tiny.json")
     (row,) = result["rows"]
     assert (row["dtype"], row["mode"]) == ("bf16", "in-process")
     # Each side ran its own tree's code, in bf16, in the probe's process
@@ -283,8 +283,8 @@ def test_cpu_regression(benchmarks):
         assert len(row["samples"][name]) == 1
 
 
-def test_chain_overhead(benchmarks):
-    result = ran(benchmarks, "chain_overhead").json("chain-cpu-tiny.json")
+def test_chain_overhead_both_stages_ran_on_the_worker_in_the_dtype_asked_for(benchmarks):
+    result = finished(benchmarks, "chain_overhead").json("chain-cpu-tiny.json")
     assert len(result["runs_ms"]) == 2
     for job in result["runs_ms"]:
         # Both stages ran on the worker in the dtype asked for, on the papers sent and their chunks
@@ -293,8 +293,8 @@ def test_chain_overhead(benchmarks):
         assert job["wall"] >= job["compute"] > 0 and job["stage1_besides_compute"] > 0
 
 
-def test_latency(benchmarks):
-    result = ran(benchmarks, "latency").json("latency-cpu-tiny.json")
+def test_latency_split_reads_the_runtime_of_every_task_it_timed(benchmarks):
+    result = finished(benchmarks, "latency").json("latency-cpu-tiny.json")
     # The worker's log held a runtime for every request (warm-up too) and no-op: the split read the right tasks
     assert result["succeeded_lines"] == {"request": 1 + 5, "noop": 5}
     request, noop = result["request_ms"], result["noop_ms"]
@@ -302,8 +302,8 @@ def test_latency(benchmarks):
     assert 0 < noop["task"] <= noop["round_trip"]
 
 
-def test_sweep(benchmarks):
-    result = ran(benchmarks, "sweep").json("sweep-cpu-tiny-compile-default.json")
+def test_sweep_budgets_change_the_batches_and_the_compiled_module_ran_every_batch(benchmarks):
+    result = finished(benchmarks, "sweep").json("sweep-cpu-tiny-compile-default.json")
     rows = {(r["budget"], r["corpus"]): r for r in result["rows"]}
     for corpus in ("docs", "chunks"):
         small, large = rows[512, corpus], rows[2048, corpus]
@@ -320,8 +320,8 @@ def test_sweep(benchmarks):
     assert compiled["graphs_compiled"] >= 1 and compiled["max_abs_logit_delta"] < 1e-4
 
 
-def test_fresh_shapes(benchmarks):
-    lines = (ran(benchmarks, "fresh_shapes").out / "fresh-shapes-cpu-tiny.jsonl").read_text().splitlines()
+def test_fresh_shapes_padded_widths_round_up_to_the_pad_multiple(benchmarks):
+    lines = (finished(benchmarks, "fresh_shapes").out / "fresh-shapes-cpu-tiny.jsonl").read_text().splitlines()
     row = json.loads(lines[-1])
     # Padded batches whose widths were rounded up to multiples of the pad multiple asked for
     assert row["attention"] == "padded" and row["pad_multiple"] == 64
@@ -330,12 +330,14 @@ def test_fresh_shapes(benchmarks):
         assert padded % 64 == 0 and padded > tokens
 
 
-def test_profile_forward(benchmarks):
-    run = ran(benchmarks, "profile_forward")
+def test_profile_forward_profiles_one_packed_score_of_the_docs(benchmarks):
+    run = finished(benchmarks, "profile_forward")
     result = run.json("profile-cpu-tiny.json")
     # One score of the 4 docs, packed: attention ran once per pair and layer, nothing more
     assert result["attention"] == "packed" and result["batches"] >= 1
-    assert result["operators"]["aten::scaled_dot_product_attention"]["count"] == 4 * TINY_LAYERS
+    from worker.synthetic import SHAPES
+
+    assert result["operators"]["aten::scaled_dot_product_attention"]["count"] == 4 * SHAPES["tiny"].layers
     assert f"{result['tokens']} tokens in {result['batches']} batches" in (run.out / "profile-cpu-tiny.md").read_text()
 
 
@@ -349,7 +351,8 @@ def benchmark_modules() -> set[str]:
 
 def test_every_benchmark_entry_point_has_a_test_here():
     assert benchmark_modules() == set(COMMANDS)
-    assert all(f"test_{name}" in globals() for name in COMMANDS)
+    tested = {benchmark_of(name) for name in globals() if name.startswith("test_")}
+    assert tested >= set(COMMANDS)
 
 
 def gpu_check_invocations() -> list[tuple[str, list[str]]]:
