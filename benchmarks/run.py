@@ -2,7 +2,9 @@
 
     python -m benchmarks.run --shape bge-reranker-base --docs 100 --repeats 3
 
-Writes benchmarks/results/<device>-<shape>.json and .md, and docs/benchmark-<device>-<shape>.png.
+Writes <out>/<device>-<shape>.json and .md (benchmarks/results), and <plots>/benchmark-<device>-<shape>.png
+(docs). Without sentence-transformers or matplotlib (the `bench` extra), their row or the plot is
+skipped and the results say so.
 """
 
 from __future__ import annotations
