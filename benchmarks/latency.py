@@ -69,10 +69,10 @@ def main() -> None:
     every = {"request": _runtimes(text, "rerank.documents"), "noop": _runtimes(text, "bench.noop")}
     ours, floor = every["request"][-args.samples:], every["noop"][-args.samples:]
     lines = [
-        f"1-doc request ({args.shape}): round trip {_median_ms(trips)} ms = compute {_median_ms(compute)} + "
-        f"rest of the task {_median_ms(ours) - _median_ms(compute):.2f} + outside the task {_median_ms(trips) - _median_ms(ours):.2f}",
-        f"no-op task:            round trip {_median_ms(noops)} ms = task {_median_ms(floor)} + "
-        f"outside the task {_median_ms(noops) - _median_ms(floor):.2f}",
+        (f"1-doc request ({args.shape}): round trip {_median_ms(trips)} ms = compute {_median_ms(compute)} + "
+         f"rest of the task {_median_ms(ours) - _median_ms(compute):.2f} + outside the task {_median_ms(trips) - _median_ms(ours):.2f}"),
+        (f"no-op task:            round trip {_median_ms(noops)} ms = task {_median_ms(floor)} + "
+         f"outside the task {_median_ms(noops) - _median_ms(floor):.2f}"),
     ]
     write_results(args.out, f"latency-cpu-{args.shape}", "\n".join(lines), {
         "command": f"python -m benchmarks.latency --shape {args.shape} --samples {args.samples} --warmup {args.warmup}",

@@ -10,6 +10,7 @@ each benchmark's own argument parser instead.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -56,7 +57,8 @@ COMMANDS: dict[str, tuple[list[str], bool]] = {
     "fresh_shapes": (["--device", "cpu", "--shape", "tiny", "--pad-multiple", "64", "--requests", "2", "--docs", "4"], False),
     "profile_forward": (["--device", "cpu", "--shape", "tiny", "--docs", "4", "--rows", "5"], False),
 }
-AT_ONCE = 3
+# More than the cores: much of a benchmark's time is spent waiting for processes it starts.
+AT_ONCE = 4
 LIMIT_S = 240
 
 
@@ -89,9 +91,12 @@ class Benchmarks:
         for run in self.runs.values():
             self.waiting.put(run)
         self.processes: dict[str, subprocess.Popen] = {}
+        self.lock = threading.Lock()
+        self.stopped = False
         env = {k: v for k, v in os.environ.items() if not k.startswith("RERANK_")}
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
         self.env = {**env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        self.started = time.time()
         self.threads = [threading.Thread(target=self._work, daemon=True) for _ in range(AT_ONCE)]
         for thread in self.threads:
             thread.start()
@@ -107,8 +112,11 @@ class Benchmarks:
             command = [sys.executable, "-m", f"benchmarks.{run.name}", *(o.replace("{out}", str(run.out)) for o in options), "--out", str(run.out)]
             started = time.monotonic()
             with (run.out / "output.log").open("wb") as log:
-                process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-                self.processes[run.name] = process
+                with self.lock:
+                    if self.stopped:
+                        return
+                    process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                    self.processes[run.name] = process
                 try:
                     run.returncode = process.wait(timeout=LIMIT_S)
                 except subprocess.TimeoutExpired:
@@ -124,15 +132,19 @@ class Benchmarks:
             pytest.fail(f"benchmarks.{name} did not finish")
         assert run.returncode == 0, f"benchmarks.{name} exited {run.returncode} after {run.seconds:.0f} s:\n{run.output()[-4000:]}"
         print(f"benchmarks.{name}: {run.seconds:.1f} s")
+        # Only --out was written: not the shipped results, not the docs' charts.
+        shipped = [p for folder in ("benchmarks/results", "docs") for p in (ROOT / folder).rglob("*") if p.stat().st_mtime >= self.started]
+        assert not shipped, f"written outside --out while benchmarks ran: {shipped}"
         return run
 
     def stop(self) -> None:
-        """Kill what still runs (a failed session), its children with it."""
-        while not self.waiting.empty():
-            self.waiting.get_nowait()
-        for process in self.processes.values():
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
+        """Start nothing more and kill what still runs (a failed session), its children with it."""
+        with self.lock:
+            self.stopped = True
+            for process in self.processes.values():
+                if process.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(process.pid, signal.SIGKILL)
 
 
 def benchmark_of(test: str) -> str | None:
@@ -146,7 +158,7 @@ def benchmarks(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     from benchmarks.corpus import model_dir
 
     model_dir("tiny")  # once, before several benchmarks would build it at the same time
-    selected = {benchmark_of(item.originalname) for item in request.session.items if item.module.__name__ == __name__}
+    selected = {benchmark_of(item.originalname) for item in request.session.items if getattr(item, "module", None) is sys.modules[__name__]}
     names = [name for name in COMMANDS if name in selected and (not COMMANDS[name][1] or shutil.which("redis-server"))]
     runner = Benchmarks(tmp_path_factory.mktemp("benchmarks"), names)
     yield runner
@@ -195,7 +207,7 @@ def test_run_rows_ran_their_dtype_within_the_budget_and_missing_extras_are_skipp
     assert result["queue"] == {} and not any(name.startswith("ours via Redis") for name in rows)
     # Our scores are the seed's, in fp32
     assert fp32["max_abs_delta_vs_seed_fp32"] < 1e-4
-    # What this environment lacks is skipped with a note, and nothing is written outside --out
+    # What this environment lacks is skipped with a note
     if importlib.util.find_spec("sentence_transformers") is None:
         assert "sentence-transformers" in result["skipped"]["sentence-transformers (fp32)"]
         assert "sentence-transformers (fp32)" not in rows
@@ -346,7 +358,7 @@ def test_profile_forward_profiles_one_packed_score_of_the_docs(benchmarks):
 
 def benchmark_modules() -> set[str]:
     """Modules of benchmarks/ with a `main`: the entry points users run."""
-    return {path.stem for path in (ROOT / "benchmarks").glob("*.py") if re.search(r"^def main\(", path.read_text(), re.M)}
+    return {path.stem for path in (ROOT / "benchmarks").glob("*.py") if re.search(r"^def main\(", path.read_text(), re.MULTILINE)}
 
 
 def test_every_benchmark_entry_point_has_a_test_here():
@@ -359,11 +371,11 @@ def gpu_check_invocations() -> list[tuple[str, list[str]]]:
     """Every `"$PY" -m benchmarks.<module> <options>` in benchmarks/gpu_check.sh, its options expanded by bash with the script's defaults."""
     script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
     joined = script.replace("\\\n", " ")
-    defaults = "\n".join(re.findall(r"^[A-Z_]+=\$\{[A-Z_]+:-[^}]*\}$", script, re.M))
+    defaults = "\n".join(re.findall(r"^[A-Z_]+=\$\{[A-Z_]+:-[^}]*\}$", script, re.MULTILINE))
     # The optional parts at their fullest: Redis rows and the baseline engine on.
     setup = f'{defaults}\nE2E=--e2e\nBASELINE=(--baseline-engine "$BASELINE_REV")\n'
     found = []
-    for module, options in re.findall(r'"\$PY" -m benchmarks\.(\w+)(.*)$', joined, re.M):
+    for module, options in re.findall(r'"\$PY" -m benchmarks\.(\w+)(.*)$', joined, re.MULTILINE):
         expanded = subprocess.run(["bash", "-c", f'{setup}printf "%s\\0" {options}'], capture_output=True, text=True, check=True).stdout
         found.append((module, expanded.split("\0")[:-1]))
     return found
