@@ -49,7 +49,7 @@ from benchmarks.run import (
 )
 from scoring.engine import CrossEncoderEngine, Scores
 from scoring.model import check_model, resolve_dtype
-from scoring.packed import Fusions, flash_varlen_usable
+from scoring.packed import Fusions, PackedForward, flash_varlen_usable
 from worker.synthetic import SHAPES
 
 ROOT = Path(__file__).parents[1]
@@ -109,8 +109,22 @@ def engine_at(revision: str) -> type[CrossEncoderEngine]:
     return module.CrossEncoderEngine
 
 
-def main() -> None:
-    """Time every variant on one model and corpus; write JSON and Markdown."""
+def layout_of(engine: object) -> dict:
+    """What an engine's batches really run through: its layout, and for packed its kernel and the encoder's fusions; its tokenizing slice."""
+    runner = getattr(engine, "runner", None)
+    if runner is None:  # an engine from another revision (--baseline-engine): padded, its own defaults
+        return {"attention": "padded"}
+    layout = runner.layout
+    ran = {"attention": layout.name, "tokenize_slice": engine.tokenize_slice, "max_batch_tokens": engine.loop.scheduler.max_batch_tokens}
+    if isinstance(layout, PackedForward):
+        encoder = layout.encoder
+        ran.update(kernel=layout.kernel, fusions=dataclasses.asdict(encoder.fusions), cuda_graphs=layout.graphed is not None,
+                   fused_qkv_weights=all(layer.qkv is not None for layer in encoder.layers))
+    return ran
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="bge-reranker-v2-m3")
     parser.add_argument("--docs", type=int, default=100)
@@ -122,7 +136,12 @@ def main() -> None:
                         help="Also time worker/engine.py as it was at this git revision (padded, its defaults).")
     parser.add_argument("--e2e", action="store_true", help="Also time padded and packed through Redis and a worker process.")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    """Time every variant on one model and corpus; write JSON and Markdown."""
+    args = parser().parse_args()
 
     cuda = args.device.startswith("cuda")
     device = torch.device(args.device)
@@ -224,8 +243,9 @@ def main() -> None:
         last = results[name][-1]
         if hasattr(last, "probabilities"):  # an engine's Scores (the baseline engine has its own class)
             scores: list[Scores] = results[name]
+            ran = layout_of(engines[name][0])
             extra = {
-                "attention": getattr(engines[name][0], "attention", "padded"),
+                "attention": ran["attention"], "ran": ran,
                 "tokenize_ms": statistics.median(1000 * s.tokenize_seconds for s in scores) * 100 / args.docs,
                 "forward_ms": statistics.median(1000 * s.forward_seconds for s in scores) * 100 / args.docs,
                 "batches": last.batches, "tokens": last.tokens, "padded_tokens": last.padded_tokens,

@@ -21,13 +21,17 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import torch
-
-from benchmarks.corpus import QUERY, cpu_features, cpu_name, model_dir, papers
+from benchmarks.corpus import (
+    QUERY,
+    cpu_features,
+    cpu_name,
+    model_dir,
+    papers,
+    shape_name,
+)
 from benchmarks.output import write_results
 from benchmarks.through_redis import running_system
 from contract.formats import chunk_pool
-from worker.synthetic import SHAPES
 
 ROOT = Path(__file__).parents[1]
 PHASES = {
@@ -75,23 +79,29 @@ def timeline(log: str, job_id: str, sent: float, queued: float, done: float, com
     return row
 
 
-def main() -> None:
-    """Time --runs two-stage jobs one after another and print where the time went."""
+def parser() -> argparse.ArgumentParser:
+    """The command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--shape", type=shape_name, default="tiny", help="A worker/synthetic.py shape.")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--docs", type=int, default=100)
     parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=2, help="Untimed jobs first: first batches, connections, the backend's subscriptions.")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    """Time --runs two-stage jobs one after another and print where the time went."""
+    args = parser().parse_args()
 
     candidates = papers(args.docs)
     pool_bytes = len(json.dumps([c.model_dump(mode="json") for c in chunk_pool(candidates)]))
     args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.out / f".chain-worker-{args.device.replace(':', '')}.log"
     with running_system(model_dir(args.shape), args.device, args.dtype, None, worker_log=log_path) as client:
-        for _ in range(2):  # warm-up: first batches, connections, the backend's subscriptions
+        for _ in range(args.warmup):
             client.two_stage(QUERY, candidates, top_k_docs=20, timeout=600)
         jobs = []
         for _ in range(args.runs):
@@ -101,15 +111,22 @@ def main() -> None:
             result = job.result(600)
             done = time.time()
             compute = tuple((r.info.tokenize_ms + r.info.forward_ms) / 1000 for r in (result.documents, result.chunks))
-            jobs.append((job.id, sent, queued, done, compute, result.chunks.scored))
+            ran = {r.stage: {"device": r.info.device, "dtype": r.info.dtype, "pid": r.info.pid, "scored": r.scored}
+                   for r in (result.documents, result.chunks)}
+            jobs.append((job.id, sent, queued, done, compute, result.chunks.scored, ran))
         time.sleep(0.5)  # the worker's last log lines
     log = log_path.read_text(errors="replace")
     log_path.unlink()
-    rows = [timeline(log, job_id, sent, queued, done, compute) for job_id, sent, queued, done, compute, _ in jobs]
-    medians = {name: statistics.median(r[name] for r in rows) for name in rows[0]}
+    rows = [{**timeline(log, job_id, sent, queued, done, compute), "ran": ran} for job_id, sent, queued, done, compute, _, ran in jobs]
+    medians = {name: statistics.median(r[name] for r in rows) for name in rows[0] if name != "ran"}
     overhead = medians["wall"] - medians["compute"]
 
-    device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"{cpu_name()} ({cpu_features()})"
+    if args.device.startswith("cuda"):
+        import torch
+
+        device = torch.cuda.get_device_name(0)
+    else:
+        device = f"{cpu_name()} ({cpu_features()})"
     lines = [
         f"Device: {device}; producer, Redis and worker on this host ({cpu_name()}). Model: random weights, {args.shape} shape, "
         f"dtype {args.dtype}. {args.docs}-paper two-stage jobs ({jobs[0][5]} chunks scored of a {pool_bytes / 1e3:.0f} KB chunk pool), "
@@ -123,7 +140,9 @@ def main() -> None:
     ]
     write_results(args.out, f"chain-{args.device.split(':')[0]}-{args.shape}", "\n".join(lines), {
         "device": device, "shape": args.shape, "dtype": args.dtype, "docs": args.docs, "pool_bytes": pool_bytes,
-        "median_ms": medians, "runs_ms": rows, "command": f"python -m benchmarks.chain_overhead --shape {args.shape} --device {args.device}",
+        "median_ms": medians, "runs_ms": rows, "runs": args.runs,
+        "command": f"python -m benchmarks.chain_overhead --shape {args.shape} --device {args.device} --dtype {args.dtype} --docs {args.docs} "
+                   f"--runs {args.runs} --warmup {args.warmup}",
     })
 
 

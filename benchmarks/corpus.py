@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from pathlib import Path
 
 from contract.formats import document_passage
 from producer import Candidate
-from worker.synthetic import SHAPES, build_cross_encoder
 
 ROOT = Path(__file__).parents[1]
 CACHE = ROOT / ".bench-cache"
@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 from evidence import QUERY, make_candidates, make_chunks  # noqa: E402
 
-__all__ = ["QUERY", "make_candidates", "make_chunks", "model_dir", "papers", "stage1_texts", "tokenizer_text"]
+__all__ = ["QUERY", "make_candidates", "make_chunks", "model_dir", "papers", "shape_name", "stage1_texts", "tokenizer_text"]
 
 
 def papers(n: int, seed: int = 5) -> list[Candidate]:
@@ -37,10 +37,28 @@ def tokenizer_text() -> list[str]:
     return re.split(r"(?<=[.:])\s+", text) + shipped
 
 
+def shape_name(name: str) -> str:
+    """`--shape` for benchmarks that load no model themselves: a name of worker/synthetic.py's SHAPES.
+
+    That module imports transformers (seconds of CPU), so it is read only when no model of this
+    name is built yet; a built one had a valid name.
+    """
+    if (CACHE / name / "config.json").exists():
+        return name
+    from worker.synthetic import SHAPES
+
+    if name not in SHAPES:
+        raise argparse.ArgumentTypeError(f"unknown shape {name!r}: choose from {', '.join(sorted(SHAPES))}")
+    return name
+
+
 def model_dir(shape: str) -> Path:
     """Build (once) and return a random-weight cross-encoder with the named shape."""
     path = CACHE / shape
     if not (path / "config.json").exists():
+        # Here, not at the top: processes that only send jobs (producers, probes) need no transformers.
+        from worker.synthetic import SHAPES, build_cross_encoder
+
         print(f"building a random-weight {shape} model {SHAPES[shape]} in {path}", flush=True)
         build_cross_encoder(path, tokenizer_text(), shape, vocab_size=4000)
     return path

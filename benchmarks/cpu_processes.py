@@ -2,9 +2,9 @@
 
     python -m benchmarks.cpu_processes --shape bge-reranker-base --tasks 4
 
-Each layout scores the same `--tasks` 100-doc requests (a queue of equal tasks, as `-c N` pool
-processes would take them) and reports the wall time and docs/s. Writes
-benchmarks/results/cpu-processes-<shape>.json.
+Each layout scores the same `--tasks` requests of `--docs` docs (a queue of equal tasks, as `-c N`
+pool processes would take them) and reports the wall time and docs/s, and what each process ran
+(its torch threads, the tasks it took). Writes <out>/cpu-processes-<shape>.json.
 """
 
 from __future__ import annotations
@@ -17,14 +17,16 @@ import queue
 import time
 from pathlib import Path
 
-from benchmarks.corpus import QUERY, model_dir, stage1_texts
-from worker.synthetic import SHAPES
+from benchmarks.corpus import QUERY, model_dir, shape_name, stage1_texts
 
 ROOT = Path(__file__).parents[1]
 
 
-def _serve(path: str, threads: int, passages: list[str], tasks: multiprocessing.Queue, ready: multiprocessing.Barrier) -> None:
-    """One pool process: load the engine with `threads` threads, then score tasks until the queue is empty."""
+def _serve(
+    path: str, threads: int, passages: list[str], tasks: multiprocessing.Queue, ready: multiprocessing.Barrier,
+    report: multiprocessing.Queue,
+) -> None:
+    """One pool process: load the engine with `threads` threads, score tasks until the queue is empty, then report what it ran."""
     import torch
 
     from scoring.engine import CrossEncoderEngine
@@ -33,40 +35,53 @@ def _serve(path: str, threads: int, passages: list[str], tasks: multiprocessing.
     engine = CrossEncoderEngine.load(path)
     engine.score(QUERY, passages[:8])
     ready.wait()
+    served = 0
     while True:
         try:
             tasks.get_nowait()
         except queue.Empty:
-            return
+            break
         engine.score(QUERY, passages)
+        served += 1
+    report.put({"pid": os.getpid(), "torch_threads": torch.get_num_threads(), "tasks": served})
 
 
-def run_layout(path: str, processes: int, threads: int, passages: list[str], tasks: int) -> float:
-    """Wall seconds for `processes` processes of `threads` threads to score `tasks` requests."""
+def run_layout(path: str, processes: int, threads: int, passages: list[str], tasks: int) -> tuple[float, list[dict]]:
+    """Wall seconds for `processes` processes of `threads` threads to score `tasks` requests, and each process's report."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     for n in range(tasks):
         queue.put(n)
     time.sleep(0.2)  # let the feeder thread flush, so get_nowait sees every task
     ready = context.Barrier(processes + 1)
-    pool = [context.Process(target=_serve, args=(path, threads, passages, queue, ready)) for _ in range(processes)]
+    report = context.Queue()
+    pool = [context.Process(target=_serve, args=(path, threads, passages, queue, ready, report)) for _ in range(processes)]
     for process in pool:
         process.start()
     ready.wait()
     started = time.perf_counter()
+    # Each process reports when its last task is done: the time stops there, not after the
+    # interpreters' exit (a second each), and its report is read before it is joined.
+    reports = [report.get(timeout=3600) for _ in pool]
+    seconds = time.perf_counter() - started
     for process in pool:
         process.join()
-    return time.perf_counter() - started
+    return seconds, sorted(reports, key=lambda r: r["pid"])
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", type=shape_name, default="bge-reranker-base", help="A worker/synthetic.py shape.")
+    parser.add_argument("--docs", type=int, default=100)
+    parser.add_argument("--tasks", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    return parser
 
 
 def main() -> None:
     """Time each layout that fills the machine's cores and write the results."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="bge-reranker-base")
-    parser.add_argument("--docs", type=int, default=100)
-    parser.add_argument("--tasks", type=int, default=4)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    args = parser.parse_args()
+    args = parser().parse_args()
 
     cores = os.cpu_count() or 1
     path = str(model_dir(args.shape))
@@ -74,9 +89,9 @@ def main() -> None:
     layouts = sorted({(1, cores), (cores, 1)} | ({(2, cores // 2)} if cores >= 4 else set()))
     rows = []
     for processes, threads in layouts:
-        seconds = run_layout(path, processes, threads, passages, args.tasks)
+        seconds, reports = run_layout(path, processes, threads, passages, args.tasks)
         rows.append({"processes": processes, "threads": threads, "tasks": args.tasks, "seconds": round(seconds, 2),
-                     "docs_per_s": round(args.tasks * args.docs / seconds, 3)})
+                     "docs_per_s": round(args.tasks * args.docs / seconds, 3), "ran": reports})
         print(f"{processes} process(es) x {threads} thread(s): {seconds:7.1f} s for {args.tasks} tasks, "
               f"{rows[-1]['docs_per_s']:.2f} docs/s", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,6 @@ from typing import Any
 
 from benchmarks.corpus import QUERY, cpu_features, cpu_name, model_dir, papers
 from benchmarks.output import write_results
-from benchmarks.simulated_device import RATE, read_stats
 from benchmarks.through_redis import running_system
 
 ROOT = Path(__file__).parents[1]
@@ -106,6 +105,9 @@ def cpu_per_job(before: dict[str, float], after: dict[str, float], jobs: int) ->
 
 def open_loop(client: Any, kind: str, rate: float, seconds: float, producers: int, stats: str | None, first: int) -> dict[str, Any]:
     """Run `rate` jobs/s of `kind` for `seconds` from `producers` processes; the row's figures."""
+    # Here, not at the top: producer processes import this module and need no torch.
+    from benchmarks.simulated_device import RATE, read_stats
+
     cpu0, sim0, started = process_tree_cpu(client.worker_pid), read_stats(stats) if stats else None, time.perf_counter()
     pipes, procs = [], []
     context = multiprocessing.get_context("spawn")
@@ -177,8 +179,8 @@ def worker_shape(name: str) -> dict[str, int]:
     raise SystemExit(f"unknown worker shape {name!r}: use threads or device+N")
 
 
-def main() -> None:
-    """Measure every worker shape on every kind of job, open and closed loop, and write the tables."""
+def parser() -> argparse.ArgumentParser:
+    """The command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="tiny", help="Model shape whose tokenizer (and, without --simulated, weights) to use.")
     parser.add_argument("--simulated", action="store_true", help="Score on the simulated H200 (benchmarks/simulated_device.py).")
@@ -191,7 +193,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     for kind, rates in DEFAULT_RATES.items():
         parser.add_argument(f"--rates-{kind}", default=rates, help=f"Open-loop arrival rates of {kind} jobs (jobs/s), tried in order.")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    """Measure every worker shape on every kind of job, open and closed loop, and write the tables."""
+    args = parser().parse_args()
 
     import torch
 

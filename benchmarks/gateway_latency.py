@@ -28,6 +28,7 @@ from benchmarks.corpus import (
     model_dir,
     stage1_texts,
 )
+from benchmarks.gateway_load import gateway_answers
 from benchmarks.output import write_results
 from benchmarks.through_redis import _free_port, running_system
 
@@ -40,14 +41,20 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
 
 
-def main() -> None:
-    """Time --runs rounds of the same job both ways and write the percentiles to --out."""
+def parser() -> argparse.ArgumentParser:
+    """The command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="tiny")
     parser.add_argument("--docs", type=int, default=20)
     parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=10, help="Untimed rounds first: connections, subscriptions, first batches.")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    """Time --runs rounds of the same job both ways and write the percentiles to --out."""
+    args = parser().parse_args()
     documents = stage1_texts(args.docs)
     args.out.mkdir(parents=True, exist_ok=True)
     model = model_dir(args.shape)
@@ -70,7 +77,7 @@ def main() -> None:
                 except httpx.TransportError:
                     pass
                 if time.monotonic() > deadline or gateway.poll() is not None:
-                    raise SystemExit("the gateway did not get ready; see benchmarks/results/.gateway-bench.log")
+                    raise SystemExit(f"the gateway did not get ready; see {args.out / '.gateway-bench.log'}")
                 time.sleep(0.2)
             body = {"model": str(model), "query": QUERY, "documents": documents}
 
@@ -87,7 +94,7 @@ def main() -> None:
                     raise SystemExit(f"the gateway answered {response.status_code}: {response.text[:300]}")
                 return elapsed
 
-            for _ in range(10):  # warm-up: connections, subscriptions, first batches
+            for _ in range(args.warmup):
                 by_client()
                 by_gateway()
             direct, through = [], []
@@ -97,6 +104,7 @@ def main() -> None:
                 a, b = (first, second) if n % 2 == 0 else (second, first)
                 direct.append(a * 1000)
                 through.append(b * 1000)
+            counted = gateway_answers(str(http.base_url).rstrip("/"), "/v2/rerank", args.warmup + args.runs)
         finally:
             http.close()
             gateway.terminate()
@@ -112,7 +120,7 @@ def main() -> None:
     paired = [b - a for a, b in zip(direct, through)]
     within = {"p50": percentile(paired, 0.5), "p99": percentile(paired, 0.99), "mean": statistics.fmean(paired)}
     device = f"{cpu_name()} ({cpu_features()})"
-    command = f"python -m benchmarks.gateway_latency --shape {args.shape} --docs {args.docs} --runs {args.runs}"
+    command = f"python -m benchmarks.gateway_latency --shape {args.shape} --docs {args.docs} --runs {args.runs} --warmup {args.warmup}"
     lines = [
         f"`{command}`: {device}, {os.cpu_count()} cores; Redis, one CPU worker (prefork, 1 process) and one gateway on this host. "
         f"Model: random weights, {args.shape} shape. The same {args.docs}-document job {args.runs} times each way, alternating; ms.",
@@ -127,7 +135,8 @@ def main() -> None:
     ]
     write_results(args.out, f"gateway-latency-cpu-{args.shape}", "\n".join(lines), {
         "device": device, "shape": args.shape, "docs": args.docs, "runs": args.runs, "ms": stats, "added_ms": added,
-        "added_within_round_ms": within, "python_client_ms": direct, "gateway_http_ms": through, "command": command,
+        "added_within_round_ms": within, "python_client_ms": direct, "gateway_http_ms": through, "warmup": args.warmup,
+        "gateway_counted": counted, "command": command,
     })
     (args.out / ".gateway-bench.log").unlink(missing_ok=True)
 

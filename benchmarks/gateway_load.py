@@ -1,13 +1,14 @@
-"""Many connections against one gateway and two CPU workers, for a bounded time: what fails, what waits, what memory does.
+"""Many connections against one gateway and a few CPU workers, for a bounded time: what fails, what waits, what memory does.
 
     python -m benchmarks.gateway_load --connections 500 --seconds 60
 
-Starts a private Redis, two `rerank-worker` processes (the tiny random-weight model, one process
-each) and one `rerank-gateway`, all on 127.0.0.1; then each connection posts the same 20-document
-Cohere `/v2/rerank` request in a loop until the time is up, waiting `Retry-After` after a 429 as a
-well-behaved client does. It reports the statuses, whether any 5xx other than 503/504 came back,
-whether every 429 came with the queue past RERANK_GATEWAY_MAX_QUEUE_DEPTH (the depth each 429
-names), whether every request sent was answered, and the gateway's resident memory over time.
+Starts a private Redis, --workers `rerank-worker` processes (2; the tiny random-weight model, one
+process each) and one `rerank-gateway`, all on 127.0.0.1; then each connection posts the same Cohere
+`/v2/rerank` request of --docs documents (20) in a loop until the time is up, waiting `Retry-After`
+after a 429 as a well-behaved client does. It reports the statuses, whether any 5xx other than
+503/504 came back, whether every 429 came with the queue past RERANK_GATEWAY_MAX_QUEUE_DEPTH (the
+depth each 429 names), whether every request sent was answered, what the gateway's own /metrics
+counted, and the gateway's resident memory over time.
 """
 
 from __future__ import annotations
@@ -84,15 +85,41 @@ async def load(url: str, body: dict, connections: int, seconds: float, pid: int)
             "wall": time.monotonic() - started}
 
 
-def main() -> None:
-    """Start the fleet and the gateway, run the load, write the summary to --out."""
+def gateway_answers(url: str, route: str, sent: int) -> dict[str, int]:
+    """How many requests to `route` the gateway at `url` says it answered, by status (its /metrics page), once it counts `sent` or 5 s pass.
+
+    The gateway counts a request after its last byte is sent, so the client may hold the last
+    answer a moment before the gateway has counted it.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    deadline = time.monotonic() + 5
+    while True:
+        counts: dict[str, int] = {}
+        for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+            for sample in family.samples:
+                if sample.name == "rerank_gateway_requests_total" and sample.labels.get("route") == route:
+                    counts[sample.labels["status"]] = int(sample.value)
+        if sum(counts.values()) >= sent or time.monotonic() > deadline:
+            return dict(sorted(counts.items()))
+        time.sleep(0.05)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--connections", type=int, default=500)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--queue-bound", type=int, default=50, help="RERANK_GATEWAY_MAX_QUEUE_DEPTH")
     parser.add_argument("--docs", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=2, help="CPU worker processes (one pool process each).")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    """Start the fleet and the gateway, run the load, write the summary to --out."""
+    args = parser().parse_args()
     if not (1 <= args.connections <= 2000 and 1 <= args.seconds <= 600):
         raise SystemExit("bounded on purpose: 1-2000 connections, 1-600 seconds")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -106,7 +133,7 @@ def main() -> None:
     processes = [subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind", "127.0.0.1",
                                    "--save", "", "--dir", str(workdir)], stdout=subprocess.DEVNULL)]
     try:
-        for n in range(2):
+        for n in range(args.workers):
             log = (workdir / f"worker{n}.log").open("wb")
             processes.append(subprocess.Popen([sys.executable, "-m", "worker.cli", "-n", f"cpu{n}@%h", "-c", "1"], env=env, stdout=log, stderr=subprocess.STDOUT))
         gateway = subprocess.Popen([sys.executable, "-m", "gateway.cli", "--log-level", "warning"], env=env,
@@ -117,7 +144,7 @@ def main() -> None:
         while True:
             try:
                 ready = httpx.get(f"{url}/ready").json()
-                if ready.get("ready") and all("model loaded:" in (workdir / f"worker{n}.log").read_text() for n in range(2)):
+                if ready.get("ready") and all("model loaded:" in (workdir / f"worker{n}.log").read_text() for n in range(args.workers)):
                     break
             except (httpx.TransportError, ValueError):
                 pass
@@ -126,9 +153,11 @@ def main() -> None:
             time.sleep(0.5)
         body = {"model": str(model), "query": QUERY, "documents": stage1_texts(args.docs)}
         run = asyncio.run(load(url, body, args.connections, args.seconds, gateway.pid))
+        counted = gateway_answers(url, "/v2/rerank", run["sent"])
     finally:
         for process in reversed(processes):
             process.terminate()
+        for process in reversed(processes):
             process.wait(timeout=60)
 
     statuses = dict(sorted(run["statuses"].items()))
@@ -137,13 +166,15 @@ def main() -> None:
     ok = run["latencies"].get("200", [])
     after_warmup = [mb for t, mb in run["memory"] if t >= 5]
     summary = {
-        "command": f"python -m benchmarks.gateway_load --connections {args.connections} --seconds {args.seconds:g} --queue-bound {args.queue_bound}",
+        "command": f"python -m benchmarks.gateway_load --connections {args.connections} --seconds {args.seconds:g} --queue-bound {args.queue_bound} "
+                   f"--docs {args.docs} --workers {args.workers}",
+        "connections": args.connections, "seconds": args.seconds, "queue_bound": args.queue_bound, "docs": args.docs, "workers": args.workers,
         "cpu": cpu_name(), "cores": os.cpu_count(), "statuses": statuses, "sent": run["sent"], "answered": run["answered"],
         "wall_s": round(run["wall"], 1), "answered_per_s": round(run["answered"] / run["wall"], 1),
         "ok_latency_ms": {"p50": round(1000 * statistics.median(ok), 1), "p99": round(1000 * sorted(ok)[int(0.99 * (len(ok) - 1))], 1)} if ok else None,
         "unexpected_5xx": bad_5xx, "429_below_bound": len(early_429), "429_depths_min_max": [min(run["depths"]), max(run["depths"])] if run["depths"] else None,
         "gateway_rss_mb_after_5s": {"first": after_warmup[0], "last": after_warmup[-1], "max": max(after_warmup)} if after_warmup else None,
-        "memory_samples": run["memory"],
+        "gateway_counted": counted, "memory_samples": run["memory"],
     }
     print(json.dumps({k: v for k, v in summary.items() if k != "memory_samples"}, indent=2))
     name = f"gateway-load-cpu-tiny-{args.connections}c-{args.seconds:g}s"

@@ -2,7 +2,9 @@
 
     python -m benchmarks.run --shape bge-reranker-base --docs 100 --repeats 3
 
-Writes benchmarks/results/<device>-<shape>.json and .md, and docs/benchmark-<device>-<shape>.png.
+Writes <out>/<device>-<shape>.json and .md (benchmarks/results), and <plots>/benchmark-<device>-<shape>.png
+(docs). Without sentence-transformers or matplotlib (the `bench` extra), their row or the plot is
+skipped and the results say so.
 """
 
 from __future__ import annotations
@@ -122,8 +124,8 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def main() -> None:
-    """Run every implementation on the same model and corpus and write the results."""
+def parser() -> argparse.ArgumentParser:
+    """The command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="bge-reranker-base")
     parser.add_argument("--model", default=None, help="A real model (hub id or directory) instead of a random-weight --shape.")
@@ -134,8 +136,13 @@ def main() -> None:
     parser.add_argument("--skip-e2e", action="store_true", help="Skip the runs through Redis and a worker process.")
     parser.add_argument("--device", default="cpu", help="cpu or cuda:N; GPU figures go to their own results file.")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    args = parser.parse_args()
+    parser.add_argument("--plots", type=Path, default=ROOT / "docs", help="Where the docs/s bar chart goes.")
+    return parser
 
+
+def main() -> None:
+    """Run every implementation on the same model and corpus and write the results."""
+    args = parser().parse_args()
     path = args.model or model_dir(args.shape)
     dims = shape_of(path)
     args.label = args.shape if args.model is None else Path(str(args.model).rstrip("/")).name
@@ -183,16 +190,23 @@ def main() -> None:
     reference = rows[f"seed ({seed.dtype_name})"]["scores"] if not cuda else SeedReranker(path, args.device, "fp32").scores(QUERY, documents)
     del seed
 
-    st = SentenceTransformersReranker(path, args.device)
-    seconds, timings = median_seconds(lambda: st.scores(QUERY, documents), args.repeats, lambda: st.scores(QUERY, documents[:8]))
-    record("sentence-transformers (fp32)", "st", seconds, timings, st.scores(QUERY, documents), None)
-    del st
+    skipped: dict[str, str] = {}
+    try:
+        st = SentenceTransformersReranker(path, args.device)
+    except ImportError as e:
+        skipped["sentence-transformers (fp32)"] = f"sentence-transformers is not installed ({e}); pip install -e '.[bench]'"
+        print(f"skipping sentence-transformers (fp32): {skipped['sentence-transformers (fp32)']}", flush=True)
+    else:
+        seconds, timings = median_seconds(lambda: st.scores(QUERY, documents), args.repeats, lambda: st.scores(QUERY, documents[:8]))
+        record("sentence-transformers (fp32)", "st", seconds, timings, st.scores(QUERY, documents), None)
+        del st
 
     warm = DocumentsRequest(query=QUERY, candidates=papers[:8], top_k=8)
     seconds, timings = median_seconds(lambda: rank_documents(ours, request), args.repeats, lambda: rank_documents(ours, warm))
     result = rank_documents(ours, request)
     record(f"ours in-process ({main_dtype})", "ours", seconds, timings, ours.score(QUERY, documents).probabilities, result.info.padded_tokens)
-    rows[f"ours in-process ({main_dtype})"].update(tokenize_ms=result.info.tokenize_ms, forward_ms=result.info.forward_ms)
+    rows[f"ours in-process ({main_dtype})"].update(tokenize_ms=result.info.tokenize_ms, forward_ms=result.info.forward_ms, ran=ran(ours),
+                                                       batches=result.info.batches)
     print(f"  of which tokenize {result.info.tokenize_ms:.1f} ms, forward {result.info.forward_ms:.1f} ms", flush=True)
     del ours
 
@@ -208,6 +222,7 @@ def main() -> None:
     alt_tokens = last["scores"].tokens
     record(f"ours in-process ({alt_dtype})", "alt", seconds, timings, last["scores"].probabilities, last["scores"].padded_tokens,
            docs=len(alt_docs), tokens_in_run=alt_tokens)
+    rows[f"ours in-process ({alt_dtype})"].update(ran=ran(alt), batches=last["scores"].batches)
     rows[f"ours in-process ({alt_dtype})"]["note"] = (
         f"{len(alt_docs)} docs" + ("" if cuda or device["native_bf16"] else "; this CPU has no native bf16 (AVX512-BF16/AMX)")
     )
@@ -220,7 +235,13 @@ def main() -> None:
     if not args.skip_e2e:
         queue = measure_end_to_end(path, papers, args, rows, tokens, linear_flops_per_token(dims), peak, main_dtype)
 
-    write_results(args, device, tokens, peak, rows, queue, reference)
+    write_results(args, device, tokens, peak, rows, queue, reference, skipped)
+
+
+def ran(engine: CrossEncoderEngine) -> dict:
+    """What an engine really computes with: its weights' dtype, its layout, the budget its scheduler plans with."""
+    return {"dtype": str(engine.runner.dtype).removeprefix("torch."), "attention": engine.runner.layout.name,
+            "max_batch_tokens": engine.loop.scheduler.max_batch_tokens}
 
 
 def measure_end_to_end(
@@ -239,6 +260,9 @@ def measure_end_to_end(
         rows[f"ours via Redis + worker ({dtype})"] = timing_row(
             "e2e", seconds, timings, args.docs, tokens, info.padded_tokens, flops_per_token, peak
         )
+        rows[f"ours via Redis + worker ({dtype})"]["ran"] = {
+            "dtype": info.dtype, "attention": info.attention, "worker": info.worker, "pid": info.pid, "batches": info.batches,
+        }
         print(f"{'ours via Redis + worker':<28} {seconds:8.2f} s  {args.docs / seconds:7.2f} docs/s", flush=True)
 
         added = []
@@ -284,14 +308,15 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def write_results(
-    args: argparse.Namespace, device: dict, tokens: int, peak: float, rows: dict, queue: dict, reference: list[float]
+    args: argparse.Namespace, device: dict, tokens: int, peak: float, rows: dict, queue: dict, reference: list[float],
+    skipped: dict[str, str],
 ) -> None:
-    """Write JSON and a Markdown table, and plot docs/s per implementation."""
+    """Write JSON and a Markdown table, and plot docs/s per implementation (rows and plot skipped say why)."""
     by_role = {row["role"]: row for row in rows.values()}
-    seed, st = by_role["seed"], by_role["st"]
+    seed, st = by_role["seed"], by_role.get("st")
     for name, row in rows.items():
         row["vs_seed"] = row["docs_per_s"] / seed["docs_per_s"]
-        row["vs_sentence_transformers"] = row["docs_per_s"] / st["docs_per_s"]
+        row["vs_sentence_transformers"] = row["docs_per_s"] / st["docs_per_s"] if st else None
         if row.get("scores") is not None:
             expected = reference[: len(row["scores"])]
             row["max_abs_delta_vs_seed_fp32"] = max(abs(a - b) for a, b in zip(row["scores"], expected))
@@ -301,13 +326,17 @@ def write_results(
         queue["throughput_share_vs_in_process"] = by_role["e2e"]["docs_per_s"] / by_role["ours"]["docs_per_s"]
 
     stem = f"{device['device']}-{args.label}"
+    where = device["name"] if device["device"] == "cuda" else f"{device['cores']}-core CPU"
+    plotted = plot(rows, args.plots / f"benchmark-{stem}.png", f"{args.label}, {args.docs} docs, {where}")
+    if plotted is not None:
+        skipped["plot"] = plotted
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {
         "command": command_line(args),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "load_average_at_end": os.getloadavg(),
         "device": device, "shape": args.shape, "model": args.model_note, "docs": args.docs, "tokens": tokens,
-        "gemm_peak_gflops_fp32": peak / 1e9, "implementations": rows, "queue": queue,
+        "gemm_peak_gflops_fp32": peak / 1e9, "implementations": rows, "queue": queue, "skipped": skipped,
     }
     (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
 
@@ -324,7 +353,7 @@ def write_results(
         cell = lambda key, fmt: "–" if row.get(key) is None else format(row[key], fmt)  # noqa: E731
         lines.append(
             f"| {name} | {row['docs_per_s']:.2f} | {cell('tokens_per_s', ',.0f')} | {row['vs_seed']:.2f}× | "
-            f"{row['vs_sentence_transformers']:.2f}× | {cell('padding_waste', '.1%')} | {cell('gemm_peak_share', '.0%')} | "
+            f"{'–' if row['vs_sentence_transformers'] is None else format(row['vs_sentence_transformers'], '.2f') + '×'} | {cell('padding_waste', '.1%')} | {cell('gemm_peak_share', '.0%')} | "
             f"{cell('max_abs_delta_vs_seed_fp32', '.1e')} | {cell('kendall_tau_vs_seed_fp32', '.3f')} | {cell('top20_overlap_vs_seed_fp32', '.0%')} |"
         )
     alt = by_role["alt"]
@@ -346,10 +375,9 @@ def write_results(
                 f"Two-stage chain: {run['wall_s']:.2f} s wall for {run['compute_s']:.2f} s of stage-1 + stage-2 compute "
                 f"({run['chunks']} chunks): {run['ratio']:.3f}×."
             )
+    lines += [f"Skipped {name}: {why}." for name, why in skipped.items()]
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    where = device["name"] if device["device"] == "cuda" else f"{device['cores']}-core CPU"
-    plot(rows, ROOT / "docs" / f"benchmark-{stem}.png", f"{args.label}, {args.docs} docs, {where}")
 
 
 def alt_name(rows: dict) -> str:
@@ -357,9 +385,13 @@ def alt_name(rows: dict) -> str:
     return next(name for name, row in rows.items() if row["role"] == "alt")
 
 
-def plot(rows: dict, target: Path, title: str) -> None:
-    """Bar chart of docs/s per implementation."""
-    import matplotlib
+def plot(rows: dict, target: Path, title: str) -> str | None:
+    """Bar chart of docs/s per implementation at `target`; without matplotlib, none, and the reason why."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        print(f"skipping the plot: {e}; pip install -e '.[bench]'", flush=True)
+        return f"matplotlib is not installed ({e}); pip install -e '.[bench]'"
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -375,6 +407,7 @@ def plot(rows: dict, target: Path, title: str) -> None:
     fig.tight_layout()
     target.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(target, dpi=110)
+    return None
 
 
 if __name__ == "__main__":
