@@ -174,22 +174,26 @@ class DeviceServer:
         self.loop.submit(request)
 
     def _pairs(self, host: _Host, count: int, tokens: int, types: bool) -> list[EncodedPair]:
-        if host.buffer is None or count < 1 or tokens < count:
-            raise ValueError("no shared buffer, or no pairs")
+        if host.buffer is None or tokens < count:
+            raise ValueError("no shared buffer, or fewer tokens than pairs")
         need = (count + tokens * (2 if types else 1)) * _INT
         if need > len(host.buffer):
             raise ValueError(f"{need} bytes of ids do not fit the {len(host.buffer)}-byte buffer")
-        words = torch.frombuffer(host.buffer, dtype=torch.int32, count=need // _INT).clone()
-        lengths = words[:count]
-        ids = words[count : count + tokens]
-        if int(lengths.min()) < 1 or int(lengths.max()) > self.max_length or int(lengths.sum()) != tokens:
+        words = array.array("i")
+        words.frombytes(host.buffer[:need])  # a copy: the host may reuse its buffer once it has the answer
+        lengths, ids = words[:count], words[count : count + tokens]
+        if min(lengths) < 1 or max(lengths) > self.max_length or sum(lengths) != tokens:
             raise ValueError(f"pair lengths must be 1..{self.max_length} and add up to {tokens}")
-        if int(ids.min()) < 0 or (self.vocab_size is not None and int(ids.max()) >= self.vocab_size):
+        if min(ids) < 0 or (self.vocab_size is not None and max(ids) >= self.vocab_size):
             raise ValueError(f"token ids must lie in 0..{self.vocab_size}")
-        type_ids = words[count + tokens :] if types else torch.zeros_like(ids)
-        bounds = [0, *torch.cumsum(lengths, 0).tolist()]
-        flat, flat_types = ids.tolist(), type_ids.tolist()
-        return [EncodedPair(flat[a:b], flat_types[a:b]) for a, b in zip(bounds, bounds[1:])]
+        type_ids = words[count + tokens :] if types else None
+        pairs, start = [], 0
+        for length in lengths:
+            end = start + length
+            pair_ids = ids[start:end].tolist()
+            pairs.append(EncodedPair(pair_ids, type_ids[start:end].tolist() if type_ids is not None else [0] * length))
+            start = end
+        return pairs
 
     def _report(self, touched: list[Request]) -> None:
         """After a step: results or errors of every finished request, progress of the others it touched."""

@@ -385,6 +385,8 @@ def test_a_thousand_half_open_connections_to_the_metrics_port_leave_the_worker_b
     alone, beside, threads, fds = [], [], [], []
     for round_ in range(3):
         alone += small_jobs(11, 100 * round_)
+        wait_for(lambda: value(parse(_get(port, token="scrape-me")[1].decode()), "rerank_tasks_total", state="SUCCESS") >= 10,
+                 10, "the jobs in the metrics")  # counts reach the page within half a second of a task
         held = _half_open(port, 1000)
         try:
             for _ in range(10):

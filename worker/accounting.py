@@ -7,8 +7,9 @@ The work happens in the prefork pool processes; the parent answers remote contro
    processes inherit its path.
 2. Each pool process keeps one Ledger: the model it loaded and, per task name, its tasks'
    states, sums and distributions. The task_prerun/task_postrun handlers here read each
-   result's `info` once. After the load and after every task the process writes its ledger as
-   a JSON snapshot to its own file there (only it can read its GPU memory).
+   result's `info` once. After the load, and within half a second of a task finishing (once per
+   burst of tasks, not per task), the process writes its ledger as a JSON snapshot to its own
+   file there (only it can read its GPU memory).
 3. The parent reads every snapshot when asked (`snapshots()`), marking those of processes that
    exited. worker/metrics.py renders them as Prometheus metrics, worker/report.py as the
    `rerank_report` answer; neither counts anything itself.
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from celery import Task, bootsteps
 from celery.app import trace
-from celery.signals import task_postrun, task_prerun
+from celery.signals import task_postrun, task_prerun, worker_process_shutdown
 
 from contract.names import SENT_AT_HEADER, TASK_CHUNKS, TASK_DOCUMENTS, TASK_PASSAGES
 from contract.schemas import ScoringInfo
@@ -53,6 +54,9 @@ SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 
 
 RATIO = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 """Upper bounds of the buckets that batch fill ratios are counted in."""
+
+WRITE_EVERY = 0.5
+"""Seconds a pool process's counts may wait before its snapshot file is rewritten: once per burst of tasks, not per task."""
 
 _MB = 1024 * 1024
 # Set in the worker's parent before the pool forks; pool processes inherit it.
@@ -141,6 +145,7 @@ class Ledger:
         self.model: dict[str, Any] | None = None
         self.scorer: Any = None
         self.tasks: dict[str, dict[str, Any]] = {}
+        self._due = False
 
     def loaded(self, engine: Scorer, seconds: float) -> None:
         """Record the model this process loaded (its facts), and how long it took."""
@@ -182,6 +187,26 @@ class Ledger:
             "memory": memory(self.scorer),
             "tasks": tasks,
         }
+
+    def write_soon(self) -> None:
+        """Write the snapshot within WRITE_EVERY seconds, once for every task that finishes meanwhile."""
+        with _lock:
+            if self._due:
+                return
+            self._due = True
+        timer = threading.Timer(WRITE_EVERY, self._write_due)
+        timer.daemon = True
+        timer.start()
+
+    def flush(self) -> None:
+        """Write now what is due (at the process's clean exit)."""
+        if self._due:
+            self._write_due()
+
+    def _write_due(self) -> None:
+        with _lock:
+            self._due = False
+        self.write()
 
     def write(self) -> None:
         """Replace this process's snapshot file (no-op outside a worker, where no directory was made)."""
@@ -247,12 +272,19 @@ def _task_finished(task_id: str | None = None, task: Task | None = None, retval:
         figures = TaskFigures.of(task, task_id, state, retval, *started)
         book = ledger()
         book.count(figures)
-        book.write()
+        book.write_soon()
     except Exception:
         log.warning("could not account for task %s", task_id, exc_info=True)
         return
     if figures.info is not None:
         _log_task(figures, figures.info, retval)
+
+
+@worker_process_shutdown.connect
+def _flush(**_: Any) -> None:
+    """A pool process leaving cleanly writes what it counted since its last snapshot."""
+    if _ledger is not None and _ledger.pid == os.getpid():
+        _ledger.flush()
 
 
 def _log_task(task: TaskFigures, info: ScoringInfo, retval: Any) -> None:
