@@ -50,7 +50,7 @@ from scoring.facts import ModelFacts
 from scoring.loop import DeviceLoop
 from scoring.runner import Runner, device_memory
 from scoring.scheduler import Request, UniquePairs
-from scoring.tokens import EncodedPair, PairTokenizer
+from scoring.tokens import EncodedPair, PairTokenizer, joined
 from scoring.wire import (
     Buffer,
     Cancel,
@@ -190,8 +190,7 @@ class DeviceServer:
         pairs, start = [], 0
         for length in lengths:
             end = start + length
-            pair_ids = ids[start:end].tolist()
-            pairs.append(EncodedPair(pair_ids, type_ids[start:end].tolist() if type_ids is not None else [0] * length))
+            pairs.append(EncodedPair(ids[start:end], type_ids[start:end] if type_ids is not None else None))
             start = end
         return pairs
 
@@ -274,13 +273,10 @@ class DeviceClient:
     def _send_request(self, pairs: list[EncodedPair]) -> int:
         lengths = [len(p.input_ids) for p in pairs]
         types = self.tokenize.uses_type_ids
-        words = array.array("i", lengths)
-        for pair in pairs:
-            words.extend(pair.input_ids)
+        words = array.array("i", lengths) + joined(pairs)
         if types:
-            for pair in pairs:
-                words.extend(pair.type_ids)
-        data = words.tobytes()
+            words += joined(pairs, types=True)
+        data = memoryview(words).cast("B")
         if self._buffer is None or len(self._buffer) < len(data):
             self._grow(len(data))
         self._buffer[: len(data)] = data

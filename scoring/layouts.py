@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Sequence
 from typing import Protocol
@@ -16,7 +15,7 @@ from scoring.packed import (
     flash_varlen_usable,
     unsupported_reason,
 )
-from scoring.tokens import EncodedPair
+from scoring.tokens import EncodedPair, joined
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +75,10 @@ class PaddedForward:
         # Ids, mask and type ids in one (pinned on CUDA) buffer: one asynchronous copy to the device.
         host = torch.zeros((2 + self.uses_type_ids, len(pairs), width), dtype=torch.long, pin_memory=self.device.type == "cuda")
         host[0].fill_(self.pad_id)
-        host[0][real] = torch.tensor(list(itertools.chain.from_iterable(p.input_ids for p in pairs)))
+        host[0][real] = torch.frombuffer(joined(pairs), dtype=torch.int32).long()
         host[1] = real
         if self.uses_type_ids:
-            host[2][real] = torch.tensor(list(itertools.chain.from_iterable(p.type_ids for p in pairs)))
+            host[2][real] = torch.frombuffer(joined(pairs, types=True), dtype=torch.int32).long()
         on_device = host.to(self.device, non_blocking=True)
         inputs = {"input_ids": on_device[0], "attention_mask": on_device[1]}
         if self.uses_type_ids:

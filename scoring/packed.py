@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from scoring.tokens import joined
+
 if TYPE_CHECKING:
     from scoring.tokens import EncodedPair
 
@@ -313,10 +315,10 @@ def pack_host(
     bounds = [0, *itertools.accumulate(lengths)]
     fields = 2 + with_type_ids
     host = torch.zeros(fields * tokens + 2 * (n + 1), dtype=torch.int32, pin_memory=pin)
-    host[:real_tokens] = torch.tensor(list(itertools.chain.from_iterable(p.input_ids for p in pairs)), dtype=torch.int32)
+    host[:real_tokens] = torch.frombuffer(joined(pairs), dtype=torch.int32)
     host[real_tokens:tokens] = filler_id
     if with_type_ids:
-        host[tokens : tokens + real_tokens] = torch.tensor(list(itertools.chain.from_iterable(p.type_ids for p in pairs)), dtype=torch.int32)
+        host[tokens : tokens + real_tokens] = torch.frombuffer(joined(pairs, types=True), dtype=torch.int32)
     starts = torch.tensor(bounds, dtype=torch.int32)
     positions = host[(fields - 1) * tokens : fields * tokens]
     torch.arange(position_offset, tokens + position_offset, dtype=torch.int32, out=positions)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from array import array
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -105,7 +106,7 @@ class ModelRunner:
         """Run full batches of the layout's warm-up shapes (for padded attention with rounded widths, every width) and wait for them."""
         filler = self.pad_id + 1
         for rows, width in self.layout.warm_shapes(self.max_length, self.max_batch_tokens):
-            self.run_batch([EncodedPair([filler] * width, [0] * width)] * rows)
+            self.run_batch([EncodedPair(array("i", [filler]) * width, array("i", bytes(4 * width)))] * rows)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

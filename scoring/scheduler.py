@@ -43,7 +43,7 @@ class UniquePairs:
         """Start empty; `add` pairs, `collect` their logits, then read them back `in_input_order`."""
         self.unique: list[EncodedPair] = []
         self.owner: list[int] = []  # for each pair added, its index in `unique`
-        self._first_of: dict[tuple[int, ...], int] = {}
+        self._first_of: dict[bytes, int] = {}
         self._rows: list[int] = []  # indexes in `unique`, in the order their logits were collected
         self._logits: list[tuple[torch.Tensor, list[int] | None]] = []  # device tensors, and the rows of each to keep
 
@@ -51,7 +51,7 @@ class UniquePairs:
         """Take `pairs` after those added before; return the indexes of the new unique ones, longest first."""
         start = len(self.unique)
         for pair in pairs:
-            index = self._first_of.setdefault(tuple(pair.input_ids), len(self.unique))
+            index = self._first_of.setdefault(pair.input_ids.tobytes(), len(self.unique))
             if index == len(self.unique):
                 self.unique.append(pair)
             self.owner.append(index)

@@ -73,7 +73,7 @@ def test_a_failing_request_fails_alone_and_its_batch_mates_are_scored(engine):
     original = engine.runner.run_batch
 
     def failing(pairs):
-        if any(engine.tokenize("q", [poison])[0].input_ids[-6:] == p.input_ids[-6:] for p in pairs):
+        if any(list(engine.tokenize("q", [poison])[0].input_ids[-6:]) == list(p.input_ids[-6:]) for p in pairs):
             raise RuntimeError("device error on this pair")
         return original(pairs)
 

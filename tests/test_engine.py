@@ -87,7 +87,7 @@ def test_a_long_passage_is_cut_and_the_query_survives(engine, tiny_model):
     query_ids = engine.tokenize.tokenizer(QUERY, add_special_tokens=False)["input_ids"]
     # Then the pair fills max_length exactly, and the whole query sits right after <s>
     assert len(pair.input_ids) == 512
-    assert pair.input_ids[1 : 1 + len(query_ids)] == query_ids
+    assert list(pair.input_ids[1 : 1 + len(query_ids)]) == query_ids
     expected = sigmoid(reference_logits(tiny_model, QUERY, [passage]))
     assert engine.score(QUERY, [passage]).probabilities == pytest.approx(expected, abs=1e-5)
 
@@ -97,8 +97,8 @@ def test_a_long_query_is_capped_at_three_quarters_of_max_length(engine):
     pair = engine.tokenize(long_query, ["Apixaban reduced bleeding in kidney disease."])[0]
     passage_ids = engine.tokenize.tokenizer("Apixaban reduced bleeding in kidney disease.", add_special_tokens=False)["input_ids"]
     # <s> query(384) </s></s> passage </s>
-    assert pair.input_ids[1 + 384 : 1 + 384 + 2] == [engine.tokenize.tokenizer.sep_token_id] * 2
-    assert pair.input_ids[1 + 384 + 2 : -1] == passage_ids
+    assert list(pair.input_ids[1 + 384 : 1 + 384 + 2]) == [engine.tokenize.tokenizer.sep_token_id] * 2
+    assert list(pair.input_ids[1 + 384 + 2 : -1]) == passage_ids
 
 
 def test_empty_input_returns_empty_scores(engine):
@@ -184,7 +184,7 @@ def test_a_long_passage_is_cut_before_tokenizing_and_keeps_the_whole_texts_token
     pair = engine.tokenize(QUERY, [text])[0]
     query = full_ids(engine, QUERY)
     budget = engine.facts.max_length - len(query) - engine.tokenize.template.specials
-    assert pair.input_ids[len(engine.tokenize.template.prefix) + len(query) + len(engine.tokenize.template.middle) :][:budget] == full_ids(engine, text)[:budget]
+    assert list(pair.input_ids[len(engine.tokenize.template.prefix) + len(query) + len(engine.tokenize.template.middle) :][:budget]) == full_ids(engine, text)[:budget]
     assert len(pair.input_ids) == min(engine.facts.max_length, len(query) + engine.tokenize.template.specials + len(full_ids(engine, text)))
 
 

@@ -112,10 +112,10 @@ def test_pairs_are_the_tokenizers_own_pair_encoding_with_type_ids(engines):
     _, packed = engines
     pair = packed.tokenize(QUERY, ["Apixaban reduced bleeding."])[0]
     encoded = packed.tokenize.tokenizer(QUERY, "Apixaban reduced bleeding.")
-    assert pair.input_ids == encoded["input_ids"]
+    assert list(pair.input_ids) == encoded["input_ids"]
     if packed.runner.model.config.model_type == "bert":
         # BERT: the passage and its [SEP] are type 1, and the packed encoder reads them
-        assert pair.type_ids == encoded["token_type_ids"] and set(pair.type_ids) == {0, 1}
+        assert list(pair.type_ids) == encoded["token_type_ids"] and set(pair.type_ids) == {0, 1}
         assert packed.runner.layout.uses_type_ids
         types = packed.runner.layout.encoder.token_type
         assert not torch.equal(types[0], types[1]), "type embeddings must differ for this to test anything"

@@ -1,17 +1,35 @@
-"""Celery's Redis result backend, retrying writes that a full Redis refuses."""
+"""Celery's Redis result backend: a task's state stored and announced in one round trip, writes a full Redis refuses retried."""
 
 from __future__ import annotations
 
 import logging
+import time
+from typing import Any
 from urllib.parse import urlsplit
 
 from celery.backends.redis import RedisBackend as CeleryRedisBackend
 from celery.backends.redis import SentinelBackend as CelerySentinelBackend
+from celery.exceptions import BackendStoreError
+from kombu.utils.encoding import bytes_to_str
 from redis.exceptions import OutOfMemoryError
 
 from worker.transport import FULL
 
 log = logging.getLogger(__name__)
+
+STORE = """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind == 'string' then
+  if string.find(redis.call('GETRANGE', KEYS[1], 0, 31), '^{"status": "SUCCESS"') then return 0 end
+elseif kind ~= 'none' then
+  redis.call('RENAME', KEYS[1], KEYS[1] .. '.misplaced.' .. ARGV[3])
+end
+if tonumber(ARGV[2]) > 0 then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) else redis.call('SET', KEYS[1], ARGV[1]) end
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return 1
+"""
+"""KEYS: a task's result key. ARGV: its encoded meta, seconds to keep it (0: for ever), a timestamp.
+Stores and announces the meta unless a success is stored already; a key of another type is renamed aside."""
 
 
 class _RetryingFull:
@@ -24,6 +42,30 @@ class _RetryingFull:
     def exception_safe_to_retry(self, exc: Exception) -> bool:
         """Connection errors, as Celery's, and Redis refusing a write for want of memory."""
         return isinstance(exc, OutOfMemoryError) or super().exception_safe_to_retry(exc)
+
+    def _store_result(self, task_id: str, result: Any, state: str, traceback: Any = None, request: Any = None, **_: Any) -> Any:
+        """Store and announce a task's state in one script, unless a success is stored already.
+
+        Celery reads the stored meta back (decoding whatever anyone wrote there) before each write,
+        one more round trip per state; a success is never overwritten either way.
+        """
+        meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
+        meta["task_id"] = bytes_to_str(task_id)
+        value = self.encode(meta)
+        if len(value) > self._MAX_STR_VALUE_SIZE:
+            raise BackendStoreError("value too large for Redis backend", state=state, task_id=task_id)
+        self.ensure(self._store, (self.get_key_for_task(task_id), value))
+        return result
+
+    def _store(self, key: str, value: str | bytes) -> None:
+        self._store_script(keys=[key], args=[value, int(self.expires or 0), int(time.time() * 1000)])
+
+    @property
+    def _store_script(self) -> Any:
+        script = getattr(self, "_registered_store", None)
+        if script is None:
+            script = self._registered_store = self.client.register_script(STORE)
+        return script
 
     def on_backend_retryable_error(self, exc: Exception) -> None:
         """Say why a state write is being retried, in words an operator can act on."""
