@@ -63,7 +63,7 @@ def running_system(
     else:
         pool = ["--pool=prefork", "--concurrency=1"]
     command = [sys.executable, "-m", "celery", "-A", app, "worker", *pool,
-               "--hostname=bench@%h", f"--queues={','.join(queues or [settings.queue])}", "--task-events", "--loglevel=INFO"]
+               "--hostname=bench@%h", f"--queues={','.join(queues or [settings.queue])}", "--loglevel=INFO"]
     worker = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 600

@@ -118,6 +118,11 @@ class Settings(BaseSettings):
     progress_interval: float = Field(
         1.0, ge=0.0, le=3600.0, description="Seconds between a running task's PROGRESS updates; 0 reports every batch."
     )
+    task_events: bool = Field(
+        True,
+        description="Send task events (what Flower shows live): each task then costs a worker about 2 ms of CPU and Redis "
+        "four more round trips (benchmarks/job_cost.py); turn off where no Flower watches.",
+    )
     metrics_port: int | None = Field(
         None, ge=1, le=65_535, description="Port a worker serves Prometheus metrics on (`/metrics`); unset: no metrics."
     )

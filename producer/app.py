@@ -52,8 +52,8 @@ def create_app(settings: Settings) -> Celery:
         # Reserve one message per process: nothing waits behind a long task, nothing sits unacked.
         worker_prefetch_multiplier=1,
         # Flower and `celery events` need task events, including "sent" for queued work.
-        worker_send_task_events=True,
-        task_send_sent_event=True,
+        worker_send_task_events=settings.task_events,
+        task_send_sent_event=settings.task_events,
         task_track_started=True,
         # Results are small but unbounded in number; the Redis backend expires them itself.
         result_expires=settings.result_expires,

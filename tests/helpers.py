@@ -252,7 +252,7 @@ class WorkerFleet:
         if app is None:
             worker = WorkerProcess(["-n", f"{label}@%h", *args], environment, self.logs / f"{label}.log")
         else:
-            command = ["-A", app, "worker", "-n", f"{label}@%h", "--loglevel=INFO", "-E", *args]
+            command = ["-A", app, "worker", "-n", f"{label}@%h", "--loglevel=INFO", *args]
             worker = WorkerProcess(command, environment, self.logs / f"{label}.log", module="celery")
         self.started.append(worker)
         return worker

@@ -101,8 +101,7 @@ def celery_argv(
         *pool,
         f"--hostname={args.hostname or default_hostname(device)}",
         f"--queues={args.queues or ','.join(worker_queues(device, queue, model))}",
-        f"--loglevel={args.loglevel}",
-        "--task-events",
+        f"--loglevel={args.loglevel}",  # task events follow RERANK_TASK_EVENTS (worker.app)
         *passthrough,
     ]
 
