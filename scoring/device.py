@@ -33,11 +33,19 @@ import logging
 import mmap
 import os
 import queue
+import socket
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from multiprocessing.connection import Client, Connection, Listener
+from contextlib import suppress
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import (
+    Client,
+    Connection,
+    answer_challenge,
+    deliver_challenge,
+)
 from multiprocessing.reduction import recv_handle, send_handle
 from typing import Any
 
@@ -73,32 +81,63 @@ _INT = 4  # bytes of an int32 id or a float32 logit
 # The device side -------------------------------------------------------------------------------
 
 
+OUTBOX = 256
+"""Messages (progress, results) a host process may leave unread before the device process cuts it off."""
+
+HANDSHAKE_SECONDS = 5.0
+"""How long a connection may take to prove it holds the key before the device process drops it."""
+
+
 class _Host:
-    """One connected host process: its socket, its shared buffer, its requests in flight."""
+    """One connected host process: its socket, its shared buffer, its requests in flight, and what waits to be sent to it.
+
+    Everything sent to a host goes through its own outbox and writer thread: a host that stops
+    reading fills only its own outbox, and is then cut off, its requests failed, instead of
+    holding up the device process's other hosts.
+    """
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.buffer: mmap.mmap | None = None
         self.requests: dict[int, Request] = {}
-        self.sending = threading.Lock()
+        self.outbox: queue.Queue[bytes | None] = queue.Queue(OUTBOX)
+        threading.Thread(target=self._write, name="device-host-writer", daemon=True).start()
 
     def send(self, message: FromDevice, payload: bytes = b"") -> None:
-        with self.sending:
-            self.conn.send_bytes(frame(message, payload))
+        """Queue `message` for this host; a host whose outbox is full is cut off."""
+        try:
+            self.outbox.put_nowait(frame(message, payload))
+        except queue.Full:
+            log.warning("a host process left %d messages unread; cutting it off (its requests fail, the others go on)", OUTBOX)
+            self.cut_off()
+
+    def cut_off(self) -> None:
+        """End the connection from any thread: a writer blocked on it, and the reader, both return."""
+        _shut(self.conn)
+
+    def _write(self) -> None:
+        while (data := self.outbox.get()) is not None:
+            try:
+                self.conn.send_bytes(data)
+            except OSError:
+                return  # the reader sees the connection end and fails its requests
 
 
 class DeviceServer:
-    """Serves scoring to host processes over `listener`, every request through one `DeviceLoop` on `runner`."""
+    """Serves scoring to host processes at a Unix socket, every request through one `DeviceLoop` on `runner`."""
 
-    def __init__(self, runner: Runner, listener: Listener, facts: ModelFacts) -> None:
-        """Score on `runner`; `facts` (the loaded engine's) greet each host."""
+    def __init__(self, runner: Runner, address: str, authkey: bytes, facts: ModelFacts) -> None:
+        """Score on `runner`; listen at `address` for hosts holding `authkey`; `facts` (the loaded engine's) greet each host."""
         self.runner = runner
-        self.listener = listener
+        self.authkey = authkey
         self.facts = facts
         self.vocab_size = facts.weights.architecture.vocab_size  # ids must lie below it
         self.max_length = facts.max_length
         self.device = torch.device(facts.device)
         self.loop = DeviceLoop(runner)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(address)
+        self.listener.listen(64)
         self._owners: dict[Request, tuple[_Host, int]] = {}
         self._finished: queue.SimpleQueue[tuple[Request, _Host, int]] = queue.SimpleQueue()
 
@@ -119,16 +158,33 @@ class DeviceServer:
                 self._send_outcome(request, host, ident)
             except Exception as e:  # noqa: BLE001 - one unreadable result fails its own request, and the thread goes on
                 log.exception("could not read a finished request's logits")
-                self._send(host, Failed(ident, "error", f"reading the logits failed: {e}"))
+                host.send(Failed(ident, "error", f"reading the logits failed: {e}"))
 
     def _accept(self) -> None:
+        """Take connections; each proves it holds the key on a thread of its own, so none can hold up the next."""
         while True:
             try:
-                conn = self.listener.accept()
-            except Exception:  # noqa: BLE001 - a client that fails the handshake is dropped; the rest go on
-                log.warning("a connection to the device process failed its handshake", exc_info=True)
+                sock, _ = self.listener.accept()
+            except OSError:
+                log.warning("the device process could not accept a connection", exc_info=True)
+                time.sleep(0.1)
                 continue
-            threading.Thread(target=self._read, args=(_Host(conn),), name="device-host", daemon=True).start()
+            threading.Thread(target=self._greet, args=(Connection(sock.detach()),), name="device-host", daemon=True).start()
+
+    def _greet(self, conn: Connection) -> None:
+        """The key handshake, under a deadline (a silent peer is dropped), then this host's messages until it goes."""
+        late = threading.Timer(HANDSHAKE_SECONDS, lambda: _shut(conn))
+        late.start()
+        try:
+            deliver_challenge(conn, self.authkey)
+            answer_challenge(conn, self.authkey)
+        except (OSError, EOFError, AuthenticationError) as e:
+            log.warning("a connection to the device process failed its handshake (%s); dropped", type(e).__name__)
+            conn.close()
+            return
+        finally:
+            late.cancel()
+        self._read(_Host(conn))
 
     def _read(self, host: _Host) -> None:
         try:
@@ -157,6 +213,8 @@ class DeviceServer:
                     request.fail(WorkerError("the host process went away"))
                     self._owners.pop(request, None)
                 host.requests.clear()
+            host.cut_off()
+            host.outbox.put(None)  # the writer ends (a full outbox: it already ended on the closed connection)
             host.conn.close()
 
     def _admit(self, host: _Host, score: Score) -> None:
@@ -204,22 +262,15 @@ class DeviceServer:
         for item in finished:
             self._finished.put(item)
         for request, host, ident in progressed:
-            self._send(host, Progress(ident, request.done, request.total))
+            host.send(Progress(ident, request.done, request.total))
 
     def _send_outcome(self, request: Request, host: _Host, ident: int) -> None:
         if request.error is not None:
             kind = "timeout" if isinstance(request.error, TaskTimedOut) else "error"
-            self._send(host, Failed(ident, kind, str(request.error)))
+            host.send(Failed(ident, kind, str(request.error)))
             return
         logits = array.array("f", request.pairs.in_input_order()).tobytes()
-        self._send(host, Done(ident, request.padded, request.batches, request.splits, device_memory(self.device)), logits)
-
-    @staticmethod
-    def _send(host: _Host, message: FromDevice, payload: bytes = b"") -> None:
-        try:
-            host.send(message, payload)
-        except OSError:
-            pass  # the host is gone; its reader thread drops its requests
+        host.send(Done(ident, request.padded, request.batches, request.splits, device_memory(self.device)), logits)
 
 
 # The host side ---------------------------------------------------------------------------------
@@ -350,6 +401,13 @@ class DeviceClient:
 # The process -----------------------------------------------------------------------------------
 
 
+def _shut(conn: Connection) -> None:
+    """Shut a connection's socket down from any thread: whoever is blocked reading or writing it returns."""
+    with suppress(OSError):
+        with socket.socket(fileno=os.dup(conn.fileno())) as sock:  # shutdown acts on the socket, whichever fd names it
+            sock.shutdown(socket.SHUT_RDWR)
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m scoring.device --address PATH`: load the model, listen, print `ready`, serve until killed.
 
@@ -364,11 +422,11 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings.model_validate_json(sys.stdin.readline())
     engine = engine_for(settings)
     facts = engine.facts
-    listener = Listener(args.address, family="AF_UNIX", authkey=authkey)
+    server = DeviceServer(engine.runner, args.address, authkey, facts)
     log.info("device process ready: pid=%d model=%s device=%s address=%s", os.getpid(), facts.name, facts.device, args.address)
     print("ready", flush=True)
     os.dup2(2, 1)  # nobody reads the pipe after "ready": whatever a library prints goes to the log, not into a full pipe
-    DeviceServer(engine.runner, listener, facts).serve_forever()
+    server.serve_forever()
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def served(tiny_model, tmp_path_factory):
     engine = CrossEncoderEngine.load(str(tiny_model), attention="packed")
     address = str(tmp_path_factory.mktemp("device") / "device.sock")
     key = secrets.token_bytes(16)
-    server = DeviceServer(engine.runner, Listener(address, family="AF_UNIX", authkey=key), engine.facts)
+    server = DeviceServer(engine.runner, address, key, engine.facts)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return address, key, engine
 
@@ -142,3 +142,68 @@ def test_a_client_whose_device_process_is_gone_says_so(served, tmp_path):
     with pytest.raises(WorkerError, match="device process is gone"):
         client.score(QUERY, CORPUS[:3])
     assert lost == [True]
+
+
+def latencies(client: DeviceClient, count: int) -> list[float]:
+    """Seconds each of `count` small requests took through `client`, one after the other."""
+    import time
+
+    taken = []
+    for n in range(count):
+        started = time.perf_counter()
+        client.score(f"{QUERY} {n}", CORPUS[n % 20 : n % 20 + 3])
+        taken.append(time.perf_counter() - started)
+    return taken
+
+
+def test_a_connection_that_never_answers_the_handshake_holds_up_nobody(served):
+    import socket
+    import time
+
+    from scoring.device import HANDSHAKE_SECONDS
+
+    # Given connections that open the socket and then say nothing, as a stuck or hostile peer would
+    address, _, engine = served
+    silent = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(20)]
+    for sock in silent:
+        sock.connect(address)
+    # When a host process connects after them, Then it is greeted and served at once
+    started = time.monotonic()
+    client = client_of(served)
+    assert client.score(QUERY, CORPUS[:4]).logits == pytest.approx(engine.score(QUERY, CORPUS[:4]).logits, abs=1e-5)
+    assert time.monotonic() - started < 2
+    # And the silent ones are dropped once the handshake's deadline passes
+    for sock in silent:
+        sock.settimeout(HANDSHAKE_SECONDS + 10)
+        while sock.recv(4096):  # the challenge, then the end of the connection
+            pass
+        sock.close()
+
+
+def test_a_host_that_never_reads_its_results_cannot_slow_the_others_and_is_cut_off(served):
+    import statistics
+    import time
+
+    from scoring.device import OUTBOX
+
+    # Given a well-behaved host's latency alone
+    good = client_of(served)
+    alone = latencies(good, 20)
+    # When another host sends request after request and never reads an answer
+    conn = hostile_connection(served)
+    buffer_for(conn, [3, 5, 6, 7])  # one pair of three ids, within the tiny model's vocabulary
+    sent, beside, cut = 0, [], False
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not cut:
+        try:
+            for _ in range(50):
+                conn.send_bytes(frame(Score(1_000 + sent, 1, 3, False, 30.0)))
+                sent += 1
+        except OSError:  # the device process shut the connection down: sending fails
+            cut = True
+        beside += latencies(good, 2)
+    # Then the others keep their latency, and the host that never reads is cut off
+    assert statistics.median(beside) <= 2 * statistics.median(alone) + 0.005, (statistics.median(alone), statistics.median(beside))
+    assert cut, f"the device process kept answering {sent} requests to a host that never reads (outbox {OUTBOX})"
+    _, _, engine = served
+    assert good.score(QUERY, CORPUS[:4]).logits == pytest.approx(engine.score(QUERY, CORPUS[:4]).logits, abs=1e-5)
