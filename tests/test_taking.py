@@ -337,6 +337,8 @@ def test_a_fresh_worker_starts_and_serves_within_30_s_whatever_is_in_redis(tmp_p
     for item in (b"junk", b"[" * 100_000 + b"]" * 100_000, b'{"__type__": "uuid", "__value__": "x"}'):
         redis.lpush(queue, item)
     redis.set(f"{queue}\x06\x163", "a string where a priority list goes")
+    redis.set(f"_kombu.binding.{queue}", "a string where kombu's routing table goes")
+    redis.hset(f"_kombu.binding_permanent.{queue}", "a", "hash")
     # When a worker starts on it
     fleet = WorkerFleet(tmp_path, tiny_model, redis_url)
     started = time.monotonic()
@@ -352,6 +354,7 @@ def test_a_fresh_worker_starts_and_serves_within_30_s_whatever_is_in_redis(tmp_p
         # And what it could not use waits in the quarantine or aside, not in its way
         wait_for(lambda: redis.llen(QUARANTINE) >= 3, 10, "the hostile queue items quarantined")
         assert redis.keys(f"{queue}\x06\x163.misplaced.*")
+        assert redis.keys(f"_kombu.binding.{queue}.misplaced.*") and redis.keys(f"_kombu.binding_permanent.{queue}.misplaced.*")
     finally:
         fleet.stop_all()
 

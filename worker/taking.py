@@ -70,24 +70,39 @@ Returns {position of the queue key taken from (0: none), the item, misplaced key
 KEEP = """
 local clock = redis.call('TIME')
 local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local found = redis.call('TYPE', KEYS[1])['ok']
+if found ~= 'none' and found ~= 'zset' then redis.call('RENAME', KEYS[1], KEYS[1] .. '.misplaced.' .. now_ms) end
 redis.call('ZADD', KEYS[1], now_ms + tonumber(ARGV[2]), ARGV[1])
-return redis.call('ZRANGE', KEYS[1], '-inf', now_ms, 'BYSCORE', 'LIMIT', 0, tonumber(ARGV[3]))
+local lapsed, holding = redis.call('ZRANGE', KEYS[1], '-inf', now_ms, 'BYSCORE', 'LIMIT', 0, tonumber(ARGV[4])), {}
+for _, lease in ipairs(lapsed) do
+  if #holding < tonumber(ARGV[3]) and redis.call('EXISTS', ARGV[5] .. lease) == 1 then
+    holding[#holding + 1] = lease
+  elseif redis.call('EXISTS', ARGV[5] .. lease) == 0 then
+    redis.call('ZREM', KEYS[1], lease)
+  end
+end
+return holding
 """
-"""KEYS: leases. ARGV: this lease, its lifetime in ms, how many lapsed leases to return. Renews it; returns lapsed ones."""
+"""KEYS: leases. ARGV: this lease, its lifetime in ms, how many lapsed leases that hold messages to return, how many
+lapsed entries to look at, the held sets' key prefix. Renews this lease (moving a leases key of another type aside),
+forgets looked-at lapsed leases that hold nothing, and returns up to the asked number that do: forged entries cost one
+look each, and cannot keep a dead worker's lease from being found."""
 
 
-MISPLACED_ASIDE = """
+ASIDE = """
 local moved = {}
-for _, key in ipairs(KEYS) do
+for i, key in ipairs(KEYS) do
   local found = redis.call('TYPE', key)['ok']
-  if found ~= 'none' and found ~= ARGV[1] then
-    redis.call('RENAME', key, key .. '.misplaced.' .. ARGV[2])
-    moved[#moved + 1] = key
+  if found ~= 'none' and found ~= ARGV[i + 1] then
+    local aside = key .. '.misplaced.' .. ARGV[1]
+    redis.call('RENAME', key, aside)
+    moved[#moved + 1] = key .. ' (a ' .. found .. ', moved to ' .. aside .. ')'
   end
 end
 return moved
 """
-"""KEYS: keys that must hold ARGV[1] (a Redis type) or nothing; others are renamed aside (ARGV[2]: a timestamp)."""
+"""KEYS: keys that must hold their type or nothing. ARGV: a timestamp, then the Redis type each key must hold.
+Renames every key of another type aside (`<key>.misplaced.<ms>`) and returns what it moved."""
 
 UNEXPIRING_ASIDE = """
 if redis.call('TTL', KEYS[1]) == -1 then return redis.call('RENAME', KEYS[1], KEYS[1] .. '.misplaced.' .. ARGV[1]) end

@@ -26,6 +26,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterable
+from contextlib import suppress
 from typing import Any
 
 from kombu.transport import redis, virtual
@@ -34,10 +35,10 @@ from redis.exceptions import OutOfMemoryError, ResponseError
 from contract.errors import InvalidRequest
 from contract.plain import plain_json, short
 from worker.taking import (
+    ASIDE,
     HELD_PREFIX,
     KEEP,
     LEASES,
-    MISPLACED_ASIDE,
     QUARANTINE,
     QUARANTINE_ENTRIES,
     UNEXPIRING_ASIDE,
@@ -64,6 +65,9 @@ RETRY_SECONDS = 1.0
 
 MAX_ITEM_DEPTH = 32
 """How deeply a queue item or `unacked` entry may nest: a kombu envelope nests 3 deep, a task body inside it 6 more."""
+
+LOOK_PER_SWEEP = 1000
+"""Lapsed lease entries a sweep looks at: forged ones that hold nothing are forgotten, a thousand a pass per worker."""
 
 WAIT_SECONDS = 1.0
 """An idle worker's wait on a queue returns after this long at most, and it takes again (priority sub-lists included)."""
@@ -143,8 +147,10 @@ class QoS(redis.QoS):
 
     def ack(self, delivery_tag: str) -> None:
         """Acknowledge; if Redis is full, the message stays recorded and is delivered again later."""
+        channel = self.channel
         try:
-            self._remove_from_indices(delivery_tag).execute()
+            with channel.conn_or_acquire() as client:
+                channel.aside_and_again(client, channel._bookkeeping_types(), lambda: self._remove_from_indices(delivery_tag, client.pipeline()).execute())
         except OutOfMemoryError:
             log.warning("%s; message %s stays unacknowledged and is delivered again after the visibility timeout", FULL, delivery_tag)
         virtual.QoS.ack(self, delivery_tag)
@@ -185,6 +191,14 @@ class QoS(redis.QoS):
                     reason = recorded_refusal(entry)
                 except InvalidRequest as e:
                     reason = str(e)
+            # A key of another type would fail its write inside the transaction after the others took
+            # effect (the message would leave the bookkeeping without reaching its queue): move it first.
+            targets = [(channel._key(QUARANTINE), "list")]
+            if reason is None and entry is not None:
+                with suppress(Exception):  # no route: kombu's restore below logs it
+                    queues = channel._lookup(entry[1], entry[2])
+                    targets += [(channel._key(channel._q_for_pri(q, pri)), "list") for q in queues for pri in channel.priority_steps]
+            channel.set_aside(pipe, channel._bookkeeping_types(held_key) + targets)
             pipe.multi()
             self._remove_from_indices(tag, pipe, held_key)
             if reason is not None:
@@ -384,11 +398,8 @@ class TakingChannel:
         try:
             return super()._size(queue)  # type: ignore[misc]
         except ResponseError:
-            keys = [self._key(self._q_for_pri(queue, pri)) for pri in self.priority_steps]
             with self.conn_or_acquire() as client:
-                moved = client.execute_command("EVAL", MISPLACED_ASIDE, len(keys), *keys, "list", int(time.time() * 1000))
-            for key in moved or []:
-                log.warning("Redis key %r had the wrong type for a queue and was moved aside", key)
+                self.set_aside(client, [(self._key(self._q_for_pri(queue, pri)), "list") for pri in self.priority_steps])
             return super()._size(queue)  # type: ignore[misc]
 
     def _deliver_taken(self, item: bytes, queue: str, tag: str) -> None:
@@ -415,16 +426,51 @@ class TakingChannel:
             return envelope
         warn_once(f"refused:{queue}", "Moved an item of queue %r to %s: %s", queue, QUARANTINE, reason)
         with self.conn_or_acquire() as client:
-            pipe = client.pipeline()
-            self.qos._remove_from_indices(tag, pipe)
-            self.quarantine_in(pipe, item, queue, reason)
-            pipe.execute()
+            self.aside_and_again(client, self._bookkeeping_types() + [(self._key(QUARANTINE), "list")],
+                                 lambda: self.quarantine_in(self.qos._remove_from_indices(tag, client.pipeline()), item, queue, reason).execute())
         return None
 
-    def quarantine_in(self, pipe: Any, item: Any, queue: str | None, reason: str) -> None:
-        """Add to `pipe` the commands that keep a refused item in the capped quarantine list."""
+    def quarantine_in(self, pipe: Any, item: Any, queue: str | None, reason: str) -> Any:
+        """Add to `pipe` the commands that keep a refused item in the capped quarantine list; return `pipe`."""
         pipe.lpush(QUARANTINE, quarantine_entry(item or b"", queue, reason, time.time()))  # LPUSH is prefixed by kombu's client
-        pipe.ltrim(self._key(QUARANTINE), 0, QUARANTINE_ENTRIES - 1)
+        return pipe.ltrim(self._key(QUARANTINE), 0, QUARANTINE_ENTRIES - 1)
+
+    # -- keys of the wrong type: whatever we write is moved aside if someone put another type there -------
+
+    def _bookkeeping_types(self, held_key: str | None = None) -> list[tuple[str, str]]:
+        keys = [self._key(k) for k in (self.unacked_key, self.unacked_index_key, LEASES, held_key or self.held_key)]
+        return list(zip(keys, ("hash", "zset", "zset", "set")))
+
+    def set_aside(self, client: Any, keys: list[tuple[str, str]]) -> list[str]:
+        """Rename aside each of `keys` (key, Redis type) that holds another type; log and return what was moved."""
+        flat = [key for key, _ in keys]
+        moved = client.execute_command("EVAL", ASIDE, len(flat), *flat, int(time.time() * 1000), *(kind for _, kind in keys))
+        for entry in moved or []:
+            text = entry.decode(errors="replace") if isinstance(entry, bytes) else str(entry)
+            warn_once(f"aside:{text.split(' ')[0]}", "Redis key %s had the wrong type for what a worker writes there; moved aside", text)
+        return list(moved or [])
+
+    def aside_and_again(self, client: Any, keys: list[tuple[str, str]], write: Any) -> Any:
+        """Run `write()`; if Redis answers WRONGTYPE, move the wrong-typed of `keys` aside and run it once more."""
+        try:
+            return write()
+        except ResponseError as e:
+            if "WRONGTYPE" not in str(e) or not self.set_aside(client, keys):
+                raise
+            return write()
+
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        """Publish as kombu does (stage 2 after stage 1); a queue key of another type is moved aside first."""
+        with self.conn_or_acquire() as client:
+            keys = [(self._key(self._q_for_pri(queue, pri)), "list") for pri in self.priority_steps]
+            self.aside_and_again(client, keys, lambda: super(TakingChannel, self)._put(queue, message, **kwargs))
+
+    def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
+        """Bind as kombu does at every declare; routing tables of another type are moved aside first, so a worker starts."""
+        with self.conn_or_acquire() as client:
+            tables = [(self._key(self.keyprefix_queue % (exchange,)), "set"), (self._key(self.keyprefix_binding_permanent % (exchange,)), "set"),
+                      (self._key(self.keyprefix_binding_deadlines), "zset")]
+            self.aside_and_again(client, tables, lambda: super(TakingChannel, self)._queue_bind(exchange, routing_key, pattern, queue))
 
     # -- leases: renewed from the event loop; lapsed ones swept by any live worker --------------------
 
@@ -440,7 +486,10 @@ class TakingChannel:
         if time.monotonic() - self._opened_at < float(self.worker_lease):
             sweep = 0
         with self.conn_or_acquire() as client:
-            lapsed = client.execute_command("EVAL", KEEP, 1, self._key(LEASES), self.lease, self._lease_ms(), sweep)
+            look = LOOK_PER_SWEEP if sweep else 0
+            lapsed = client.execute_command(
+                "EVAL", KEEP, 1, self._key(LEASES), self.lease, self._lease_ms(), sweep, look, self._key(HELD_PREFIX)
+            )
             for lease in lapsed or []:
                 self._put_back(client, lease.decode(errors="replace") if isinstance(lease, bytes) else str(lease), per_lease)
 
