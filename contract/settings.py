@@ -123,6 +123,11 @@ class Settings(BaseSettings):
         description="Send task events (what Flower shows live): each task then costs a worker about 2 ms of CPU and Redis "
         "four more round trips (benchmarks/job_cost.py); turn off where no Flower watches.",
     )
+    event_texts: bool = Field(
+        False,
+        description="Show task arguments and results (queries, passages) in task events, to Flower and every subscriber; "
+        "off: events name their sizes only.",
+    )
     metrics_port: int | None = Field(
         None, ge=1, le=65_535, description="Port a worker serves Prometheus metrics on (`/metrics`); unset: no metrics."
     )

@@ -24,7 +24,8 @@ PRODUCER_RETRY = {"max_retries": 3, "interval_start": 0, "interval_step": 0.5, "
 def create_app(settings: Settings) -> Celery:
     """Return a Celery app configured for safe, observable re-ranking."""
     backend = settings.result_backend or settings.broker_url
-    app = Celery("rerank", broker=settings.broker_url or "memory://", backend=backend or "cache+memory://")
+    # Task events name their arguments' sizes, not their texts (producer/events.py).
+    app = Celery("rerank", broker=settings.broker_url or "memory://", backend=backend or "cache+memory://", events="producer.events:TextlessEvents")
     transport_options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout}
     if settings.sentinel_master:
         transport_options["master_name"] = settings.sentinel_master

@@ -35,6 +35,7 @@ from contract.settings import Settings, get_settings
 from contract.validation import parse_request
 from producer.app import create_app
 from producer.backends import backend_for
+from producer.events import describe
 from producer.jobs import (
     STAGE1_SUFFIX,
     Finish,
@@ -329,7 +330,11 @@ class RerankClient:
             blob = pack(encoded)
             self.store.put(key_of(task_id), {"request": blob}, self.settings.request_expires)
             request = {"stored": {"key": key_of(task_id), "field": "request", "digest": digest(blob)}}
-        options: dict[str, Any] = {"args": (request,)} if positional else {"kwargs": {"request": request}}
+        stage = task.rpartition(".")[2]
+        if positional:
+            options: dict[str, Any] = {"args": (request,), "argsrepr": describe(stage, request), "kwargsrepr": "<>"}
+        else:
+            options = {"kwargs": {"request": request}, "argsrepr": "<>", "kwargsrepr": describe(stage, request)}
         self.backend.send(task_id, self.app.signature(task, **options, queue=self.settings.queue, task_id=task_id))
         return Handle(self.backend, task_id, finish)
 
@@ -380,8 +385,10 @@ class RerankClient:
         # knows the job id finds both stages. The queue travels with each signature: stage 2 is
         # sent by the worker, whose own routing would otherwise pick the worker's default queue.
         signature = chain(
-            self.app.signature(TASK_DOCUMENTS, args=(stage1,), immutable=True, queue=self.settings.queue, task_id=stage1_id(job_id)),
-            self.app.signature(TASK_CHUNKS, kwargs={"request": stage2}, queue=self.settings.queue, task_id=job_id),
+            self.app.signature(TASK_DOCUMENTS, args=(stage1,), immutable=True, queue=self.settings.queue, task_id=stage1_id(job_id),
+                               argsrepr=describe("documents", stage1), kwargsrepr="<>"),
+            self.app.signature(TASK_CHUNKS, kwargs={"request": stage2}, queue=self.settings.queue, task_id=job_id,
+                               argsrepr="<>", kwargsrepr=describe("chunks", stage2)),
         )
         return signature, parts
 

@@ -35,9 +35,13 @@ def test_flower_shows_workers_tasks_progress_queues_and_metrics(start_worker, re
         name = done.documents.info.worker
 
         # Then Flower lists the worker, with our per-worker report among its stats
-        workers = wait_for(lambda: flower.json(f"/api/workers?refresh=1&workername={name}").get(name), 30, "Flower to list the worker", interval=0.1)
-        assert workers and workers["stats"]["rerank"]["model"] == str(tiny_model)
-        assert workers["stats"]["rerank"]["tasks"] >= 2
+        # (a pool process writes its counts within half a second of a task)
+        def listed() -> dict | None:
+            worker = flower.json(f"/api/workers?refresh=1&workername={name}").get(name)
+            return worker if worker and worker["stats"]["rerank"]["tasks"] >= 2 else None
+
+        workers = wait_for(listed, 30, "Flower to list the worker and its two tasks", interval=0.2)
+        assert workers["stats"]["rerank"]["model"] == str(tiny_model)
         assert "flower" in {q["name"] for q in workers["active_queues"]}
         # And our task types, and each stage finished with its runtime
         types = wait_for(lambda: {"rerank.documents", "rerank.chunks"} <= set(flower.json("/api/task/types")["task-types"]), 30, "Flower to know both task types", interval=0.1)
@@ -47,6 +51,11 @@ def test_flower_shows_workers_tasks_progress_queues_and_metrics(start_worker, re
         assert all(t["runtime"] > 0 and t["worker"] == name for t in tasks)
         # (queued work is visible from "sent", before any worker takes it: task_send_sent_event)
         assert all(t["sent"] for t in tasks)
+        # And no event carried the query or a paper's text: arguments and results are named by their sizes
+        shown = json.dumps(flower.json("/api/tasks"))
+        assert QUERY not in shown and papers[0]["title"] not in shown, shown[:2000]
+        assert all(t["args"].startswith("<documents: stored in rerank.job.") for t in tasks if t["name"] == "rerank.documents")
+        assert all(t["result"].startswith("<scored ") for t in tasks), [t["result"] for t in tasks]
 
         # When a long job keeps the worker busy and three more wait behind it
         chunks = [{"id": f"c{i}", "doc_id": "d", "section": "Results", "text": f"{CORPUS[i % len(CORPUS)]} ({i})"} for i in range(2000)]

@@ -161,3 +161,23 @@ def test_plain_celery_command_starts_a_working_worker(redis_server, tiny_model, 
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.mark.integration
+def test_revoking_only_stage_1_of_a_queued_job_cancels_the_job(start_worker, redis_server, tiny_model):
+    from contract.errors import JobCancelled
+    from producer.jobs import stage1_id
+    from tests.helpers import long_papers, started, wait_for
+
+    # Given a worker busy with a long job, and a two-stage job queued behind it
+    start_worker("-Q", "revoke-stage1", "-c", "1", name="revoke").wait_until_loaded(processes=1)
+    client = RerankClient(Settings(broker_url=redis_server.url, queue="revoke-stage1", model=str(tiny_model)))
+    busy = client.submit_documents(QUERY, long_papers(250), top_k=2)
+    wait_for(lambda: started(client, busy.id), 30, "the long job to start")
+    job = client.submit(QUERY, candidates(6), top_k_docs=2)
+    # When someone revokes its stage 1 alone (as Flower's revoke button on that task would)
+    client.app.control.revoke(stage1_id(job.id))
+    # Then the job's owner hears that it was cancelled, instead of waiting for a stage 2 that never comes
+    with pytest.raises(JobCancelled):
+        job.result(timeout=60)
+    assert len(busy.result(timeout=60).items) == 2

@@ -300,6 +300,36 @@ def test_a_lease_whose_held_set_is_not_a_set_is_dropped_without_stopping_the_swe
         assert redis.get(HELD_PREFIX + "bogus") == b"x", "not ours to delete"
 
 
+@pytest.mark.parametrize("forged_score", [1, "just lapsed"])
+def test_tens_of_thousands_of_forged_leases_delay_a_dead_worker_s_messages_by_a_bounded_number_of_sweeps(redis_url, forged_score):
+    # Given 50,000 forged lapsed leases that hold nothing, older than (or as old as) a real one
+    redis = raw(redis_url)
+    publish(redis_url, {"n": 1})
+    taker = (
+        "import os, sys; from tests.test_taking import connect, QUEUE; c = connect(sys.argv[1], lease=0.5); "
+        "ch = c.default_channel; ch.basic_get(QUEUE); print(ch.lease, flush=True); os._exit(0)"
+    )
+    dead = subprocess.run([sys.executable, "-c", taker, redis_url], capture_output=True, text=True, timeout=60, cwd=ROOT, check=True).stdout.split()[0]
+    score = 1 if forged_score == 1 else redis.zscore(LEASES, dead)
+    for start in range(0, 50_000, 10_000):
+        redis.zadd(LEASES, {f"forged-{n}": score for n in range(start, start + 10_000)})
+    time.sleep(0.6)  # the dead worker's lease lapses
+    with connect(redis_url) as live:
+        channel = live.default_channel
+        channel.basic_get("nothing-here")
+        channel._opened_at -= 60  # a channel opened a minute ago: it sweeps
+        # When a live worker keeps its lease, sweep after sweep
+        sweeps, slowest = 0, 0.0
+        while redis.llen(QUEUE) == 0:
+            began = time.perf_counter()
+            channel.keep_lease()
+            slowest, sweeps = max(slowest, time.perf_counter() - began), sweeps + 1
+            assert sweeps <= 50_000 // 1000 + 2, f"{sweeps} sweeps and the dead worker's message is not back"
+    # Then the message came back within the sweeps it takes to forget the forged leases a thousand at a time, each sweep short
+    assert redis.hlen("unacked") == 0 and slowest < 1.0, slowest
+    assert redis.zcard(LEASES) <= 50_000 - 1000 * (sweeps - 1) + 1
+
+
 @pytest.mark.parametrize("target", ["first", "second", "third"])
 def test_an_idle_worker_wakes_at_once_for_a_message_on_any_of_its_queues(redis_url, target):
     # Given a consumer of three queues, idle past a wait's one-second timeout (the event-loop path: wait, then take)

@@ -1,15 +1,18 @@
-"""What stage 2 of a chained job checks before it scores: that the stage-1 result it received belongs to its request.
+"""Between the stages of a chained job: what stage 2 checks before it scores (that the stage-1 result it received belongs
+to its request), and what a revoked stage 1 means for the job.
 
-Only workers run this, so it lives here rather than in the producer's contract.
+Only workers run these, so they live here rather than in the producer's contract.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from celery.signals import task_revoked
 from pydantic import ValidationError
 
 from contract.errors import InvalidRequest
+from contract.names import TASK_DOCUMENTS
 from contract.schemas import ChunksRequest, RerankResult
 from contract.validation import summarize
 
@@ -43,3 +46,14 @@ def check_stage1(stage1: Any, request: ChunksRequest) -> RerankResult:
     if problem is not None:
         raise InvalidRequest(f"stage 2 received a stage-1 result that does not belong to its request: {problem}")
     return documents
+
+
+@task_revoked.connect
+def _cancel_the_job(sender: Any = None, request: Any = None, **_: Any) -> None:
+    """A revoked stage 1 (anyone may revoke its id alone) never sends stage 2: record the job itself as cancelled, so its owner
+    hears JobCancelled instead of waiting for a result that cannot come."""
+    chain = getattr(request, "chain", None)
+    step = chain[-1] if isinstance(chain, list) and chain else None
+    job_id = (step.get("options") or {}).get("task_id") if isinstance(step, dict) else None
+    if getattr(sender, "name", None) == TASK_DOCUMENTS and isinstance(job_id, str) and 0 < len(job_id) <= 255:
+        sender.backend.mark_as_revoked(job_id, "its stage 1 was revoked")
