@@ -80,7 +80,7 @@ def test_a_full_redis_keeps_the_worker_up_and_the_job_completes_once_memory_is_f
 
 
 def test_every_eviction_policy_gets_its_verdict():
-    from worker.eviction import eviction_verdict
+    from worker.redis_check import eviction_verdict
 
     # Any policy that may delete a queue is refused, one that may delete results is warned about, none passes
     for policy in ("allkeys-lru", "allkeys-lfu", "allkeys-random"):

@@ -131,3 +131,43 @@ def test_tls_works_through_a_rediss_url_and_verifies_the_server(tmp_path, tiny_m
     finally:
         fleet.stop_all()
         server.stop()
+
+
+@pytest.mark.parametrize("denied", [("-eval", "-evalsha"), ("-blmove",), ("-@pubsub",), ("-@keyspace", "+type", "+exists", "+ttl")])
+def test_a_redis_user_without_a_command_the_service_needs_is_told_in_one_line_what_to_grant(tmp_path, tiny_model, denied):
+    from redis import Redis
+
+    from producer import permissions
+
+    # Given a Redis whose default user may not run some command the service needs
+    server = RedisServer(tmp_path)
+    server.start("--user", "default", "on", "nopass", "~*", "&*", "+@all", *denied)
+    try:
+        # When the permissions are probed, Then each refused command is named, and the line says what to grant
+        refused = permissions.missing(Redis.from_url(server.url))
+        assert refused and all("NOPERM" in entry or "permission" in entry for entry in refused), refused
+        line = permissions.advice("default", refused)
+        assert line.startswith("the Redis user 'default' may not run ") and "ACL SETUSER default +" in line
+        # And with everything allowed, nothing is refused
+        Redis.from_url(server.url).execute_command("ACL", "SETUSER", "default", "+@all")
+        assert permissions.missing(Redis.from_url(server.url)) == []
+    finally:
+        server.stop()
+
+
+def test_a_worker_whose_redis_user_may_not_run_eval_stops_at_start_up_with_one_line_saying_what_to_grant(tmp_path, tiny_model):
+    # Given a Redis whose user may not run scripts
+    server = RedisServer(tmp_path)
+    server.start("--user", "default", "on", "nopass", "~*", "&*", "+@all", "-eval", "-evalsha")
+    fleet = WorkerFleet(tmp_path, tiny_model, server.url)
+    try:
+        # When a worker starts on it
+        worker = fleet.start(name="acl")
+        # Then it exits 1 before serving, with one line naming what is missing and the rule that grants it
+        assert worker.process.wait(timeout=60) == 1
+        lines = [line for line in worker.output().splitlines() if "may not run" in line]
+        assert lines and "EVAL" in lines[0] and "ACL SETUSER default +eval +evalsha" in lines[0], worker.output()[-3000:]
+        assert "Traceback" not in worker.output()
+    finally:
+        fleet.stop_all()
+        server.stop()

@@ -22,8 +22,8 @@ from worker import accounting, metrics, report, runtime, tasks  # noqa: F401  (r
 from worker.backend import backend_url
 from worker.control import restrict_remote_control
 from worker.device_process import DeviceProcess
-from worker.eviction import EvictionCheck
 from worker.health import HeartbeatStep
+from worker.redis_check import RedisCheck
 from worker.runtime import load_engine
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class DeviceProcessStart(bootsteps.StartStopStep):
 
 restrict_remote_control()
 app.steps["worker"].add(ModelCheck)
-app.steps["worker"].add(EvictionCheck)
+app.steps["worker"].add(RedisCheck)
 app.steps["worker"].add(accounting.AccountingStep)
 app.steps["worker"].add(report.ReportStep)
 app.steps["worker"].add(metrics.MetricsStep)

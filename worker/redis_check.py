@@ -1,14 +1,17 @@
-"""Refuse to serve from a Redis that may evict keys: Celery's queues and results are plain keys."""
+"""Before a worker serves: refuse a Redis that may evict keys (Celery's queues and results are plain keys), or whose user
+may not run a command the service needs (Redis ACLs: said in one line, with the rule that grants it)."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
+from urllib.parse import urlsplit
 
 from celery import bootsteps
 from redis.exceptions import RedisError
 
 from contract.errors import redact
+from producer import permissions
 
 log = logging.getLogger(__name__)
 
@@ -37,25 +40,34 @@ def read_policy(client: Any) -> str | None:
         return None
 
 
-class EvictionCheck(bootsteps.StartStopStep):
-    """Before the pool starts: exit 1 on a broker or result Redis that evicts any key, warn on one that evicts results."""
+class RedisCheck(bootsteps.StartStopStep):
+    """Before the pool starts: exit 1 on a broker or result Redis that evicts any key or refuses a command we need; warn on one that evicts results."""
 
     requires = {"celery.worker.components:Hub"}
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
-        """Ask each Redis this worker uses for its eviction policy (a Redis that is down is left to the consumer's retries)."""
+        """Ask each Redis this worker uses for its eviction policy and this user's permissions (a Redis that is down is left to the consumer's retries)."""
         super().__init__(parent, **kwargs)
         app = parent.app
-        policies = {}
+        policies, refusals = {}, {}
         try:
+            clients = {}
             if str(app.conf.broker_url).startswith("redis"):
                 with app.connection_for_read() as connection:
-                    policies[app.conf.broker_url] = read_policy(connection.default_channel.client)
+                    clients[app.conf.broker_url] = connection.default_channel.client
+                    policies[app.conf.broker_url] = read_policy(clients[app.conf.broker_url])
+                    refusals[app.conf.broker_url] = permissions.missing(clients[app.conf.broker_url])
             if "redis" in str(app.conf.result_backend):
                 policies[app.backend.url] = read_policy(app.backend.client)
+                refusals[app.backend.url] = permissions.missing(app.backend.client)
         except Exception as e:  # noqa: BLE001 - an unreachable Redis is the consumer's to retry, not this step's to judge
-            log.info("could not check Redis's eviction policy at start-up: %s", e)
+            log.info("could not check Redis's eviction policy and permissions at start-up: %s", e)
             return
+        for url, refused in refusals.items():
+            if refused:
+                line = permissions.advice(urlsplit(url).username or "default", refused)
+                log.critical("refusing to start: Redis at %s: %s", redact(url), line)
+                raise SystemExit(f"rerank-worker: Redis at {redact(url)}: {line}")
         for url, policy in policies.items():
             verdict = eviction_verdict(policy)
             if verdict is None:
