@@ -12,7 +12,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from contract.errors import InvalidRequest, TaskTimedOut
 from contract.names import TASK_CHUNKS, TASK_DOCUMENTS, TASK_PASSAGES
 from contract.schemas import ChunksRequest, DocumentsRequest, PassagesRequest
-from contract.validation import check_limits, parse_request
+from contract.validation import RequestT, check_limits, parse_request
 from producer.app import settings_of
 from worker import ranking, stored
 from worker.chaining import check_stage1
@@ -66,36 +66,40 @@ class RerankTask(Task):
 _failed_before = False
 
 
+def _parsed(task: Task, model: type[RequestT], request: Any) -> RequestT:
+    """The task's request (inline or stored beside its message), validated against this worker's limits."""
+    return parse_request(model, stored.request_of(task, request), settings_of(task.app))
+
+
+def _ranked(task: Task, stage: str, rank: Any, request: Any, *extra: Any) -> dict[str, Any]:
+    """`rank` run on this process's scorer, progress reported as `stage`, the ranking as plain data."""
+    settings = settings_of(task.app)
+    progress = TaskProgress(task, stage, settings.progress_interval)
+    return rank(load_engine(settings), request, *extra, task.request.hostname, progress).model_dump(mode="json")
+
+
 @shared_task(name=TASK_DOCUMENTS, bind=True, base=RerankTask)
 def rerank_documents(self: Task, request: dict[str, Any]) -> dict[str, Any]:
     """Stage 1: rank candidate papers by title and abstract."""
-    settings = settings_of(self.app)
-    parsed = parse_request(DocumentsRequest, stored.request_of(self, request), settings)
-    progress = TaskProgress(self, "documents", settings.progress_interval)
-    return ranking.rank_documents(load_engine(settings), parsed, self.request.hostname, progress).model_dump(mode="json")
+    return _ranked(self, "documents", ranking.rank_documents, _parsed(self, DocumentsRequest, request))
 
 
 @shared_task(name=TASK_CHUNKS, bind=True, base=RerankTask)
 def rerank_chunks(self: Task, stage1: dict[str, Any] | None = None, *, request: dict[str, Any]) -> dict[str, Any]:
     """Stage 2: rank chunks; in a chain, only those of the papers stage 1 kept, returning both stages."""
-    settings = settings_of(self.app)
-    parsed = parse_request(ChunksRequest, stored.request_of(self, request), settings)
+    parsed = _parsed(self, ChunksRequest, request)
     documents = None if stage1 is None else check_stage1(stage1, parsed)
     kept = None if documents is None else {item.id for item in documents.items}
     if parsed.pool is not None:
         if kept is None:
             raise InvalidRequest("a stage-2 request with a pool reads the papers stage 1 kept: it runs only chained after stage 1")
         parsed = stored.kept_chunks(self, parsed, kept)
-        check_limits(parsed, settings)
-    progress = TaskProgress(self, "chunks", settings.progress_interval)
-    chunks = ranking.rank_chunks(load_engine(settings), parsed, kept, self.request.hostname, progress).model_dump(mode="json")
+        check_limits(parsed, settings_of(self.app))
+    chunks = _ranked(self, "chunks", ranking.rank_chunks, parsed, kept)
     return chunks if documents is None else {"documents": documents.model_dump(mode="json"), "chunks": chunks}
 
 
 @shared_task(name=TASK_PASSAGES, bind=True, base=RerankTask)
 def rerank_passages(self: Task, request: dict[str, Any]) -> dict[str, Any]:
     """Plain pairs: rank passages scored exactly as sent, without a template."""
-    settings = settings_of(self.app)
-    parsed = parse_request(PassagesRequest, stored.request_of(self, request), settings)
-    progress = TaskProgress(self, "passages", settings.progress_interval)
-    return ranking.rank_passages(load_engine(settings), parsed, self.request.hostname, progress).model_dump(mode="json")
+    return _ranked(self, "passages", ranking.rank_passages, _parsed(self, PassagesRequest, request))
