@@ -70,21 +70,3 @@ def in_process_settings(tiny_model: Path):
 
     return Settings(broker_url=None, model=str(tiny_model), torch_threads=1)
 
-
-import os as _os
-import resource as _resource
-import time as _time
-
-
-@pytest.fixture(autouse=True)
-def _cpu_probe(request):
-    if not _os.environ.get("RERANK_TEST_CPU"):
-        yield
-        return
-    def cpu():
-        s, c = _resource.getrusage(_resource.RUSAGE_SELF), _resource.getrusage(_resource.RUSAGE_CHILDREN)
-        return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
-    before, wall = cpu(), _time.monotonic()
-    yield
-    with open(_os.environ["RERANK_TEST_CPU"], "a") as out:
-        out.write(f"{cpu() - before:.2f} {_time.monotonic() - wall:.2f} {request.node.nodeid}\n")

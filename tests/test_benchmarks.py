@@ -54,6 +54,7 @@ COMMANDS: dict[str, tuple[list[str], bool]] = {
     "run": (["--shape", "tiny", "--docs", "4", "--repeats", "1", "--bf16-docs", "2", "--max-batch-tokens", "512", "--skip-e2e",
              "--plots", "{out}"], False),
     "latency": (["--shape", "tiny", "--samples", "5", "--warmup", "1"], True),
+    "job_cost": (["--shape", "tiny", "--jobs", "2", "--warmup", "1", "--idle-seconds", "0.5", "--no-profile"], True),
     "fresh_shapes": (["--device", "cpu", "--shape", "tiny", "--pad-multiple", "64", "--requests", "2", "--docs", "4"], False),
     "profile_forward": (["--device", "cpu", "--shape", "tiny", "--docs", "4", "--rows", "5"], False),
 }
@@ -312,6 +313,16 @@ def test_latency_split_reads_the_runtime_of_every_task_it_timed(benchmarks):
     request, noop = result["request_ms"], result["noop_ms"]
     assert 0 < request["compute"] <= request["task"] <= request["round_trip"]
     assert 0 < noop["task"] <= noop["round_trip"]
+
+
+def test_job_cost_each_kind_ran_through_the_worker_and_its_device_process_and_the_two_stage_job_moved_the_most_bytes(benchmarks):
+    rows = {row["kind"]: row for row in finished(benchmarks, "job_cost").json("job-cost-tiny.json")["rows"]}
+    assert list(rows) == ["1 document", "10 passages", "100-paper two-stage"]
+    for row in rows.values():
+        assert row["compute_ms"] > 0 and row["round_trip_ms"] >= row["compute_ms"]  # the simulated device slept for each
+        assert row["worker_cpu_ms"]["device"] > 0 and row["worker_cpu_ms"]["hosts"] > 0
+        assert row["redis"]["calls"], row
+    assert rows["100-paper two-stage"]["redis"]["bytes_in"] > rows["10 passages"]["redis"]["bytes_in"] > rows["1 document"]["redis"]["bytes_in"]
 
 
 def test_sweep_budgets_change_the_batches_and_the_compiled_module_ran_every_batch(benchmarks):
