@@ -5,10 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from typing import Any
 
 import torch
+from celery import current_app
 from transformers.utils import logging as hf_logging
 
+from contract.errors import WorkerError
 from contract.settings import Settings
 from scoring.device import DeviceClient
 from scoring.engine import Scorer, engine_for
@@ -16,6 +19,7 @@ from scoring.model import load_tokenizer
 from scoring.threaded import ThreadedScorer
 from scoring.tokens import PairTokenizer
 from worker.device_process import DeviceProcess
+from worker.score_cache import cached
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +28,16 @@ _engine: Scorer | None = None
 _loads = 0
 device_process: DeviceProcess | None = None
 """The device process this worker's parent started (RERANK_HOST_PROCESSES > 0); pool processes inherit it and connect to its address."""
+model_files: str | None = None
+"""With RERANK_SCORE_CACHE: the digest of a local model directory's files, computed once by the worker's parent (worker.score_cache.ScoreCacheStep)."""
 
 
-def load_engine(settings: Settings) -> Scorer:
-    """Load the model described by `settings` into this process, once; with several tasks in hand, behind one device thread."""
+def load_engine(settings: Settings, app: Any = None) -> Scorer:
+    """Load the model described by `settings` into this process, once; with several tasks in hand, behind one device thread.
+
+    With RERANK_SCORE_CACHE, the scorer (whatever its shape) sits behind the score cache in the
+    Redis of `app`'s result backend (default: the current Celery app).
+    """
     global _engine, _loads
     with _lock:
         if _engine is None:
@@ -41,6 +51,11 @@ def load_engine(settings: Settings) -> Scorer:
             else:
                 engine = engine_for(settings)
                 _engine = ThreadedScorer(engine, settings.task_time_limit) if settings.tasks_in_hand > 1 else engine
+            if settings.score_cache:
+                try:
+                    _engine = cached(_engine, settings, app or current_app, model_files)
+                except ValueError as e:
+                    raise WorkerError(f"the score cache cannot start: {e}") from e
             _loads += 1
             facts = _engine.facts
             log.info(

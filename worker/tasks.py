@@ -72,7 +72,7 @@ def rerank_documents(self: Task, request: dict[str, Any]) -> dict[str, Any]:
     settings = settings_of(self.app)
     parsed = parse_request(DocumentsRequest, stored.request_of(self, request), settings)
     progress = TaskProgress(self, "documents", settings.progress_interval)
-    return ranking.rank_documents(load_engine(settings), parsed, self.request.hostname, progress).model_dump(mode="json")
+    return ranking.rank_documents(load_engine(settings, self.app), parsed, self.request.hostname, progress).model_dump(mode="json")
 
 
 @shared_task(name=TASK_CHUNKS, bind=True, base=RerankTask)
@@ -88,7 +88,7 @@ def rerank_chunks(self: Task, stage1: dict[str, Any] | None = None, *, request: 
         parsed = stored.kept_chunks(self, parsed, kept)
         check_limits(parsed, settings)
     progress = TaskProgress(self, "chunks", settings.progress_interval)
-    chunks = ranking.rank_chunks(load_engine(settings), parsed, kept, self.request.hostname, progress).model_dump(mode="json")
+    chunks = ranking.rank_chunks(load_engine(settings, self.app), parsed, kept, self.request.hostname, progress).model_dump(mode="json")
     return chunks if documents is None else {"documents": documents.model_dump(mode="json"), "chunks": chunks}
 
 
@@ -98,4 +98,4 @@ def rerank_passages(self: Task, request: dict[str, Any]) -> dict[str, Any]:
     settings = settings_of(self.app)
     parsed = parse_request(PassagesRequest, stored.request_of(self, request), settings)
     progress = TaskProgress(self, "passages", settings.progress_interval)
-    return ranking.rank_passages(load_engine(settings), parsed, self.request.hostname, progress).model_dump(mode="json")
+    return ranking.rank_passages(load_engine(settings, self.app), parsed, self.request.hostname, progress).model_dump(mode="json")
