@@ -145,7 +145,7 @@ class Settings(BaseSettings):
     )
     score_cache_ttl: int = Field(7 * 86_400, ge=60, le=365 * 86_400, description="Seconds a cached score lives (up to a quarter more).")
     score_cache_max_mb: int = Field(
-        256, ge=1, le=1_048_576, description="Megabytes of Redis the cache may hold, counted as entries of SCORE_ENTRY_BYTES; full, it takes no more until its oldest quarter expires."
+        256, ge=1, le=1_048_576, description="Megabytes of Redis the cache may hold, counted at 128 bytes an entry; full, it takes nothing new until its oldest quarter expires."
     )
     score_cache_key: SecretStr | None = Field(
         None, min_length=32, description="The fleet's secret (at least 32 characters) that keys and signs cache entries; or RERANK_SCORE_CACHE_KEY_FILE."
