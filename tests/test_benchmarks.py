@@ -54,6 +54,7 @@ COMMANDS: dict[str, tuple[list[str], bool]] = {
     "run": (["--shape", "tiny", "--docs", "4", "--repeats", "1", "--bf16-docs", "2", "--max-batch-tokens", "512", "--skip-e2e",
              "--plots", "{out}"], False),
     "latency": (["--shape", "tiny", "--samples", "5", "--warmup", "1"], True),
+    "score_cache": (["--shape", "tiny", "--warm", "2"], True),
     "fresh_shapes": (["--device", "cpu", "--shape", "tiny", "--pad-multiple", "64", "--requests", "2", "--docs", "4"], False),
     "profile_forward": (["--device", "cpu", "--shape", "tiny", "--docs", "4", "--rows", "5"], False),
 }
@@ -312,6 +313,18 @@ def test_latency_split_reads_the_runtime_of_every_task_it_timed(benchmarks):
     request, noop = result["request_ms"], result["noop_ms"]
     assert 0 < request["compute"] <= request["task"] <= request["round_trip"]
     assert 0 < noop["task"] <= noop["round_trip"]
+
+
+def test_score_cache_warm_runs_took_every_pair_from_the_cache_and_ran_no_forward_pass(benchmarks):
+    result = finished(benchmarks, "score_cache").json("score-cache-cpu-tiny.json")
+    cold, warm = result["cold"], result["warm"]
+    # The cold run scored every pair of the shipped job with the model, on an empty cache
+    assert cold["cached_pairs"] == 0 and cold["batches"] > 0 and cold["forward_ms"] > 0
+    assert cold["by_stage"]["documents"]["pairs"] == 100 and cold["by_stage"]["chunks"]["pairs"] > 0
+    # Each warm run took every pair from the cache, ran no forward pass, and its logits were the cold run's (or it exits 1)
+    assert len(warm) == 2 and result["identical_logits"]
+    for row in warm:
+        assert row["cached_pairs"] == row["pairs"] == cold["pairs"] and row["batches"] == 0 and row["forward_ms"] == 0
 
 
 def test_sweep_budgets_change_the_batches_and_the_compiled_module_ran_every_batch(benchmarks):
