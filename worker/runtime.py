@@ -42,20 +42,22 @@ def load_engine(settings: Settings, app: Any = None) -> Scorer:
     with _lock:
         if _engine is None:
             hf_logging.disable_progress_bar()
+            scorer: Scorer
             if device_process is not None:
                 # A host process runs no forward pass: torch's intra-op threads would only spin after its few small ops.
                 torch.set_num_threads(1)
                 pairs = PairTokenizer(load_tokenizer(settings.model, settings.model_revision), settings.model, settings.max_length)
                 address = device_process.address
-                _engine = DeviceClient(address.path, address.authkey, pairs, settings.task_time_limit)
+                scorer = DeviceClient(address.path, address.authkey, pairs, settings.task_time_limit)
             else:
                 engine = engine_for(settings)
-                _engine = ThreadedScorer(engine, settings.task_time_limit) if settings.tasks_in_hand > 1 else engine
+                scorer = ThreadedScorer(engine, settings.task_time_limit) if settings.tasks_in_hand > 1 else engine
             if settings.score_cache:
                 try:
-                    _engine = cached(_engine, settings, app or current_app, model_files)
-                except ValueError as e:
+                    scorer = cached(scorer, settings, app or current_app, model_files)
+                except ValueError as e:  # never serve without the cache that was asked for
                     raise WorkerError(f"the score cache cannot start: {e}") from e
+            _engine = scorer
             _loads += 1
             facts = _engine.facts
             log.info(
