@@ -111,12 +111,26 @@ def test_an_entry_takes_no_more_redis_memory_than_it_is_counted_at(scratch_redis
     assert per_entry <= ENTRY_BYTES
 
 
-def test_the_key_changes_with_anything_that_changes_a_score(tiny_model):
+@pytest.mark.parametrize("shape", ["engine", "threads", "device"])
+def test_every_scorer_shape_caches_alike_and_scores_only_the_misses(scorer_shapes, scratch_redis, shape):
+    from scoring.cache import CachedScorer
+
+    # Given a scorer shape behind the cache, and a request scored once
+    cached = CachedScorer(scorer_shapes[shape], ScoreCache(RedisScores(scratch_redis, ttl=3600, max_entries=1000), SECRET, b"model"))
+    first = cached.score(QUERY, CORPUS[:6])
+    # When the request comes again with two new passages and a repeat
+    again = cached.score(QUERY, CORPUS[:8] + CORPUS[:1])
+    # Then the six known pairs (and the repeat) come from the cache bit for bit, only the two new ones were scored
+    assert first.cached == 0 and again.cached == 7
+    assert again.logits[:6] == first.logits and again.logits[8] == first.logits[0]
+    assert again.logits[6:8] == pytest.approx(scorer_shapes["engine"].score(QUERY, CORPUS[6:8]).logits, abs=1e-5)
+    assert again.tokens == sum(len(p.input_ids) for p in scorer_shapes["engine"].tokenize(QUERY, CORPUS[:8] + CORPUS[:1]))
+
+
+def test_the_key_changes_with_anything_that_changes_a_score(tiny_engine):
     from msgspec.structs import replace
 
-    from scoring.engine import CrossEncoderEngine
-
-    facts = CrossEncoderEngine.load(str(tiny_model)).facts
+    facts = tiny_engine.facts
     keyed = lambda facts, secret=SECRET: ScoreCache(None, secret, fingerprint(facts)).keys(pairs(1))[0]  # noqa: E731
     base = keyed(facts)
     # Another dtype, attention, device kind, max length, model or revision, or another fleet's secret: another key

@@ -5,10 +5,7 @@ scorer shape, through the Python client, and through the gateway with the cohere
 from __future__ import annotations
 
 import asyncio
-import secrets
-import threading
 from collections.abc import Iterator
-from multiprocessing.connection import Listener
 
 import httpx
 import pytest
@@ -18,9 +15,7 @@ from contract.formats import stage1_message
 from contract.schemas import DocumentsRequest
 from contract.settings import Settings
 from contract.validation import parse_request
-from scoring.device import DeviceClient, DeviceServer
 from scoring.engine import CrossEncoderEngine
-from scoring.threaded import ThreadedScorer
 from scoring.tokens import Truncation
 from tests.gateway_helpers import KEY, Gateway
 from tests.helpers import CORPUS, QUERY
@@ -30,9 +25,8 @@ N = 40
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model) -> CrossEncoderEngine:
-    """The tiny model, in this process."""
-    return CrossEncoderEngine.load(str(tiny_model))
+def engine(tiny_engine) -> CrossEncoderEngine:
+    return tiny_engine
 
 
 def cut_by_hand(engine: CrossEncoderEngine, text: str, n: int, end: bool = True) -> str:
@@ -62,14 +56,8 @@ def query_for_a_clean_tail(engine: CrossEncoderEngine, text: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def shapes(engine, tmp_path_factory) -> Iterator[dict]:
-    """Every scorer shape over the one engine: in-process, a device thread, a device process's host client (served on a thread)."""
-    address = str(tmp_path_factory.mktemp("device") / "device.sock")
-    key = secrets.token_bytes(16)
-    server = DeviceServer(engine.runner, Listener(address, family="AF_UNIX", authkey=key), engine.facts)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    threaded = ThreadedScorer(engine, time_limit=30, on_stop=lambda: None)
-    yield {"engine": engine, "threads": threaded, "device": DeviceClient(address, key, engine.tokenize, 30, on_lost=lambda: None)}
+def shapes(scorer_shapes) -> dict:
+    return scorer_shapes
 
 
 @pytest.mark.parametrize("shape", ["engine", "threads", "device"])
