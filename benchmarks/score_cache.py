@@ -83,19 +83,19 @@ def main() -> None:
     ratio = model_cold / model_warm if model_warm else float("inf")
     device = f"{cpu_name()} ({cpu_features()})" if args.device == "cpu" else args.device
     lines = [
-        f"Device: {device}; producer, Redis and one worker (RERANK_SCORE_CACHE on) on this host. Model: random weights, "
-        f"{args.shape} shape, dtype {args.dtype}. The shipped job ({JOB_FILE.relative_to(ROOT)}: {len(job['candidates'])} papers, "
-        f"top {job['top_k_docs']}, {cold['pairs']} pairs over both stages) once on an empty cache, then {args.warm} times "
-        "(medians); every warm run's logits equal the cold run's bit for bit.",
+        (f"Device: {device}; producer, Redis and one worker (RERANK_SCORE_CACHE on) on this host. Model: random weights, "
+         f"{args.shape} shape, dtype {args.dtype}. The shipped job ({JOB_FILE.relative_to(ROOT)}: {len(job['candidates'])} papers, "
+         f"top {job['top_k_docs']}, {cold['pairs']} pairs over both stages) once on an empty cache, then {args.warm} times "
+         "(medians); every warm run's logits equal the cold run's bit for bit."),
         "",
         "| run | pairs from the cache | batches | model (forward) ms | tokenize ms | wall ms |",
         "|---|---:|---:|---:|---:|---:|",
         f"| cold | {cold['cached_pairs']} of {cold['pairs']} | {cold['batches']} | {cold['forward_ms']:.1f} | {cold['tokenize_ms']:.1f} | {cold['wall_ms']:.1f} |",
-        f"| warm | {median['cached_pairs']:.0f} of {cold['pairs']} | {median['batches']:.0f} | {median['forward_ms']:.1f} | "
-        f"{median['tokenize_ms']:.1f} | {median['wall_ms']:.1f} |",
+        (f"| warm | {median['cached_pairs']:.0f} of {cold['pairs']} | {median['batches']:.0f} | {median['forward_ms']:.1f} | "
+         f"{median['tokenize_ms']:.1f} | {median['wall_ms']:.1f} |"),
         "",
-        f"Model time warm vs cold: {'no forward pass at all' if not model_warm else f'{ratio:.1f}x less'}; "
-        f"wall time {cold['wall_ms'] / median['wall_ms']:.1f}x less.",
+        (f"Model time warm vs cold: {'no forward pass at all' if not model_warm else f'{ratio:.1f}x less'}; "
+         f"wall time {cold['wall_ms'] / median['wall_ms']:.1f}x less."),
     ]
     write_results(args.out, f"score-cache-{args.device.split(':')[0]}-{args.shape}", "\n".join(lines), {
         "device": device, "shape": args.shape, "dtype": args.dtype, "job": str(JOB_FILE.relative_to(ROOT)),

@@ -11,7 +11,13 @@ from collections.abc import Iterable
 from typing import Any
 
 from contract.chunking import DEFAULT_MAX_CHARS, chunk_text
-from contract.schemas import Candidate, Chunk, ChunksRequest, DocumentsRequest, PassagesRequest
+from contract.schemas import (
+    Candidate,
+    Chunk,
+    ChunksRequest,
+    DocumentsRequest,
+    PassagesRequest,
+)
 
 WINDOW_CHARS = 1500
 """Characters of a paper's text that stage 1 reads per window (the first window is the abstract)."""

@@ -13,7 +13,12 @@ from pydantic_core import to_json
 
 from contract.chunking import DEFAULT_MAX_CHARS
 from contract.errors import InvalidRequest, RerankError, WorkerError
-from contract.formats import chunk_pool, passages_message, stage1_message, stage2_message
+from contract.formats import (
+    chunk_pool,
+    passages_message,
+    stage1_message,
+    stage2_message,
+)
 from contract.names import (
     DEFAULT_MODEL,
     TASK_CHUNKS,

@@ -86,7 +86,7 @@ def test_the_bound_counts_every_live_generation_and_entries_outlive_their_ttl_by
     first = cache.keys(pairs(15))
     cache.write(first, [float(n) for n in range(15)])
     # Then 10 were kept, and their generation expires one TTL after it ends
-    generations, expires = store.live()
+    generations, _ = store.live()
     assert scratch_redis.hlen(generations[0]) == 10
     assert 400 < scratch_redis.ttl(generations[0]) <= 400 + store.span
     # When a quarter of the TTL later (a new generation) more come, the full cache takes none of them
@@ -131,7 +131,7 @@ def test_the_key_changes_with_anything_that_changes_a_score(tiny_engine):
     from msgspec.structs import replace
 
     facts = tiny_engine.facts
-    keyed = lambda facts, secret=SECRET: ScoreCache(None, secret, fingerprint(facts)).keys(pairs(1))[0]  # noqa: E731
+    keyed = lambda facts, secret=SECRET: ScoreCache(None, secret, fingerprint(facts)).keys(pairs(1))[0]
     base = keyed(facts)
     # Another dtype, attention, device kind, max length, model or revision, or another fleet's secret: another key
     for changed in (
@@ -191,7 +191,7 @@ def test_the_shipped_job_again_is_served_from_the_cache_bit_for_bit_with_no_forw
     empty_cache(cached.redis)
     before = cache_metrics(cached.port)
     # Given the shipped 100-paper two-stage job, run once on an empty cache
-    run = lambda: cached.client.two_stage(  # noqa: E731
+    run = lambda: cached.client.two_stage(
         JOB["query"], JOB["candidates"], top_k_docs=JOB["top_k_docs"], top_k_chunks=JOB["top_k_chunks"], return_logits=True, timeout=120
     )
     cold = run()

@@ -136,7 +136,7 @@ def test_the_python_clients_truncation_reaches_the_worker(client, engine, redis_
     awaited = asyncio.run(AsyncRerankClient(redis_settings).rerank_passages(QUERY, [LONG, CORPUS[5]], max_passage_tokens=N, timeout=60))
     by_hand = client.rerank_passages(QUERY, [cut, CORPUS[5]], return_logits=True, timeout=60)
     # Then the worker scored it as the passage cut by hand to 40 tokens
-    logits = lambda result: {item.index: item.score for item in result.items}  # noqa: E731
+    logits = lambda result: {item.index: item.score for item in result.items}
     assert logits(asked) == pytest.approx(logits(by_hand), abs=1e-6) == logits(awaited)
     # And without it the long passage is scored on all the pair has room for: another score
     assert client.rerank_passages(QUERY, [LONG], timeout=60).items[0].score != pytest.approx(logits(by_hand)[0], abs=1e-4)

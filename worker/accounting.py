@@ -307,9 +307,9 @@ def _log_task(task: TaskFigures, info: ScoringInfo, retval: Any) -> None:
     wait = "-" if task.queue_wait is None else f"{task.queue_wait * 1000:.1f}"
     log.info(
         "Task %s[%s] succeeded in %.4fs: scored=%d pairs=%d tokens=%d batches=%d oom_splits=%d "
-        "queue_wait_ms=%s tokenize_ms=%.1f forward_ms=%.1f total_ms=%.1f queue=%s worker=%s",
+        "queue_wait_ms=%s tokenize_ms=%.1f forward_ms=%.1f total_ms=%.1f queue=%s worker=%s cached_pairs=%d",
         task.name, task.id, task.seconds, task.scored, info.pairs, info.tokens, info.batches, info.oom_splits,
-        wait, info.tokenize_ms, info.forward_ms, task.seconds * 1000, task.queue, task.worker,
+        wait, info.tokenize_ms, info.forward_ms, task.seconds * 1000, task.queue, task.worker, info.cached_pairs,
     )
     if log.isEnabledFor(logging.DEBUG):
         log.debug("Task %s[%s] result: %s", task.name, task.id, json.dumps(retval))

@@ -28,7 +28,13 @@ from celery import bootsteps
 
 from contract.settings import Settings
 from producer.app import settings_of
-from scoring.cache import VALUE_BYTES, CachedScorer, ScoreCache, directory_digest, fingerprint
+from scoring.cache import (
+    VALUE_BYTES,
+    CachedScorer,
+    ScoreCache,
+    directory_digest,
+    fingerprint,
+)
 from scoring.engine import Scorer
 
 log = logging.getLogger(__name__)
