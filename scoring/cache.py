@@ -110,7 +110,11 @@ class ScoreCache:
     def read(self, keys: Sequence[bytes]) -> list[float | None]:
         """The cached logit of each key, None where there is none or its entry fails authentication."""
         unique = list(dict.fromkeys(keys))
-        found = dict(zip(unique, self.store.read(unique)))
+        try:
+            found = dict(zip(unique, self.store.read(unique)))
+        except Exception:  # noqa: BLE001 - the cache only saves work: unreadable, every pair is scored
+            log.warning("could not read the score cache; scoring every pair", exc_info=True)
+            found = {}
         logits: list[float | None] = []
         refused = 0
         for key in keys:
@@ -130,8 +134,12 @@ class ScoreCache:
     def write(self, keys: Sequence[bytes], logits: Sequence[float]) -> None:
         """Store each key's logit, signed."""
         entries = {key: self._seal(key, logit) for key, logit in zip(keys, logits)}
-        if entries:
+        if not entries:
+            return
+        try:
             self.store.write(entries)
+        except Exception:  # noqa: BLE001 - a full or unreachable Redis must not fail a request that was scored
+            log.warning("could not write %d entries to the score cache", len(entries), exc_info=True)
 
     def _seal(self, key: bytes, logit: float) -> bytes:
         packed = struct.pack("<f", logit)

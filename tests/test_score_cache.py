@@ -78,6 +78,18 @@ def test_what_a_redis_writer_puts_at_the_keys_is_never_read_past_an_entrys_size(
     assert scratch_redis.get(generations[0]) == b"squatter" and cache.read(keys) == [None, None]
 
 
+def test_a_redis_that_fails_reads_and_writes_costs_the_cache_not_the_request(tiny_engine):
+    from scoring.cache import CachedScorer
+
+    # Given a cache whose Redis cannot be reached (nobody listens on its port)
+    refusing = redis.Redis(port=free_port(), socket_connect_timeout=1)
+    cached = CachedScorer(tiny_engine, ScoreCache(RedisScores(refusing, ttl=3600, max_entries=1000), SECRET, b"model"))
+    # When it scores, twice
+    first, second = cached.score(QUERY, CORPUS[:3]), cached.score(QUERY, CORPUS[:3])
+    # Then both are scored by the model, as without a cache
+    assert first.cached == second.cached == 0 and first.logits == pytest.approx(tiny_engine.score(QUERY, CORPUS[:3]).logits, abs=1e-6)
+
+
 def test_the_bound_counts_every_live_generation_and_entries_outlive_their_ttl_by_at_most_a_quarter(scratch_redis):
     offset = [0.0]
     store = RedisScores(scratch_redis, ttl=400, max_entries=10, clock=lambda: time.time() + offset[0])
