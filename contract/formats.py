@@ -11,7 +11,13 @@ from collections.abc import Iterable
 from typing import Any
 
 from contract.chunking import DEFAULT_MAX_CHARS, chunk_text
-from contract.schemas import Candidate, Chunk, ChunksRequest, DocumentsRequest
+from contract.schemas import (
+    Candidate,
+    Chunk,
+    ChunksRequest,
+    DocumentsRequest,
+    PassagesRequest,
+)
 
 WINDOW_CHARS = 1500
 """Characters of a paper's text that stage 1 reads per window (the first window is the abstract)."""
@@ -77,7 +83,8 @@ def chunk_digest(chunk: Chunk, position: int) -> str:
 def stage1_message(request: DocumentsRequest) -> dict[str, Any]:
     """The stage-1 task's argument: only what stage 1 reads (no chunks or metadata, texts cut to their windows)."""
     exclude: dict[str, Any] = {"candidates": {"__all__": {"chunks", "metadata"}}}
-    message = request.model_dump(mode="json", exclude=exclude)
+    # Unset fields left out, so workers that predate a field (the truncation controls) still read it.
+    message = request.model_dump(mode="json", exclude=exclude, exclude_none=True)
     extent = windows_extent(request.windows)
     for candidate in message["candidates"]:
         candidate["text"] = candidate["text"][:extent]
@@ -86,4 +93,9 @@ def stage1_message(request: DocumentsRequest) -> dict[str, Any]:
 
 def stage2_message(request: ChunksRequest) -> dict[str, Any]:
     """The stage-2 task's request: unset fields left out, so workers that predate a field still read it."""
+    return request.model_dump(mode="json", exclude_none=True)
+
+
+def passages_message(request: PassagesRequest) -> dict[str, Any]:
+    """The plain-passages task's request: unset fields left out, as in `stage2_message`."""
     return request.model_dump(mode="json", exclude_none=True)

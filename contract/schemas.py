@@ -27,6 +27,21 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+Truncate = Literal["end", "start", "never"]
+"""How a passage longer than its room is cut: its end (TEI's `Right`), its start (TEI's `Left`), or never (refused instead)."""
+
+
+class _Truncation(_Model):
+    """The per-request truncation controls every request shape carries; unset, pairs are cut at the end to fit RERANK_MAX_LENGTH."""
+
+    max_passage_tokens: StrictInt | None = Field(
+        None, ge=1, description="Keep at most this many tokens of each passage (Cohere's `max_tokens_per_doc`); the pair still fits RERANK_MAX_LENGTH."
+    )
+    truncate: Truncate | None = Field(
+        None, description="`end` (unset): cut a passage's end; `start`: cut its start; `never`: refuse a passage (or query) that would be cut."
+    )
+
+
 class PaperChunk(_Model):
     """A chunk of a paper supplied by the caller; `id` defaults to `<paper id>#<n>`."""
 
@@ -61,7 +76,7 @@ class Chunk(_Model):
     text: str = Field(min_length=1)
 
 
-class DocumentsRequest(_Model):
+class DocumentsRequest(_Truncation):
     """Stage 1: score candidates by `Title + abstract` and keep the best `top_k`."""
 
     query: Query
@@ -104,7 +119,7 @@ class Pool(_Model):
         return self
 
 
-class ChunksRequest(_Model):
+class ChunksRequest(_Truncation):
     """Stage 2: score chunks; with a stage-1 result only the kept papers' chunks are scored."""
 
     query: Query
@@ -149,7 +164,7 @@ class ChunksRequest(_Model):
         return self
 
 
-class PassagesRequest(_Model):
+class PassagesRequest(_Truncation):
     """Plain pairs: each passage is scored with the query exactly as sent, with no `Title:`/`Section:` template."""
 
     query: Query
@@ -198,6 +213,17 @@ class ScoringInfo(_Model):
     worker: str | None = None
     pid: int
     model_loads: int = Field(description="Times this worker process has loaded the model; 1 in a healthy worker.")
+    cached_pairs: int = Field(
+        0, ge=0, description="Of `pairs`, those whose logits came from the score cache (RERANK_SCORE_CACHE) instead of a forward pass."
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_no_cache(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Left out when 0, so producers that predate the field still read results of workers without a cache.
+        data = handler(self)
+        if not self.cached_pairs:
+            data.pop("cached_pairs", None)
+        return data
 
 
 class RerankResult(_Model):
@@ -217,7 +243,7 @@ class TwoStageResult(_Model):
     chunks: RerankResult
 
 
-class TwoStageRequest(_Model):
+class TwoStageRequest(_Truncation):
     """One two-stage job as a caller describes it, e.g. one line of a batch file."""
 
     query: Query

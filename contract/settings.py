@@ -6,7 +6,7 @@ from functools import lru_cache
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contract.names import DEFAULT_MODEL, model_queue
@@ -143,6 +143,19 @@ class Settings(BaseSettings):
     heartbeat_file: str | None = Field(
         None, min_length=1, description="File a worker touches every few seconds while its event loop runs (a liveness probe reads it); unset: none."
     )
+
+    # Score cache (workers)
+    score_cache: bool = Field(
+        False, description="Keep every scored pair's logit in the result backend's Redis and serve it again to any request of this fleet (docs/operations.md)."
+    )
+    score_cache_ttl: int = Field(7 * 86_400, ge=60, le=365 * 86_400, description="Seconds a cached score lives (up to a quarter more).")
+    score_cache_max_mb: int = Field(
+        256, ge=1, le=1_048_576, description="Megabytes of Redis the cache may hold, counted at 128 bytes an entry; full, it takes nothing new until its oldest quarter expires."
+    )
+    score_cache_key: SecretStr | None = Field(
+        None, min_length=32, description="The fleet's secret (at least 32 characters) that keys and signs cache entries; or RERANK_SCORE_CACHE_KEY_FILE."
+    )
+    score_cache_key_file: str | None = Field(None, min_length=1, description="A file holding the fleet's cache secret (a mounted secret).")
 
     @model_validator(mode="before")
     @classmethod

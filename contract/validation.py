@@ -37,6 +37,9 @@ RequestT = TypeVar("RequestT", DocumentsRequest, ChunksRequest, PassagesRequest)
 MAX_TOP_K = 1_000_000
 """The largest `top_k` accepted: above the highest RERANK_MAX_CANDIDATES and RERANK_MAX_CHUNKS allowed."""
 
+MAX_PASSAGE_TOKENS = 1_000_000
+"""The largest `max_passage_tokens` accepted: far above any RERANK_MAX_LENGTH, so only a caller's bug is refused."""
+
 MAX_METADATA_DEPTH = 32
 """How deeply a candidate's passthrough `metadata` may nest; deeper breaks JSON encoders."""
 
@@ -71,6 +74,12 @@ def check_limits(request: BaseModel, settings: Settings) -> None:
             "(RERANK_MAX_QUERY_CHARS); shorten the query"
         )
     _check_characters("query", query)
+    limit = getattr(request, "max_passage_tokens", None)
+    if limit is not None and limit > MAX_PASSAGE_TOKENS:
+        raise InvalidRequest(
+            f"max_passage_tokens={limit} is over {MAX_PASSAGE_TOKENS:,}; no model reads that many: leave it unset to keep "
+            "as much of each passage as RERANK_MAX_LENGTH allows"
+        )
     if isinstance(request, DocumentsRequest):
         _check_count("candidates", len(request.candidates), settings.max_candidates, "RERANK_MAX_CANDIDATES")
         _check_top_k(request.top_k)

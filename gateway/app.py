@@ -115,7 +115,9 @@ def create_app(settings: Settings | None = None, gateway: GatewaySettings | None
     for kind in (RerankError, RequestValidationError, HTTPException):
         app.add_exception_handler(kind, refuse)
 
-    async def score(request: Request, model: str | None, query: str, texts: list[str], top_k: int | None, logits: bool, field: str) -> tuple[str, RerankResult]:
+    async def score(
+        request: Request, model: str | None, query: str, texts: list[str], top_k: int | None, logits: bool, field: str, **cut: Any
+    ) -> tuple[str, RerankResult]:
         fleet: Fleet = request.app.state.fleet
         if len(texts) > gateway.max_documents:
             raise _too_many(len(texts), gateway.max_documents)
@@ -123,7 +125,7 @@ def create_app(settings: Settings | None = None, gateway: GatewaySettings | None
         fleet.admit(served)
         client = fleet.client(served)
         try:
-            handle = await asyncio.to_thread(partial(client.sync.submit_passages, query, texts, top_k, return_logits=logits))
+            handle = await asyncio.to_thread(partial(client.sync.submit_passages, query, texts, top_k, return_logits=logits, **cut))
         except InvalidRequest as e:
             raise _unprocessable(e, field) from e
         try:
@@ -161,20 +163,24 @@ def create_app(settings: Settings | None = None, gateway: GatewaySettings | None
     async def rerank_v2(body: CohereRequest, request: Request) -> Any:
         """Cohere v2: documents ranked best first, `relevance_score` a probability."""
         texts = body.texts()
-        job_id, result = await score(request, body.model, body.query, texts, body.top_n, False, "documents")
+        job_id, result = await score(
+            request, body.model, body.query, texts, body.top_n, False, "documents", max_passage_tokens=body.max_tokens_per_doc
+        )
         return cohere_response(job_id, result, texts, body, "2")
 
     @app.post("/v1/rerank", response_model=CohereResponse, response_model_exclude_none=True, dependencies=bearer, tags=["rerank"])
     async def rerank_v1(body: CohereRequest, request: Request) -> Any:
         """Cohere v1 and Jina: as v2, plus `model` and `usage` (tokens scored)."""
         texts = body.texts()
-        job_id, result = await score(request, body.model, body.query, texts, body.top_n, False, "documents")
+        job_id, result = await score(
+            request, body.model, body.query, texts, body.top_n, False, "documents", max_passage_tokens=body.max_tokens_per_doc
+        )
         return cohere_response(job_id, result, texts, body, "1")
 
     @app.post("/rerank", response_model=list[TeiRank], response_model_exclude_none=True, dependencies=bearer, tags=["rerank"])
     async def rerank_tei(body: TeiRequest, request: Request) -> Any:
         """text-embeddings-inference: a bare list best first; `raw_scores` gives logits."""
-        _, result = await score(request, None, body.query, body.texts, None, body.raw_scores, "texts")
+        _, result = await score(request, None, body.query, body.texts, None, body.raw_scores, "texts", truncate=body.cut())
         return tei_response(result, body)
 
     @app.post("/v1/evidence", response_model=TwoStageResult, dependencies=bearer, tags=["evidence"])
@@ -246,7 +252,7 @@ def create_app(settings: Settings | None = None, gateway: GatewaySettings | None
 async def _submit(fleet: Fleet, body: TwoStageRequest, model: str | None) -> Any:
     served = await fleet.resolve(model)
     fleet.admit(served)
-    options = {"min_score": body.min_score, "windows": body.windows}
+    options = {"min_score": body.min_score, "windows": body.windows, "max_passage_tokens": body.max_passage_tokens, "truncate": body.truncate}
     return await fleet.client(served).submit(body.query, body.candidates, body.top_k_docs, body.top_k_chunks, **options)
 
 

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
-from contract.schemas import Query, RerankResult
+from contract.schemas import Query, RerankResult, Truncate
 
 
 class TextDocument(BaseModel):
@@ -33,7 +33,9 @@ class CohereRequest(BaseModel):
     documents: list[str | TextDocument] = Field(min_length=1, description="Strings or `{text}` objects, scored exactly as sent.")
     top_n: StrictInt | None = Field(None, ge=1, description="Return only the best `top_n`; unset: all.")
     return_documents: StrictBool = Field(False, description="Return each document's text with its result.")
-    max_tokens_per_doc: StrictInt | None = Field(None, ge=1, description="Accepted for compatibility; pairs are cut at RERANK_MAX_LENGTH tokens.")
+    max_tokens_per_doc: StrictInt | None = Field(
+        None, ge=1, description="Keep at most this many tokens of each document (its end is cut); a pair never exceeds RERANK_MAX_LENGTH tokens."
+    )
 
     def texts(self) -> list[str]:
         """The documents as the strings to score."""
@@ -67,8 +69,18 @@ class TeiRequest(BaseModel):
     texts: list[str] = Field(min_length=1)
     raw_scores: StrictBool = Field(False, description="Scores as the model's logits instead of probabilities.")
     return_text: StrictBool = False
-    truncate: StrictBool | None = Field(None, description="Accepted; pairs longer than RERANK_MAX_LENGTH tokens are always cut in the passage.")
-    truncation_direction: Literal["Right", "right"] = Field("Right", description="Only `Right`: the passage's end is cut.")
+    truncate: StrictBool | None = Field(
+        None, description="`false`: a text too long for its pair (RERANK_MAX_LENGTH tokens) is refused (422); `true` or unset: it is cut, never the query."
+    )
+    truncation_direction: Literal["Right", "right", "Left", "left"] = Field(
+        "Right", description="Which end of a text too long is cut: `Right` its end, `Left` its start (the query is kept whole either way)."
+    )
+
+    def cut(self) -> Truncate:
+        """Our `truncate` for this request's `truncate` and `truncation_direction`."""
+        if self.truncate is False:
+            return "never"
+        return "start" if self.truncation_direction.lower() == "left" else "end"
 
 
 class TeiRank(BaseModel):

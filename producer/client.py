@@ -13,7 +13,12 @@ from pydantic_core import to_json
 
 from contract.chunking import DEFAULT_MAX_CHARS
 from contract.errors import InvalidRequest, RerankError, WorkerError
-from contract.formats import chunk_pool, stage1_message, stage2_message
+from contract.formats import (
+    chunk_pool,
+    passages_message,
+    stage1_message,
+    stage2_message,
+)
 from contract.names import (
     DEFAULT_MODEL,
     TASK_CHUNKS,
@@ -28,6 +33,7 @@ from contract.schemas import (
     DocumentsRequest,
     PassagesRequest,
     RerankResult,
+    Truncate,
     TwoStageRequest,
     TwoStageResult,
 )
@@ -75,12 +81,18 @@ class RerankClient:
         min_score: float | None = None,
         return_documents: bool = False,
         windows: int | None = None,
+        max_passage_tokens: int | None = None,
+        truncate: Truncate | None = None,
         timeout: float | None = None,
     ) -> RerankResult:
         """Score papers by title and abstract (stage 1) and return the best `top_k`.
 
         `min_score` drops items scoring below it (after `top_k`); `return_documents` sets each
         item's `document` to the candidate you sent; `windows` overrides RERANK_STAGE1_WINDOWS.
+        `max_passage_tokens` keeps at most that many tokens of each passage (Cohere's
+        `max_tokens_per_doc`); `truncate` cuts a passage too long for its pair at its `"end"`
+        (the default) or `"start"`, or (`"never"`) refuses it with `InvalidRequest`. The query is
+        never cut unless it takes over 3/4 of RERANK_MAX_LENGTH.
 
         Raises:
             InvalidRequest: the input is malformed or over a limit; nothing was queued.
@@ -90,7 +102,7 @@ class RerankClient:
         """
         handle = self.submit_documents(
             query, candidates, top_k, return_logits=return_logits, min_score=min_score,
-            return_documents=return_documents, windows=windows,
+            return_documents=return_documents, windows=windows, max_passage_tokens=max_passage_tokens, truncate=truncate,
         )
         return handle.result(timeout)
 
@@ -104,9 +116,11 @@ class RerankClient:
         min_score: float | None = None,
         return_documents: bool = False,
         windows: int | None = None,
+        max_passage_tokens: int | None = None,
+        truncate: Truncate | None = None,
     ) -> Handle[RerankResult]:
         """Validate and enqueue stage 1 alone; return a handle whose `result(timeout)` waits for it."""
-        request = self._documents_request(query, candidates, top_k, return_logits, windows)
+        request = self._documents_request(query, candidates, top_k, return_logits, windows, _cut(max_passage_tokens, truncate))
         _check_min_score(min_score)
         finish = self._finish(RerankResult, min_score, request.candidates, join=return_documents)
         return self._send(TASK_DOCUMENTS, stage1_message(request), finish, positional=True)
@@ -120,14 +134,17 @@ class RerankClient:
         return_logits: bool = False,
         min_score: float | None = None,
         return_documents: bool = False,
+        max_passage_tokens: int | None = None,
+        truncate: Truncate | None = None,
         timeout: float | None = None,
     ) -> RerankResult:
         """Score passages (stage 2) and return them sorted, all of them unless `top_k` is set.
 
-        Raises the same errors as `rerank_documents`.
+        Takes the options and raises the errors of `rerank_documents`.
         """
         handle = self.submit_chunks(
-            query, chunks, top_k, return_logits=return_logits, min_score=min_score, return_documents=return_documents
+            query, chunks, top_k, return_logits=return_logits, min_score=min_score, return_documents=return_documents,
+            max_passage_tokens=max_passage_tokens, truncate=truncate,
         )
         return handle.result(timeout)
 
@@ -140,33 +157,38 @@ class RerankClient:
         return_logits: bool = False,
         min_score: float | None = None,
         return_documents: bool = False,
+        max_passage_tokens: int | None = None,
+        truncate: Truncate | None = None,
     ) -> Handle[RerankResult]:
         """Validate and enqueue stage 2 alone; return a handle whose `result(timeout)` waits for it."""
         request = parse_request(
             ChunksRequest,
-            {"query": query, "chunks": _as_list(chunks), "top_k": top_k, "return_logits": return_logits},
+            {"query": query, "chunks": _as_list(chunks), "top_k": top_k, "return_logits": return_logits, **_cut(max_passage_tokens, truncate)},
             self.settings,
         )
         _check_min_score(min_score)
         return self._send(TASK_CHUNKS, stage2_message(request), self._finish(RerankResult, min_score, chunks=request.chunks, join=return_documents))
 
     def rerank_passages(
-        self, query: str, passages: Sequence[str], top_k: int | None = None, *, return_logits: bool = False, timeout: float | None = None
+        self, query: str, passages: Sequence[str], top_k: int | None = None, *, return_logits: bool = False,
+        max_passage_tokens: int | None = None, truncate: Truncate | None = None, timeout: float | None = None,
     ) -> RerankResult:
         """Score each passage with the query exactly as sent, with no `Title:`/`Section:` template (as TEI and Cohere do).
 
         Items come back best first; an item's `index` (and `id`, the same number as text) is its place in `passages`.
-        Raises the same errors as `rerank_documents`.
+        Takes the truncation options and raises the errors of `rerank_documents`.
         """
-        return self.submit_passages(query, passages, top_k, return_logits=return_logits).result(timeout)
+        handle = self.submit_passages(query, passages, top_k, return_logits=return_logits, max_passage_tokens=max_passage_tokens, truncate=truncate)
+        return handle.result(timeout)
 
     def submit_passages(
-        self, query: str, passages: Sequence[str], top_k: int | None = None, *, return_logits: bool = False
+        self, query: str, passages: Sequence[str], top_k: int | None = None, *, return_logits: bool = False,
+        max_passage_tokens: int | None = None, truncate: Truncate | None = None,
     ) -> Handle[RerankResult]:
         """Validate and enqueue plain passages; return a handle whose `result(timeout)` waits for them."""
-        data = {"query": query, "passages": _as_list(passages), "top_k": top_k, "return_logits": return_logits}
+        data = {"query": query, "passages": _as_list(passages), "top_k": top_k, "return_logits": return_logits, **_cut(max_passage_tokens, truncate)}
         request = parse_request(PassagesRequest, data, self.settings)
-        return self._send(TASK_PASSAGES, request.model_dump(mode="json"), self._finish(RerankResult))
+        return self._send(TASK_PASSAGES, passages_message(request), self._finish(RerankResult))
 
     # Two-stage jobs
 
@@ -181,19 +203,22 @@ class RerankClient:
         min_score: float | None = None,
         return_documents: bool = False,
         windows: int | None = None,
+        max_passage_tokens: int | None = None,
+        truncate: Truncate | None = None,
         timeout: float | None = None,
     ) -> TwoStageResult:
         """Rank papers, then rank the chunks of the `top_k_docs` best, as one Celery chain.
 
         Papers without chunks are split by the default chunker. Stage-2 `index` values point
         into `chunk_pool(candidates)`, the order this client sends chunks in. `min_score` applies
-        to the chunk ranking; `return_documents` joins each item's candidate or chunk back.
+        to the chunk ranking; `return_documents` joins each item's candidate or chunk back; the
+        truncation options (`rerank_documents`) apply to both stages.
 
         Raises the same errors as `rerank_documents`; a stage-1 failure surfaces with its cause.
         """
         job = self.submit(
             query, candidates, top_k_docs, top_k_chunks, return_logits=return_logits, min_score=min_score,
-            return_documents=return_documents, windows=windows,
+            return_documents=return_documents, windows=windows, max_passage_tokens=max_passage_tokens, truncate=truncate,
         )
         return job.result(timeout)
 
@@ -208,6 +233,8 @@ class RerankClient:
         min_score: float | None = None,
         return_documents: bool = False,
         windows: int | None = None,
+        max_passage_tokens: int | None = None,
+        truncate: Truncate | None = None,
     ) -> RerankJob:
         """Validate and enqueue a two-stage job; return its handle (`id`, `status()`, `progress()`, `result()`, `cancel()`).
 
@@ -215,7 +242,7 @@ class RerankClient:
         """
         request = {
             "query": query, "candidates": _as_list(candidates), "top_k_docs": top_k_docs,
-            "top_k_chunks": top_k_chunks, "min_score": min_score, "windows": windows,
+            "top_k_chunks": top_k_chunks, "min_score": min_score, "windows": windows, **_cut(max_passage_tokens, truncate),
         }
         job, signature, parts = self._prepare(request, None, return_logits, return_documents)
         self.store.put(key_of(job.id), parts, self.settings.request_expires)
@@ -232,7 +259,7 @@ class RerankClient:
         """Validate every request, then enqueue them all as one Celery group of chains.
 
         Each request is a `TwoStageRequest` or a dict with its fields (`query`, `candidates`,
-        `top_k_docs`, `top_k_chunks`, `min_score`, `windows`). An invalid one raises
+        `top_k_docs`, `top_k_chunks`, `min_score`, `windows`, `max_passage_tokens`, `truncate`). An invalid one raises
         `InvalidRequest` naming its position, and nothing is queued.
         """
         prepared = [self._prepare(r, n, return_logits, return_documents) for n, r in enumerate(requests)]
@@ -307,7 +334,8 @@ class RerankClient:
         try:
             request = data if isinstance(data, TwoStageRequest) else TwoStageRequest.model_validate(data)
             documents, chunks = self._two_stage_requests(
-                request.query, request.candidates, request.top_k_docs, request.top_k_chunks, return_logits, request.windows
+                request.query, request.candidates, request.top_k_docs, request.top_k_chunks, return_logits, request.windows,
+                _cut(request.max_passage_tokens, request.truncate),
             )
         except InvalidRequest as e:
             raise InvalidRequest(f"{where}{e}") from e
@@ -353,8 +381,9 @@ class RerankClient:
         top_k_chunks: int | None,
         return_logits: bool,
         windows: int | None,
+        cut: dict[str, Any],
     ) -> tuple[DocumentsRequest, ChunksRequest]:
-        documents = self._documents_request(query, candidates, top_k_docs, return_logits, windows)
+        documents = self._documents_request(query, candidates, top_k_docs, return_logits, windows, cut)
         chunks = parse_request(
             ChunksRequest,
             {
@@ -363,6 +392,7 @@ class RerankClient:
                 "top_k": top_k_chunks,
                 "return_logits": return_logits,
                 "candidate_ids": [c.id for c in documents.candidates],
+                **cut,
             },
             self.settings,
         )
@@ -393,11 +423,12 @@ class RerankClient:
         return signature, parts
 
     def _documents_request(
-        self, query: str, candidates: Sequence[CandidateLike], top_k: int, return_logits: bool, windows: int | None = None
+        self, query: str, candidates: Sequence[CandidateLike], top_k: int, return_logits: bool, windows: int | None = None,
+        cut: dict[str, Any] | None = None,
     ) -> DocumentsRequest:
         data = {
             "query": query, "candidates": _as_list(candidates), "top_k": top_k, "return_logits": return_logits,
-            "windows": self.settings.stage1_windows if windows is None else windows,
+            "windows": self.settings.stage1_windows if windows is None else windows, **(cut or {}),
         }
         return parse_request(DocumentsRequest, data, self.settings)
 
@@ -440,6 +471,11 @@ def _check_job_id(job_id: Any) -> None:
 def _check_min_score(min_score: float | None) -> None:
     if min_score is not None and not 0.0 <= min_score <= 1.0:
         raise InvalidRequest(f"min_score={min_score} is outside [0, 1]; scores are sigmoids")
+
+
+def _cut(max_passage_tokens: int | None, truncate: str | None) -> dict[str, Any]:
+    """The truncation fields of a request, only those that differ from the default (so a worker that predates them reads the rest)."""
+    return {k: v for k, v in (("max_passage_tokens", max_passage_tokens), ("truncate", truncate)) if v not in (None, "end")}
 
 
 def _as_list(items: Any) -> Any:

@@ -39,6 +39,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import suppress
+from dataclasses import replace
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import (
     Client,
@@ -58,7 +59,7 @@ from scoring.facts import ModelFacts
 from scoring.loop import DeviceLoop
 from scoring.runner import Runner, device_memory
 from scoring.scheduler import Request, UniquePairs
-from scoring.tokens import EncodedPair, PairTokenizer, joined
+from scoring.tokens import EncodedPair, PairTokenizer, Truncation, joined
 from scoring.wire import (
     Buffer,
     Cancel,
@@ -300,26 +301,34 @@ class DeviceClient:
         """What the device process held on its GPU when it last returned logits (this process holds none)."""
         return dict(self._device_memory)
 
-    def score(self, query: str, passages: Sequence[str], on_batch: OnProgress | None = None) -> Scores:
+    def score(
+        self, query: str, passages: Sequence[str], on_batch: OnProgress | None = None, truncation: Truncation | None = None
+    ) -> Scores:
         """Tokenize here, score in the device process; `on_batch(pairs done, pairs total)` follows its batches."""
         if not passages:
             return EMPTY
         started = time.perf_counter()
-        pairs = self.tokenize(query, passages)
+        pairs = self.tokenize(query, passages, truncation)
+        tokenized = time.perf_counter() - started
+        return replace(self.score_pairs(pairs, on_batch), tokenize_seconds=tokenized)
+
+    def score_pairs(self, pairs: Sequence[EncodedPair], on_batch: OnProgress | None = None) -> Scores:
+        """Score pairs already tokenized in the device process; `on_batch(pairs done, pairs total)` follows its batches."""
+        if not pairs:
+            return EMPTY
+        started = time.perf_counter()
         # Repeats are sent once (the scheduler would score them once anyway), and copied back here.
         once = UniquePairs()
         once.add(pairs)
         ident = self._send_request(once.unique)
-        tokenized = time.perf_counter()
         done, payload = self._wait(ident, on_batch, time.monotonic() + self.time_limit)
         by_unique = array.array("f")
         by_unique.frombytes(payload)
         if len(by_unique) != len(once.unique):
             raise WorkerError(f"the device process returned {len(by_unique)} logits for {len(once.unique)} pairs")
         logits = [by_unique[i] for i in once.owner]
-        finished = time.perf_counter()
         return Scores(logits, sum(len(p.input_ids) for p in pairs), done.padded, done.batches,
-                      tokenized - started, finished - tokenized, done.splits)
+                      0.0, time.perf_counter() - started, done.splits)
 
     def _send_request(self, pairs: list[EncodedPair]) -> int:
         lengths = [len(p.input_ids) for p in pairs]

@@ -26,7 +26,7 @@ from scoring.model import check_model, hub_commit, load_model, load_tokenizer
 from scoring.packed import Fusions
 from scoring.runner import ModelRunner, Runner, device_memory
 from scoring.scheduler import Request
-from scoring.tokens import EncodedPair, PairTokenizer
+from scoring.tokens import EncodedPair, PairTokenizer, Truncation
 
 # Passages per tokenized slice: later slices are tokenized on a thread while earlier ones run, so
 # a GPU's first forward waits for one slice's tokens, not the request's; 0 tokenizes up front,
@@ -48,6 +48,8 @@ class Scores:
     tokenize_seconds: float
     forward_seconds: float
     oom_splits: int = 0
+    cached: int = 0
+    """Pairs whose logits came from the score cache (scoring/cache.py), not from a forward pass."""
 
     @property
     def probabilities(self) -> list[float]:
@@ -64,12 +66,22 @@ EMPTY = Scores([], 0, 0, 0, 0.0, 0.0)
 
 
 class Scorer(Protocol):
-    """What ranking and tasks need: the loaded model's facts, `score`, and what its process holds on a GPU."""
+    """What ranking and tasks need: the loaded model's facts, `score`, and what its process holds on a GPU.
+
+    Every scorer tokenizes in the calling process (`tokenize`) and scores pairs already
+    tokenized (`score_pairs`); `score` is the two, and the score cache sits between them.
+    """
 
     facts: ModelFacts
+    tokenize: PairTokenizer
 
-    def score(self, query: str, passages: Sequence[str], on_batch: OnProgress | None = None) -> Scores:
-        """Logits of each passage against `query`, in input order."""
+    def score(
+        self, query: str, passages: Sequence[str], on_batch: OnProgress | None = None, truncation: Truncation | None = None
+    ) -> Scores:
+        """Logits of each passage against `query`, in input order, passages cut as `truncation` asks."""
+
+    def score_pairs(self, pairs: Sequence[EncodedPair], on_batch: OnProgress | None = None) -> Scores:
+        """Logits of pairs already tokenized, in input order."""
 
     def device_memory(self) -> dict[str, Any]:
         """What the model's process holds on its GPU (scoring.runner.device_memory); empty on a CPU."""
@@ -148,8 +160,22 @@ class CrossEncoderEngine:
             self.runner.warm_shapes()
 
     @torch.inference_mode()
-    def score(self, query: str, passages: Sequence[str], on_batch: OnProgress | None = None) -> Scores:
-        """Tokenize and score `passages` against `query`; logits come back in input order.
+    def score_pairs(self, pairs: Sequence[EncodedPair], on_batch: OnProgress | None = None) -> Scores:
+        """Score pairs already tokenized, in this thread; logits come back in input order."""
+        if not pairs:
+            return EMPTY
+        started = time.perf_counter()
+        request = Request(expected=len(pairs))
+        self.loop.submit(request)
+        self.loop.extend(request, list(pairs), last=True)
+        self._drive(request, on_batch)
+        return Scores.of(request, request.pairs.in_input_order(), 0.0, time.perf_counter() - started)
+
+    @torch.inference_mode()
+    def score(
+        self, query: str, passages: Sequence[str], on_batch: OnProgress | None = None, truncation: Truncation | None = None
+    ) -> Scores:
+        """Tokenize and score `passages` against `query` (cut as `truncation` asks); logits come back in input order.
 
         With `tokenize_slice`, passages are tokenized slice by slice on a thread while the
         previous slice's batches run; `tokenize_seconds` is the time scoring waited for tokens.
@@ -161,7 +187,7 @@ class CrossEncoderEngine:
         self.loop.submit(request)
         waited = 0.0
         # closing(): a failed batch cancels the slices not yet tokenized now, not when collected.
-        with contextlib.closing(self._tokenized_slices(query, list(passages))) as slices:
+        with contextlib.closing(self._tokenized_slices(query, list(passages), truncation)) as slices:
             pairs = next(slices)
             while pairs is not None:
                 asked = time.perf_counter()
@@ -189,16 +215,16 @@ class CrossEncoderEngine:
             if on_batch is not None:
                 on_batch(request.done, request.total)
 
-    def _tokenized_slices(self, query: str, passages: list[str]) -> Iterator[list[EncodedPair]]:
+    def _tokenized_slices(self, query: str, passages: list[str], truncation: Truncation | None) -> Iterator[list[EncodedPair]]:
         count = -(-len(passages) // self.tokenize_slice) if self.tokenize_slice else 1
         if count <= 1:
-            yield self.tokenize(query, passages)
+            yield self.tokenize(query, passages, truncation)
             return
         bounds = [round(i * len(passages) / count) for i in range(count + 1)]
         pool = self._tokenizer_pool()
         # The Rust tokenizer releases the GIL while it encodes, so the next slice is tokenized while
         # this thread launches (on CUDA, queues) the current slice's batches.
-        futures = [pool.submit(self.tokenize, query, passages[a:b]) for a, b in itertools.pairwise(bounds)]
+        futures = [pool.submit(self.tokenize, query, passages[a:b], truncation) for a, b in itertools.pairwise(bounds)]
         try:
             for future in futures:
                 yield future.result()

@@ -16,12 +16,14 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from contract.errors import TaskTimedOut, WorkerError
 from scoring.engine import EMPTY, CrossEncoderEngine, OnProgress, Scores
 from scoring.loop import DeviceLoop
 from scoring.scheduler import Request
+from scoring.tokens import EncodedPair, PairTokenizer, Truncation
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ class ThreadedScorer:
         self.on_stop = on_stop or exit_worker
         self.stopped = False
         self.facts = engine.facts
+        self.tokenize: PairTokenizer = engine.tokenize
         self._loop = DeviceLoop(engine.runner)
         self._thread = threading.Thread(target=self._serve, name="rerank-device", daemon=True)
         self._thread.start()
@@ -47,14 +50,24 @@ class ThreadedScorer:
         """What this process holds on the model's GPU."""
         return self.engine.device_memory()
 
-    def score(self, query: str, passages: Sequence[str], on_batch: OnProgress | None = None) -> Scores:
+    def score(
+        self, query: str, passages: Sequence[str], on_batch: OnProgress | None = None, truncation: Truncation | None = None
+    ) -> Scores:
         """Tokenize here, then wait for the device thread; `on_batch(pairs done, pairs total)` is called from this thread."""
         if not passages:
             return EMPTY
         started = time.perf_counter()
-        request = Request(deadline=time.monotonic() + self.time_limit)
-        request.add(self.engine.tokenize(query, passages))
+        pairs = self.tokenize(query, passages, truncation)
+        tokenized = time.perf_counter() - started
+        return replace(self.score_pairs(pairs, on_batch), tokenize_seconds=tokenized)
+
+    def score_pairs(self, pairs: Sequence[EncodedPair], on_batch: OnProgress | None = None) -> Scores:
+        """Hand pairs already tokenized to the device thread and wait; `on_batch(pairs done, pairs total)` is called from this thread."""
+        if not pairs:
+            return EMPTY
         tokenized = time.perf_counter()
+        request = Request(deadline=time.monotonic() + self.time_limit)
+        request.add(pairs)
         self._loop.submit(request)
         changed = self._loop.changed
         reported = 0
@@ -78,7 +91,7 @@ class ThreadedScorer:
         if request.error is not None:
             raise request.error
         logits = request.pairs.in_input_order()
-        return Scores.of(request, logits, tokenized - started, time.perf_counter() - tokenized)
+        return Scores.of(request, logits, 0.0, time.perf_counter() - tokenized)
 
     def _serve(self) -> None:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -9,15 +10,30 @@ from dataclasses import dataclass
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
-from contract.errors import ModelLoadError
+from contract.errors import InvalidRequest, ModelLoadError
 
 # Characters read per token a pair still needs; tokenizers average 3-6 characters per token on
 # prose, and a cut that yields too few tokens is widened (PairTokenizer._passage_ids).
 CHARS_PER_TOKEN = 8
 
+_WORD_END = re.compile(r"(?<=\S)\s")
+
 
 Ids = array
 """Token ids as a C int array (`array("i")`): copied, sliced, joined and handed to torch without a Python int per token."""
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """How a request asks its passages cut: at most `max_passage_tokens` of each (None: all that fit), at the `end` or `start`, or `never`."""
+
+    max_passage_tokens: int | None = None
+    truncate: str = "end"
+
+    @classmethod
+    def of(cls, request: object) -> Truncation:
+        """The truncation a request (any of the contract's request shapes) asks for."""
+        return cls(getattr(request, "max_passage_tokens", None), getattr(request, "truncate", None) or "end")
 
 
 @dataclass(frozen=True)
@@ -107,25 +123,47 @@ class PairTokenizer:
         self.uses_type_ids = "token_type_ids" in tokenizer.model_input_names
         self._query_cap = max_length * 3 // 4
 
-    def __call__(self, query: str, passages: Sequence[str]) -> list[EncodedPair]:
-        """Encode pairs, capping the query at 3/4 of max_length and truncating only passages."""
+    def __call__(self, query: str, passages: Sequence[str], truncation: Truncation | None = None) -> list[EncodedPair]:
+        """Encode pairs, capping the query at 3/4 of max_length and cutting only passages, as `truncation` asks."""
+        truncation = truncation or Truncation()
         template = self.template
-        query_ids = self.backend.encode(query, add_special_tokens=False).ids[: self._query_cap]
-        budget = self.max_length - len(query_ids) - template.specials
+        query_ids = self.backend.encode(query, add_special_tokens=False).ids
+        if len(query_ids) > self._query_cap and truncation.truncate == "never":
+            raise InvalidRequest(
+                f"the query has {len(query_ids)} tokens, over the {self._query_cap} a query may take (3/4 of RERANK_MAX_LENGTH="
+                f"{self.max_length}), and truncation was refused (truncate=never); shorten the query, or allow truncation"
+            )
+        query_ids = query_ids[: self._query_cap]
+        room = self.max_length - len(query_ids) - template.specials
+        keep = room if truncation.max_passage_tokens is None else min(room, truncation.max_passage_tokens)
+        if truncation.truncate == "start":
+            kept = [ids[len(ids) - keep :] if len(ids) > keep else ids for ids in self._passage_tail_ids(passages, keep)]
+        else:
+            kept = self._passage_ids(passages, keep + 1 if truncation.truncate == "never" else keep)
+            if truncation.truncate == "never":
+                self._refuse_cuts(kept, keep, room, len(query_ids))
+            kept = [ids[:keep] for ids in kept]
         # The pair is assembled from the template's lists rather than by `post_process`, which
         # holds the GIL for ~0.3 ms a pair (35 ms per 100 docs here) that tokenizing ahead must not.
         head, suffix = array("i", template.prefix + query_ids + template.middle), array("i", template.suffix)
-        pairs = []
         if not self.uses_type_ids:
-            for ids in self._passage_ids(passages, budget):
-                pairs.append(EncodedPair(head + array("i", ids[:budget]) + suffix))
-            return pairs
+            return [EncodedPair(head + array("i", ids) + suffix) for ids in kept]
         head_types = array("i", template.prefix_types + [template.query_type] * len(query_ids) + template.middle_types)
         suffix_types, passage_type = array("i", template.suffix_types), array("i", [template.passage_type])
-        for ids in self._passage_ids(passages, budget):
-            ids = ids[:budget]
-            pairs.append(EncodedPair(head + array("i", ids) + suffix, head_types + passage_type * len(ids) + suffix_types))
-        return pairs
+        return [EncodedPair(head + array("i", ids) + suffix, head_types + passage_type * len(ids) + suffix_types) for ids in kept]
+
+    def _refuse_cuts(self, ids: list[list[int]], keep: int, room: int, query_tokens: int) -> None:
+        """Raise `InvalidRequest` naming the first passage with more than `keep` tokens (truncate=never)."""
+        for n, passage in enumerate(ids):
+            if len(passage) > keep:
+                why = (
+                    f"max_passage_tokens={keep}" if keep < room
+                    else f"the {room} its pair has room for (RERANK_MAX_LENGTH={self.max_length}, less the query's {query_tokens} and the special tokens)"
+                )
+                raise InvalidRequest(
+                    f"passages.{n} has more tokens than {why}, and truncation was refused (truncate=never); "
+                    "shorten it, or allow truncation (truncate=end or start)"
+                )
 
     def _passage_ids(self, passages: Sequence[str], budget: int) -> list[list[int]]:
         """Token ids of each passage's first `budget` tokens or more, without tokenizing text past them.
@@ -148,6 +186,24 @@ class PairTokenizer:
         return ids
 
 
+    def _passage_tail_ids(self, passages: Sequence[str], budget: int) -> list[list[int]]:
+        """Token ids ending each passage, `budget` of them or more, without tokenizing text before them (as `_passage_ids`, from the end).
+
+        A tail starts at a whitespace that follows a word, so the tokenizer splits it where it
+        splits the whole text, and its tokens are the last tokens of the whole text.
+        """
+        chars = (budget + 1) * CHARS_PER_TOKEN
+        tails = [_tail(text, chars) for text in passages]
+        ids = [encoded.ids for encoded in self._encode_batch(tails, add_special_tokens=False)]
+        for n, text in enumerate(passages):
+            wider = chars
+            while len(ids[n]) < budget and len(tails[n]) < len(text):
+                wider *= 4
+                tails[n] = _tail(text, wider)
+                ids[n] = self.backend.encode(tails[n], add_special_tokens=False).ids
+        return ids
+
+
 def _head(text: str, chars: int) -> str:
     """The first `chars` characters of `text`, ending before a whitespace when one is in the second half, so no word is cut."""
     if len(text) <= chars:
@@ -155,6 +211,15 @@ def _head(text: str, chars: int) -> str:
     head = text[:chars]
     space = max(head.rfind(" "), head.rfind("\n"), head.rfind("\t"))
     return head[:space] if space > chars // 2 else head
+
+
+def _tail(text: str, chars: int) -> str:
+    """The last `chars` characters of `text`, starting at a whitespace after a word when one is in the first half, so no word is cut."""
+    if len(text) <= chars:
+        return text
+    start = len(text) - chars
+    boundary = _WORD_END.search(text, max(start, 1), start + chars // 2)
+    return text[boundary.start() if boundary else start :]
 
 
 def _find(haystack: list[int], needle: list[int], start: int) -> int:

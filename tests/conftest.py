@@ -55,6 +55,31 @@ def shared_worker(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, re
     fleet.stop_all()
 
 
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_model: Path):
+    """The tiny model loaded in this process."""
+    from scoring.engine import CrossEncoderEngine
+
+    return CrossEncoderEngine.load(str(tiny_model))
+
+
+@pytest.fixture(scope="module")
+def scorer_shapes(tiny_engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """Every scorer shape over one engine: in-process, a device thread, a device process's host client (served on a thread)."""
+    import secrets
+    import threading
+
+    from scoring.device import DeviceClient, DeviceServer
+    from scoring.threaded import ThreadedScorer
+
+    address = str(tmp_path_factory.mktemp("device") / "device.sock")
+    key = secrets.token_bytes(16)
+    server = DeviceServer(tiny_engine.runner, address, key, tiny_engine.facts)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threaded = ThreadedScorer(tiny_engine, time_limit=30, on_stop=lambda: None)
+    yield {"engine": tiny_engine, "threads": threaded, "device": DeviceClient(address, key, tiny_engine.tokenize, 30, on_lost=lambda: None)}
+
+
 @pytest.fixture
 def redis_settings(redis_server: RedisServer, tiny_model: Path):
     """Settings of a producer that talks to the test Redis."""

@@ -55,6 +55,7 @@ COMMANDS: dict[str, tuple[list[str], bool]] = {
              "--plots", "{out}"], False),
     "latency": (["--shape", "tiny", "--samples", "5", "--warmup", "1"], True),
     "job_cost": (["--shape", "tiny", "--jobs", "2", "--warmup", "1", "--idle-seconds", "0.5", "--no-profile"], True),
+    "score_cache": (["--shape", "tiny", "--warm", "2"], True),
     "fresh_shapes": (["--device", "cpu", "--shape", "tiny", "--pad-multiple", "64", "--requests", "2", "--docs", "4"], False),
     "profile_forward": (["--device", "cpu", "--shape", "tiny", "--docs", "4", "--rows", "5"], False),
 }
@@ -323,6 +324,18 @@ def test_job_cost_each_kind_ran_through_the_worker_and_its_device_process_and_th
         assert row["worker_cpu_ms"]["device"] > 0 and row["worker_cpu_ms"]["hosts"] > 0
         assert row["redis"]["calls"], row
     assert rows["100-paper two-stage"]["redis"]["bytes_in"] > rows["10 passages"]["redis"]["bytes_in"] > rows["1 document"]["redis"]["bytes_in"]
+
+
+def test_score_cache_warm_runs_took_every_pair_from_the_cache_and_ran_no_forward_pass(benchmarks):
+    result = finished(benchmarks, "score_cache").json("score-cache-cpu-tiny.json")
+    cold, warm = result["cold"], result["warm"]
+    # The cold run scored every pair of the shipped job with the model, on an empty cache
+    assert cold["cached_pairs"] == 0 and cold["batches"] > 0 and cold["forward_ms"] > 0
+    assert cold["by_stage"]["documents"]["pairs"] == 100 and cold["by_stage"]["chunks"]["pairs"] > 0
+    # Each warm run took every pair from the cache, ran no forward pass, and its logits were the cold run's (or it exits 1)
+    assert len(warm) == 2 and result["identical_logits"]
+    for row in warm:
+        assert row["cached_pairs"] == row["pairs"] == cold["pairs"] and row["batches"] == 0 and row["forward_ms"] == 0
 
 
 def test_sweep_budgets_change_the_batches_and_the_compiled_module_ran_every_batch(benchmarks):

@@ -23,8 +23,11 @@ def anchors(page: Path) -> set[str]:
 
 
 def test_every_setting_is_in_the_configuration_table():
+    table = (ROOT / "docs" / "configuration.md").read_text()
     for name in Settings.model_fields:
-        assert f"| `RERANK_{name.upper()}` |" in README, f"RERANK_{name.upper()} is missing from the README table"
+        assert f"| `RERANK_{name.upper()}` |" in table, f"RERANK_{name.upper()} is missing from docs/configuration.md"
+    for row in re.findall(r"^\| `RERANK_\w+` \|.*$", README, re.MULTILINE):
+        assert row.replace("](docs/", "](") in table, f"the README's row differs from docs/configuration.md's: {row}"
 
 
 def test_the_test_command_is_what_ci_runs():

@@ -256,7 +256,7 @@ def test_413_by_content_length_by_streamed_bytes_and_by_documents(gateway):
         ("/v2/rerank", {"query": "  ", "documents": ["ok"]}, "query", "at least 1 character"),
         ("/v2/rerank", {"query": QUERY, "documents": ["ok"], "top_n": 0}, "top_n", "greater than or equal to 1"),
         ("/v1/rerank", {"query": QUERY, "documents": ["ok", "secret document\x00 body"]}, "documents.1", "control character"),
-        ("/rerank", {"query": QUERY, "texts": ["ok"], "truncation_direction": "Left"}, "truncation_direction", "Right"),
+        ("/rerank", {"query": QUERY, "texts": ["ok"], "truncation_direction": "Up"}, "truncation_direction", "Right"),
         ("/rerank", {"query": QUERY, "texts": ["ok", "y" * 40_000]}, "texts.1", "RERANK_MAX_TEXT_CHARS"),
     ],
 )

@@ -127,6 +127,7 @@ def add_up(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
 def _new_record() -> dict[str, Any]:
     return {
         "states": {}, "documents": 0, "pairs": 0, "tokens": 0, "padded_tokens": 0, "batches": 0, "oom_splits": 0,
+        "cache_hits": 0, "cache_misses": 0,
         "forward_seconds": 0.0, "tokenize_seconds": 0.0, "busy_seconds": 0.0,
         "seconds": distribution(SECONDS), "queue_wait": distribution(SECONDS), "batch_fill": distribution(RATIO),
     }
@@ -168,6 +169,9 @@ class Ledger:
             record["documents"] += task.scored
             for key in ("pairs", "tokens", "padded_tokens", "batches", "oom_splits"):
                 record[key] += getattr(info, key)
+            if _cache_of(self.scorer) is not None:
+                record["cache_hits"] += info.cached_pairs
+                record["cache_misses"] += info.pairs - info.cached_pairs
             record["forward_seconds"] += info.forward_ms / 1000
             record["tokenize_seconds"] += info.tokenize_ms / 1000
             capacity = info.batches * (self.model or {}).get("max_batch_tokens", 0)
@@ -186,6 +190,7 @@ class Ledger:
             "model": model,
             "memory": memory(self.scorer),
             "tasks": tasks,
+            "score_cache": _cache_counts(self.scorer),
         }
 
     def write_soon(self) -> None:
@@ -220,6 +225,16 @@ class Ledger:
         except OSError:
             # Diagnostics: never fail a task because its figures could not be written.
             log.warning("could not write this process's figures to %s", _directory, exc_info=True)
+
+
+def _cache_of(scorer: Any) -> Any:
+    return getattr(scorer, "cache", None)
+
+
+def _cache_counts(scorer: Any) -> dict[str, int] | None:
+    """What this process's score cache counted (hits, misses, refused entries), or None without one."""
+    cache = _cache_of(scorer)
+    return dict(cache.counts) if cache is not None else None
 
 
 def ledger() -> Ledger:
@@ -292,9 +307,9 @@ def _log_task(task: TaskFigures, info: ScoringInfo, retval: Any) -> None:
     wait = "-" if task.queue_wait is None else f"{task.queue_wait * 1000:.1f}"
     log.info(
         "Task %s[%s] succeeded in %.4fs: scored=%d pairs=%d tokens=%d batches=%d oom_splits=%d "
-        "queue_wait_ms=%s tokenize_ms=%.1f forward_ms=%.1f total_ms=%.1f queue=%s worker=%s",
+        "queue_wait_ms=%s tokenize_ms=%.1f forward_ms=%.1f total_ms=%.1f queue=%s worker=%s cached_pairs=%d",
         task.name, task.id, task.seconds, task.scored, info.pairs, info.tokens, info.batches, info.oom_splits,
-        wait, info.tokenize_ms, info.forward_ms, task.seconds * 1000, task.queue, task.worker,
+        wait, info.tokenize_ms, info.forward_ms, task.seconds * 1000, task.queue, task.worker, info.cached_pairs,
     )
     if log.isEnabledFor(logging.DEBUG):
         log.debug("Task %s[%s] result: %s", task.name, task.id, json.dumps(retval))

@@ -18,7 +18,7 @@ from contract.errors import ModelLoadError
 from contract.settings import get_settings
 from producer.app import create_app
 from scoring.model import check_model
-from worker import accounting, metrics, report, runtime, tasks  # noqa: F401  (registers the tasks, their accounting and the report command)
+from worker import accounting, metrics, report, runtime, score_cache, tasks  # noqa: F401  (registers the tasks, their accounting and the report command)
 from worker.backend import backend_url
 from worker.control import restrict_remote_control
 from worker.device_process import DeviceProcess
@@ -86,7 +86,7 @@ class ModelCheck(bootsteps.StartStopStep):
 class BatchingLoad(bootsteps.StartStopStep):
     """With several tasks in hand: one process on Celery's threads pool, a thread per task, the model loaded here once."""
 
-    requires = {"worker.accounting:AccountingStep"}
+    requires = {"worker.accounting:AccountingStep", "worker.score_cache:ScoreCacheStep"}
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         """Check the pool fits RERANK_BATCH_TASKS, then load the model and start the device thread before consuming."""
@@ -111,7 +111,7 @@ class BatchingLoad(bootsteps.StartStopStep):
 class DeviceProcessStart(bootsteps.StartStopStep):
     """With RERANK_HOST_PROCESSES > 0: start the device process before the pool forks, so every pool process can connect."""
 
-    requires = {"worker.accounting:AccountingStep"}
+    requires = {"worker.accounting:AccountingStep", "worker.score_cache:ScoreCacheStep"}
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         """Start the device process and wait until it has loaded the model; stop the worker if it cannot."""
@@ -134,6 +134,7 @@ app.steps["worker"].add(accounting.AccountingStep)
 app.steps["worker"].add(report.ReportStep)
 app.steps["worker"].add(metrics.MetricsStep)
 app.steps["worker"].add(HeartbeatStep)
+app.steps["worker"].add(score_cache.ScoreCacheStep)
 app.steps["worker"].add(BatchingLoad)
 app.steps["worker"].add(DeviceProcessStart)
 
@@ -166,7 +167,7 @@ def _exit_1_after_a_failed_load(sender: Any = None, **_: Any) -> None:
 
 def _load_model() -> None:
     started = time.perf_counter()
-    engine = load_engine(settings)
+    engine = load_engine(settings, app)
     accounting.model_loaded(engine, time.perf_counter() - started)
 
 

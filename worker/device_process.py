@@ -47,7 +47,7 @@ class DeviceProcess:
             [sys.executable, "-m", "scoring.device", "--address", self.address.path],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent,
         )
-        self.process.stdin.write(self.address.authkey.hex() + "\n" + settings.model_dump_json() + "\n")
+        self.process.stdin.write(self.address.authkey.hex() + "\n" + settings.model_dump_json(exclude={"score_cache_key"}) + "\n")
         self.process.stdin.close()
         ready, _, _ = select.select([self.process.stdout], [], [], settings.worker_start_timeout)
         line = self.process.stdout.readline() if ready else ""

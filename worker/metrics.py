@@ -33,6 +33,8 @@ _COUNTERS = {
     "batches": ("rerank_batches", "Forward passes (batches)."),
     "forward_seconds": ("rerank_forward_seconds", "Seconds spent in forward passes."),
     "tokenize_seconds": ("rerank_tokenize_seconds", "Seconds spent tokenizing."),
+    "cache_hits": ("rerank_score_cache_hits", "Pairs whose logits the score cache served (RERANK_SCORE_CACHE)."),
+    "cache_misses": ("rerank_score_cache_misses", "Pairs the score cache did not hold, scored by the model (RERANK_SCORE_CACHE)."),
 }
 _HISTOGRAMS = {
     "seconds": ("rerank_task_seconds", "Run time of a task on this worker."),
@@ -87,6 +89,14 @@ class WorkerCollector:
             if record["padded_tokens"] > 0:
                 share.add_metric([worker, task], 1.0 - record["tokens"] / record["padded_tokens"])
         yield share
+        refused = CounterMetricFamily(
+            "rerank_score_cache_refused", "Score-cache entries that failed authentication (written into Redis by someone without the fleet's secret) and were scored afresh.",
+            labels=["worker"],
+        )
+        counts = [p["score_cache"] for p in processes if p.get("score_cache")]
+        if counts:
+            refused.add_metric([worker], sum(c["refused"] for c in counts))
+        yield refused
         yield from _model_families(worker, processes, live)
 
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 
+from contract.errors import InvalidRequest
 from contract.formats import chunk_passage, document_passage, text_windows
 from contract.schemas import (
     ChunksRequest,
@@ -17,9 +20,11 @@ from contract.schemas import (
     ScoringInfo,
 )
 from scoring.engine import Scorer, Scores
+from scoring.tokens import Truncation
 from worker.runtime import model_loads
 
 OnBatch = Callable[[int, int], None]
+_PASSAGE = re.compile(r"^passages\.(\d+)")
 
 
 def rank_documents(
@@ -37,7 +42,8 @@ def rank_documents(
         for window in text_windows(paper.text, request.windows):
             owners.append(n)
             passages.append(document_passage(paper.model_copy(update={"text": window})))
-    scored = engine.score(request.query, passages, on_batch)
+    with _named(lambda n: f"candidate {request.candidates[owners[n]].id[:64]!r}"):
+        scored = engine.score(request.query, passages, on_batch, Truncation.of(request))
     best = [float("-inf")] * len(request.candidates)
     for owner, logit in zip(owners, scored.logits):
         best[owner] = max(best[owner], logit)
@@ -64,7 +70,8 @@ def rank_chunks(
     selected = [i for i, c in enumerate(request.chunks) if kept_doc_ids is None or c.doc_id in kept_doc_ids]
     chunks = [request.chunks[i] for i in selected]
     positions = selected if request.positions is None else [request.positions[i] for i in selected]
-    scores = engine.score(request.query, [chunk_passage(c) for c in chunks], on_batch)
+    with _named(lambda n: f"chunk {chunks[n].id[:64]!r}"):
+        scores = engine.score(request.query, [chunk_passage(c) for c in chunks], on_batch, Truncation.of(request))
     items = _ranked(scores, [c.id for c in chunks], positions, request.top_k, request.return_logits, [c.doc_id for c in chunks])
     return RerankResult(
         stage="chunks", query=request.query, items=items, scored=len(chunks), info=_info(engine, scores, len(chunks), worker)
@@ -75,7 +82,7 @@ def rank_passages(
     engine: Scorer, request: PassagesRequest, worker: str | None = None, on_batch: OnBatch | None = None
 ) -> RerankResult:
     """Plain pairs: score each passage exactly as sent (no template); an item's `index` (and `id`) is its place in the request."""
-    scores = engine.score(request.query, list(request.passages), on_batch)
+    scores = engine.score(request.query, list(request.passages), on_batch, Truncation.of(request))
     count = len(request.passages)
     items = _ranked(scores, [str(n) for n in range(count)], range(count), request.top_k, request.return_logits)
     return RerankResult(
@@ -125,4 +132,17 @@ def _info(engine: Scorer, scores: Scores, pairs: int, worker: str | None) -> Sco
         worker=worker or socket.gethostname(),
         pid=os.getpid(),
         model_loads=model_loads(),
+        cached_pairs=scores.cached,
     )
+
+
+@contextmanager
+def _named(name_of: Callable[[int], str]) -> Iterator[None]:
+    """Re-raise the tokenizer's refusal of `passages.N` (truncate=never) naming the input pair N came from."""
+    try:
+        yield
+    except InvalidRequest as e:
+        found = _PASSAGE.match(str(e))
+        if found is None:
+            raise
+        raise InvalidRequest(name_of(int(found.group(1))) + str(e)[found.end() :]) from e

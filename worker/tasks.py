@@ -75,7 +75,7 @@ def _ranked(task: Task, stage: str, rank: Any, request: Any, *extra: Any) -> dic
     """`rank` run on this process's scorer, progress reported as `stage`, the ranking as plain data."""
     settings = settings_of(task.app)
     progress = TaskProgress(task, stage, settings.progress_interval)
-    return rank(load_engine(settings), request, *extra, task.request.hostname, progress).model_dump(mode="json")
+    return rank(load_engine(settings, task.app), request, *extra, task.request.hostname, progress).model_dump(mode="json")
 
 
 @shared_task(name=TASK_DOCUMENTS, bind=True, base=RerankTask)
