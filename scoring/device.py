@@ -51,6 +51,7 @@ from typing import Any
 
 import torch
 
+from contract import tracing
 from contract.errors import TaskTimedOut, WorkerError
 from contract.settings import Settings
 from scoring.engine import EMPTY, OnProgress, Scores, engine_for
@@ -58,7 +59,7 @@ from scoring.facts import ModelFacts
 from scoring.loop import DeviceLoop
 from scoring.runner import Runner, device_memory
 from scoring.scheduler import Request, UniquePairs
-from scoring.tokens import EncodedPair, PairTokenizer, joined
+from scoring.tokens import EncodedPair, PairTokenizer, joined, tokenized
 from scoring.wire import (
     Buffer,
     Cancel,
@@ -304,22 +305,22 @@ class DeviceClient:
         """Tokenize here, score in the device process; `on_batch(pairs done, pairs total)` follows its batches."""
         if not passages:
             return EMPTY
-        started = time.perf_counter()
-        pairs = self.tokenize(query, passages)
-        # Repeats are sent once (the scheduler would score them once anyway), and copied back here.
-        once = UniquePairs()
-        once.add(pairs)
-        ident = self._send_request(once.unique)
-        tokenized = time.perf_counter()
-        done, payload = self._wait(ident, on_batch, time.monotonic() + self.time_limit)
+        pairs, tokenizing = tokenized(self.tokenize, query, passages)
+        sending = time.perf_counter()
+        # The forward passes run in the device process, which no trace reaches: the span is this process's wait for them.
+        with tracing.span("rerank.forward", where="device process"):
+            # Repeats are sent once (the scheduler would score them once anyway), and copied back here.
+            once = UniquePairs()
+            once.add(pairs)
+            ident = self._send_request(once.unique)
+            done, payload = self._wait(ident, on_batch, time.monotonic() + self.time_limit)
         by_unique = array.array("f")
         by_unique.frombytes(payload)
         if len(by_unique) != len(once.unique):
             raise WorkerError(f"the device process returned {len(by_unique)} logits for {len(once.unique)} pairs")
         logits = [by_unique[i] for i in once.owner]
         finished = time.perf_counter()
-        return Scores(logits, sum(len(p.input_ids) for p in pairs), done.padded, done.batches,
-                      tokenized - started, finished - tokenized, done.splits)
+        return Scores(logits, sum(len(p.input_ids) for p in pairs), done.padded, done.batches, tokenizing, finished - sending, done.splits)
 
     def _send_request(self, pairs: list[EncodedPair]) -> int:
         lengths = [len(p.input_ids) for p in pairs]

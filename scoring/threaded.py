@@ -18,10 +18,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from contract import tracing
 from contract.errors import TaskTimedOut, WorkerError
 from scoring.engine import EMPTY, CrossEncoderEngine, OnProgress, Scores
 from scoring.loop import DeviceLoop
 from scoring.scheduler import Request
+from scoring.tokens import tokenized
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +53,17 @@ class ThreadedScorer:
         """Tokenize here, then wait for the device thread; `on_batch(pairs done, pairs total)` is called from this thread."""
         if not passages:
             return EMPTY
-        started = time.perf_counter()
         request = Request(deadline=time.monotonic() + self.time_limit)
-        request.add(self.engine.tokenize(query, passages))
-        tokenized = time.perf_counter()
+        pairs, tokenizing = tokenized(self.engine.tokenize, query, passages)
+        request.add(pairs)
+        waiting = time.perf_counter()
+        with tracing.span("rerank.forward", where="device thread"):
+            self._wait(request, on_batch)
+        logits = request.pairs.in_input_order()
+        return Scores.of(request, logits, tokenizing, time.perf_counter() - waiting)
+
+    def _wait(self, request: Request, on_batch: OnProgress | None) -> None:
+        """Hand `request` to the device thread and wait until it is scored, reporting progress; raise its error."""
         self._loop.submit(request)
         changed = self._loop.changed
         reported = 0
@@ -77,8 +86,6 @@ class ThreadedScorer:
             reported = done
         if request.error is not None:
             raise request.error
-        logits = request.pairs.in_input_order()
-        return Scores.of(request, logits, tokenized - started, time.perf_counter() - tokenized)
 
     def _serve(self) -> None:
         try:

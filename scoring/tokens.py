@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
+from contract import tracing
 from contract.errors import ModelLoadError
 
 # Characters read per token a pair still needs; tokenizers average 3-6 characters per token on
@@ -45,6 +47,14 @@ def joined(pairs: Iterable[EncodedPair], types: bool = False) -> Ids:
         else:
             out.extend(array("i", bytes(out.itemsize * len(pair.input_ids))))
     return out
+
+
+def tokenized(tokenize: PairTokenizer, query: str, passages: Sequence[str]) -> tuple[list[EncodedPair], float]:
+    """`tokenize(query, passages)` traced as `rerank.tokenize`, and the wall seconds it took (what a result's `tokenize_ms` adds up)."""
+    started = time.perf_counter()
+    with tracing.span("rerank.tokenize", pairs=len(passages)):
+        pairs = tokenize(query, passages)
+    return pairs, time.perf_counter() - started
 
 
 @dataclass(frozen=True)
