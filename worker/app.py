@@ -14,6 +14,7 @@ from billiard.process import current_process
 from celery import bootsteps
 from celery.signals import worker_process_init, worker_shutdown
 
+from contract import tracing
 from contract.errors import ModelLoadError
 from contract.settings import get_settings
 from producer.app import create_app
@@ -32,6 +33,7 @@ WORKER_RETRY = {"max_retries": 20, "interval_start": 0, "interval_step": 1, "int
 """Celery's own reconnect policy for the result backend, which workers keep (producers use less)."""
 
 settings = get_settings()
+tracing.configure("rerank-worker")
 app = create_app(settings)
 # Workers fetch from their queues in the order given (-Q), not round robin, so a worker that
 # consumes `rerank.<model>.gpu.interactive,rerank.<model>,rerank.<model>.gpu.bulk` runs bulk work only when nothing
