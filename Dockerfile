@@ -10,7 +10,7 @@ COPY producer ./producer
 COPY worker ./worker
 COPY gateway ./gateway
 COPY scoring ./scoring
-RUN pip install ".[worker,flower,gateway]"
+RUN pip install ".[worker,flower,gateway,tracing]"
 RUN useradd --create-home rerank && mkdir -p /models && chown rerank /models
 USER rerank
 CMD ["rerank-worker"]
