@@ -4,7 +4,7 @@ ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 HF_HOME=/models
 WORKDIR /app
 # One COPY per package pyproject.toml installs (tests/test_compose.py checks): nothing else, so no
 # .env, key or test file ends up in the image.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY contract ./contract
 COPY producer ./producer
 COPY worker ./worker
