@@ -192,3 +192,18 @@ def test_jobs_spread_over_workers_and_a_worker_that_joins_takes_jobs(start_worke
     # Then the newcomer takes jobs beside the others, which were already serving before it came up
     assert by_worker["joiner2"] >= 3
     assert sum(by_worker[f"scale{k}-{k}"] for k in range(2)) > 0
+
+
+def test_rerank_worker_lists_its_exit_codes_in_its_help_and_the_operations_page_the_same():
+    import re
+
+    from worker.cli import EXIT_CODES
+
+    # Given the exit codes rerank-worker defines
+    help_text = " ".join(build_parser().format_help().split())
+    page = (Path(__file__).parents[1] / "docs" / "operations.md").read_text()
+    rows = dict(re.findall(r"^\| (\d+) \| (.+) \|$", page.split("`rerank-worker`'s", 1)[1], re.MULTILINE)[:3])
+    for code, meaning in EXIT_CODES.items():
+        # Then its help lists each, and the operations page's table says the same
+        assert f"{code} {meaning}" in help_text, code
+        assert rows[str(code)].replace("`", "") == meaning, code

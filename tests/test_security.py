@@ -170,8 +170,8 @@ def test_a_worker_whose_redis_user_may_not_run_eval_stops_at_start_up_with_one_l
     try:
         # When a worker starts on it
         worker = fleet.start(name="acl")
-        # Then it exits 1 before serving, with one line naming what is missing and the rule that grants it
-        assert worker.process.wait(timeout=60) == 1
+        # Then it exits 2 (a setting to fix) before serving, with one line naming what is missing and the rule that grants it
+        assert worker.process.wait(timeout=60) == 2
         lines = [line for line in worker.output().splitlines() if "may not run" in line]
         assert lines and "EVAL" in lines[0] and "ACL SETUSER default +eval +evalsha" in lines[0], worker.output()[-3000:]
         assert "Traceback" not in worker.output()

@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ EXIT_CODES = {
     EXIT_FAILED: "failed while starting or serving (a device that is not there, a device process that died, an unrecoverable "
     "error); the tasks it held go back to their queues: restart it",
     EXIT_SETTINGS: "refused to start, before serving anything, over its settings: an invalid RERANK_*/OTEL_* value or option, a "
-    "RERANK_MODEL it cannot find, read or download, a Redis that refuses its password or may evict queued jobs; "
+    "RERANK_MODEL it cannot find, read or download, a Redis that refuses its password, a command it needs or may evict queued jobs; "
     "restarting will not help: fix what the one line it printed names",
 }
 """What `rerank-worker` exits with (also in `rerank-worker --help`); docs/operations.md#workers lists the same."""
@@ -59,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rerank-worker",
         description="Start a re-ranking worker. Unknown options are passed on to `celery worker`. "
         "`rerank-worker report` prints what each running worker serves.",
-        epilog="exit codes:\n" + "\n".join(f"  {code}  {meaning}" for code, meaning in EXIT_CODES.items()),
+        epilog="exit codes:\n" + "\n".join(
+            textwrap.fill(meaning, 78, initial_indent=f"  {code}  ", subsequent_indent=" " * 5) for code, meaning in EXIT_CODES.items()
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--broker-url", help="Celery broker URL (RERANK_BROKER_URL).")
