@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException
 
+from contract import tracing
 from contract.errors import InvalidRequest, RerankError, RerankTimeout, TaskTimedOut
 from contract.schemas import RerankResult, TwoStageRequest, TwoStageResult
 from contract.settings import Settings, get_settings
@@ -81,6 +82,7 @@ def create_app(settings: Settings | None = None, gateway: GatewaySettings | None
     if not settings.broker_url:
         raise ValueError("the gateway needs RERANK_BROKER_URL: it sends every job to the workers")
     keys = load_keys(gateway)
+    tracing.configure("rerank-gateway")  # FastAPI's own telemetry then opens a span per request, continuing a W3C traceparent
     metrics = GatewayMetrics()
 
     @asynccontextmanager

@@ -13,6 +13,7 @@ from celery.signals import before_task_publish
 
 from contract.names import SENT_AT_HEADER, TASK_CHUNKS, TASK_DOCUMENTS, TASK_PASSAGES
 from contract.settings import Settings
+from producer import tracing
 
 _settings_by_app: WeakKeyDictionary[Celery, Settings] = WeakKeyDictionary()
 
@@ -88,7 +89,7 @@ def create_app(settings: Settings) -> Celery:
 
 @before_task_publish.connect
 def _stamp_sent_time(headers: dict[str, Any] | None = None, **_: Any) -> None:
-    """Stamp each of our task messages with the time it is published, in producers and in workers sending stage 2.
+    """Stamp each of our task messages with the time it is published (and the trace it belongs to), in producers and in workers sending stage 2.
 
     Neither Celery nor kombu's Redis transport records when a message was queued: workers read
     this header for their queue-wait metric and `rerank metrics` for the age of a queue's oldest
@@ -96,6 +97,7 @@ def _stamp_sent_time(headers: dict[str, Any] | None = None, **_: Any) -> None:
     """
     if headers is not None and headers.get("task") in (TASK_DOCUMENTS, TASK_CHUNKS, TASK_PASSAGES):
         headers[SENT_AT_HEADER] = time.time()
+        tracing.carry(headers)
 
 
 def _verified_tls(url: str | None) -> dict[str, Any] | None:

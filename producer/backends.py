@@ -21,7 +21,7 @@ from celery.result import GroupResult
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from contract import errors
+from contract import errors, tracing
 from contract.errors import (
     InvalidRequest,
     JobCancelled,
@@ -232,12 +232,13 @@ class WorkerBackend:
 
     def send(self, task_id: str, signature: Signature) -> None:
         """Queue a task or chain whose last task id is `task_id`."""
-        with reaching(f"sending job {task_id}", self.broker_url):
+        with tracing.span("rerank.send", kind="producer", root=True, job_id=task_id), reaching(f"sending job {task_id}", self.broker_url):
             signature.apply_async()
 
     def send_many(self, signatures: Sequence[tuple[str, Signature]]) -> str:
         """Queue many jobs as one group (never a chord: chords on Redis have known bugs) and return its id."""
-        with reaching(f"sending a batch of {len(signatures)} jobs", self.broker_url):
+        sending = tracing.span("rerank.send", kind="producer", root=True, jobs=len(signatures))
+        with sending, reaching(f"sending a batch of {len(signatures)} jobs", self.broker_url):
             batch = group([signature for _, signature in signatures]).apply_async()
             batch.save()  # so that another process finds the jobs by the batch id
         return batch.id

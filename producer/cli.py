@@ -20,6 +20,7 @@ from contract.errors import (
     BrokerUnavailable,
     InvalidRequest,
     JobCancelled,
+    ModelLoadError,
     RerankError,
     RerankTimeout,
     redact,
@@ -48,8 +49,9 @@ EXIT_PIPE = 141
 EXIT_CODES = {
     EXIT_OK: "success; for status, also a job still running",
     EXIT_FAILED: "a job failed in a worker; for batch, a line did not succeed",
-    EXIT_INVALID: "invalid input, settings or usage (RERANK_BROKER_URL unset where a broker is needed); nothing was queued",
-    EXIT_BROKER: "the broker or result backend cannot be reached, or is out of memory",
+    EXIT_INVALID: "invalid input, settings or usage (RERANK_BROKER_URL unset where a broker is needed; in-process, a "
+    "RERANK_MODEL that cannot be loaded here); nothing was queued",
+    EXIT_BROKER: "the broker or result backend cannot be reached, refuses the password, or is out of memory",
     EXIT_TIMEOUT: "no result within --timeout; the job may still finish (its id is printed)",
     EXIT_CANCELLED: "the job was cancelled",
     EXIT_NOT_FOUND: "nothing found: no worker has started a job with this id (unknown, expired or still queued: "
@@ -60,6 +62,7 @@ EXIT_CODES = {
 # First match wins: TaskTimedOut is a RerankTimeout, and everything is a RerankError.
 ERROR_EXIT_CODES = [
     (InvalidRequest, EXIT_INVALID),
+    (ModelLoadError, EXIT_INVALID),  # in-process: the model RERANK_MODEL names cannot be loaded here
     (BrokerUnavailable, EXIT_BROKER),
     (RerankTimeout, EXIT_TIMEOUT),
     (JobCancelled, EXIT_CANCELLED),

@@ -52,6 +52,7 @@ from producer.jobs import (
     stage1_id,
 )
 from producer.payloads import INLINE_BYTES, digest, key_of, pack, store_for
+from producer.reaching import reaching
 
 CandidateLike = Candidate | Mapping[str, Any]
 ChunkLike = Chunk | Mapping[str, Any]
@@ -245,7 +246,7 @@ class RerankClient:
             "top_k_chunks": top_k_chunks, "min_score": min_score, "windows": windows, **_cut(max_passage_tokens, truncate),
         }
         job, signature, parts = self._prepare(request, None, return_logits, return_documents)
-        self.store.put(key_of(job.id), parts, self.settings.request_expires)
+        self._keep(key_of(job.id), parts)
         self.backend.send(job.id, signature)
         return job
 
@@ -266,7 +267,7 @@ class RerankClient:
         if not prepared:
             raise InvalidRequest("submit_many needs at least one request")
         for job, _, parts in prepared:
-            self.store.put(key_of(job.id), parts, self.settings.request_expires)
+            self._keep(key_of(job.id), parts)
         batch_id = self.backend.send_many([(job.id, signature) for job, signature, _ in prepared])
         return RerankBatch(batch_id, [job for job, _, _ in prepared])
 
@@ -356,7 +357,7 @@ class RerankClient:
         self._check_size(len(encoded))
         if len(encoded) > INLINE_BYTES:
             blob = pack(encoded)
-            self.store.put(key_of(task_id), {"request": blob}, self.settings.request_expires)
+            self._keep(key_of(task_id), {"request": blob})
             request = {"stored": {"key": key_of(task_id), "field": "request", "digest": digest(blob)}}
         stage = task.rpartition(".")[2]
         if positional:
@@ -365,6 +366,11 @@ class RerankClient:
             options = {"kwargs": {"request": request}, "argsrepr": "<>", "kwargsrepr": describe(stage, request)}
         self.backend.send(task_id, self.app.signature(task, **options, queue=self.settings.queue, task_id=task_id))
         return Handle(self.backend, task_id, finish)
+
+    def _keep(self, key: str, parts: dict[str, bytes]) -> None:
+        """Store a job's request parts beside its messages, an unreachable or refusing Redis raised as BrokerUnavailable."""
+        with reaching(f"storing request {key}", self.settings.result_backend or self.settings.broker_url):
+            self.store.put(key, parts, self.settings.request_expires)
 
     def _check_size(self, size: int) -> None:
         if size > self.settings.max_request_bytes:

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 from celery.exceptions import TaskRevokedError
 from kombu.exceptions import OperationalError
+from redis.exceptions import AuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -20,6 +21,19 @@ from contract.errors import (
 )
 
 _UNREACHABLE = (OperationalError, ConnectionError, RedisConnectionError, RedisTimeoutError)
+_REFUSED = ("WRONGPASS", "NOAUTH", "invalid username-password", "Authentication required", "invalid password")
+
+
+def refused_credentials(error: BaseException) -> bool:
+    """Whether `error` (or what it wraps: kombu wraps redis's errors) is Redis refusing the user or password."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, AuthenticationError) or any(sign in str(current) for sign in _REFUSED):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def translate(error: BaseException, what: str, url: str | None = None) -> RerankError:
@@ -41,6 +55,11 @@ def translate(error: BaseException, what: str, url: str | None = None) -> Rerank
             f"{what}: a key this needs in Redis at {redact(url)} holds another type than Celery writes there (someone wrote "
             "into it); a worker consuming the queue moves a queue's misplaced key aside when it next looks, or rename it "
             "yourself, then send again"
+        )
+    if refused_credentials(error):
+        return BrokerUnavailable(
+            f"{what}: Redis at {redact(url)} refused the password (authentication failed: {error}); set the right "
+            "password in RERANK_BROKER_URL (and in RERANK_RESULT_BACKEND, if set), percent-encoded"
         )
     # Celery raises a bare RuntimeError when it cannot subscribe to a result in the backend.
     if isinstance(error, _UNREACHABLE) or (isinstance(error, RuntimeError) and "result store" in str(error)):

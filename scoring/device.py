@@ -52,6 +52,7 @@ from typing import Any
 
 import torch
 
+from contract import tracing
 from contract.errors import TaskTimedOut, WorkerError
 from contract.settings import Settings
 from scoring.engine import EMPTY, OnProgress, Scores, engine_for
@@ -59,7 +60,7 @@ from scoring.facts import ModelFacts
 from scoring.loop import DeviceLoop
 from scoring.runner import Runner, device_memory
 from scoring.scheduler import Request, UniquePairs
-from scoring.tokens import EncodedPair, PairTokenizer, Truncation, joined
+from scoring.tokens import EncodedPair, PairTokenizer, Truncation, joined, tokenized
 from scoring.wire import (
     Buffer,
     Cancel,
@@ -307,21 +308,21 @@ class DeviceClient:
         """Tokenize here, score in the device process; `on_batch(pairs done, pairs total)` follows its batches."""
         if not passages:
             return EMPTY
-        started = time.perf_counter()
-        pairs = self.tokenize(query, passages, truncation)
-        tokenized = time.perf_counter() - started
-        return replace(self.score_pairs(pairs, on_batch), tokenize_seconds=tokenized)
+        pairs, tokenizing = tokenized(self.tokenize, query, passages, truncation)
+        return replace(self.score_pairs(pairs, on_batch), tokenize_seconds=tokenizing)
 
     def score_pairs(self, pairs: Sequence[EncodedPair], on_batch: OnProgress | None = None) -> Scores:
         """Score pairs already tokenized in the device process; `on_batch(pairs done, pairs total)` follows its batches."""
         if not pairs:
             return EMPTY
         started = time.perf_counter()
-        # Repeats are sent once (the scheduler would score them once anyway), and copied back here.
-        once = UniquePairs()
-        once.add(pairs)
-        ident = self._send_request(once.unique)
-        done, payload = self._wait(ident, on_batch, time.monotonic() + self.time_limit)
+        # The forward passes run in the device process, which no trace reaches: the span is this process's wait for them.
+        with tracing.span("rerank.forward", where="device process"):
+            # Repeats are sent once (the scheduler would score them once anyway), and copied back here.
+            once = UniquePairs()
+            once.add(pairs)
+            ident = self._send_request(once.unique)
+            done, payload = self._wait(ident, on_batch, time.monotonic() + self.time_limit)
         by_unique = array.array("f")
         by_unique.frombytes(payload)
         if len(by_unique) != len(once.unique):

@@ -8,6 +8,7 @@ device-process client (scoring/device.py) each satisfy it.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib
 import itertools
 import os
@@ -19,6 +20,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+from contract import tracing
 from scoring.facts import ModelFacts
 from scoring.layouts import resolve_attention
 from scoring.loop import DeviceLoop
@@ -26,7 +28,7 @@ from scoring.model import check_model, hub_commit, load_model, load_tokenizer
 from scoring.packed import Fusions
 from scoring.runner import ModelRunner, Runner, device_memory
 from scoring.scheduler import Request
-from scoring.tokens import EncodedPair, PairTokenizer, Truncation
+from scoring.tokens import EncodedPair, PairTokenizer, Truncation, tokenized
 
 # Passages per tokenized slice: later slices are tokenized on a thread while earlier ones run, so
 # a GPU's first forward waits for one slice's tokens, not the request's; 0 tokenizes up front,
@@ -168,7 +170,8 @@ class CrossEncoderEngine:
         request = Request(expected=len(pairs))
         self.loop.submit(request)
         self.loop.extend(request, list(pairs), last=True)
-        self._drive(request, on_batch)
+        with tracing.span("rerank.forward", where="this process"):
+            self._drive(request, on_batch)
         return Scores.of(request, request.pairs.in_input_order(), 0.0, time.perf_counter() - started)
 
     @torch.inference_mode()
@@ -178,26 +181,32 @@ class CrossEncoderEngine:
         """Tokenize and score `passages` against `query` (cut as `truncation` asks); logits come back in input order.
 
         With `tokenize_slice`, passages are tokenized slice by slice on a thread while the
-        previous slice's batches run; `tokenize_seconds` is the time scoring waited for tokens.
+        previous slice's batches run. `tokenize_seconds` is the time spent tokenizing (on that
+        thread, overlapping the batches); `forward_seconds` the rest, less any wait for tokens.
         """
         if not passages:
             return EMPTY
         started = time.perf_counter()
         request = Request(expected=len(passages))
         self.loop.submit(request)
-        waited = 0.0
+        waited = tokenizing = 0.0
         # closing(): a failed batch cancels the slices not yet tokenized now, not when collected.
         with contextlib.closing(self._tokenized_slices(query, list(passages), truncation)) as slices:
-            pairs = next(slices)
-            while pairs is not None:
+            asked = time.perf_counter()
+            ready = next(slices)
+            waited += time.perf_counter() - asked
+            while ready is not None:
                 asked = time.perf_counter()
                 following = next(slices, None)
                 waited += time.perf_counter() - asked
+                pairs, seconds = ready
+                tokenizing += seconds
                 self.loop.extend(request, pairs, last=following is None)
-                self._drive(request, on_batch)
-                pairs = following
+                with tracing.span("rerank.forward", where="this process"):
+                    self._drive(request, on_batch)
+                ready = following
         logits = request.pairs.in_input_order()
-        return Scores.of(request, logits, waited, time.perf_counter() - started - waited)
+        return Scores.of(request, logits, tokenizing, time.perf_counter() - started - waited)
 
     def _drive(self, request: Request, on_batch: OnProgress | None) -> None:
         """Step in this thread until every pair added so far is scored (another thread's step may hold some of them)."""
@@ -215,16 +224,20 @@ class CrossEncoderEngine:
             if on_batch is not None:
                 on_batch(request.done, request.total)
 
-    def _tokenized_slices(self, query: str, passages: list[str], truncation: Truncation | None) -> Iterator[list[EncodedPair]]:
+    def _tokenized_slices(self, query: str, passages: list[str], truncation: Truncation | None) -> Iterator[tuple[list[EncodedPair], float]]:
         count = -(-len(passages) // self.tokenize_slice) if self.tokenize_slice else 1
         if count <= 1:
-            yield self.tokenize(query, passages, truncation)
+            yield tokenized(self.tokenize, query, passages, truncation)
             return
         bounds = [round(i * len(passages) / count) for i in range(count + 1)]
         pool = self._tokenizer_pool()
         # The Rust tokenizer releases the GIL while it encodes, so the next slice is tokenized while
         # this thread launches (on CUDA, queues) the current slice's batches.
-        futures = [pool.submit(self.tokenize, query, passages[a:b], truncation) for a, b in itertools.pairwise(bounds)]
+        # Each slice runs in a copy of this thread's context, so its span joins the request's trace.
+        futures = [
+            pool.submit(contextvars.copy_context().run, tokenized, self.tokenize, query, passages[a:b], truncation)
+            for a, b in itertools.pairwise(bounds)
+        ]
         try:
             for future in futures:
                 yield future.result()

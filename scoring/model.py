@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -41,12 +42,59 @@ def usable_length(config: AutoConfig, tokenizer: PreTrainedTokenizerBase) -> int
     return positions - _POSITION_OFFSET.get(config.model_type, 0)
 
 
+HUB_PROBE_SECONDS = 3.0
+"""How long one request may take to tell whether the model hub answers, before models load from the cache alone."""
+
+
+@functools.cache
+def hub_unreachable() -> bool:
+    """Whether this process works offline: HF_HUB_OFFLINE is set, or one request to the hub, without retries, failed.
+
+    Asked once per process (forked pool processes inherit the answer). Offline, a hub id loads from the
+    local cache alone: Hugging Face's own client retries for about 23 seconds first.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return True
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_SECONDS)
+    except Exception as e:  # noqa: BLE001 - whatever the transport raises, the hub did not answer
+        log.info("the model hub cannot be reached (%s): hub ids load from the local cache only", type(e).__name__)
+        return True
+    return False
+
+
+def _offline_hub_id(name_or_path: str) -> bool:
+    """Whether `name_or_path` names a model on the hub (`org/name`, not a path) while the hub cannot be reached."""
+    hub_id = re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", name_or_path) is not None and not os.path.isdir(name_or_path)
+    return hub_id and hub_unreachable()
+
+
+def _sources(name_or_path: str) -> dict[str, bool]:
+    """from_pretrained's options for `name_or_path`: the cache alone for a hub id while the hub cannot be reached."""
+    return {"local_files_only": True} if _offline_hub_id(name_or_path) else {}
+
+
+def _not_here(name_or_path: str) -> ModelLoadError | None:
+    """The one-line refusal of a hub id that is not cached while the hub cannot be reached, else None."""
+    if not _offline_hub_id(name_or_path):
+        return None
+    return ModelLoadError(
+        f"RERANK_MODEL={name_or_path} is not in this host's model cache and cannot be downloaded here (the model hub does not "
+        "answer); set RERANK_MODEL to a local model directory (config.json, weights, tokenizer files), or to try things "
+        "out make a random-weight stand-in: python -m worker.synthetic stand-in --text tests/data/medical_corpus.txt, "
+        "then RERANK_MODEL=./stand-in"
+    )
+
+
 def load_tokenizer(name_or_path: str, revision: str | None = None) -> PreTrainedTokenizerBase:
     """The model's tokenizer alone (what a host process needs to tokenize for a device process)."""
     try:
-        return AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+        return AutoTokenizer.from_pretrained(name_or_path, revision=revision, **_sources(name_or_path))
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load the tokenizer of {name_or_path!r}: {e}") from e
+        raise _not_here(name_or_path) or ModelLoadError(f"cannot load the tokenizer of {name_or_path!r}: {e}") from e
 
 
 def load_model(name_or_path: str, revision: str | None, device: str, dtype: str) -> torch.nn.Module:
@@ -56,11 +104,11 @@ def load_model(name_or_path: str, revision: str | None, device: str, dtype: str)
         log.warning("bf16 requested on a CPU without AVX512-BF16 or AMX: expect it to be several times slower than fp32")
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            name_or_path, revision=revision, dtype=torch_dtype, attn_implementation="sdpa"
+            name_or_path, revision=revision, dtype=torch_dtype, attn_implementation="sdpa", **_sources(name_or_path)
         )
         model.to(device)
     except (OSError, ValueError, RuntimeError) as e:
-        raise ModelLoadError(f"cannot load model weights of {name_or_path!r} onto {device}: {e}") from e
+        raise _not_here(name_or_path) or ModelLoadError(f"cannot load model weights of {name_or_path!r} onto {device}: {e}") from e
     return model.eval()
 
 
@@ -108,10 +156,10 @@ def check_model(name_or_path: str, revision: str | None = None, max_length: int 
     whole, and which reads `max_length` tokens. Workers run this before their pool starts.
     """
     try:
-        config = AutoConfig.from_pretrained(name_or_path, revision=revision)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+        config = AutoConfig.from_pretrained(name_or_path, revision=revision, **_sources(name_or_path))
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, **_sources(name_or_path))
     except (OSError, ValueError) as e:
-        raise ModelLoadError(
+        raise _not_here(name_or_path) or ModelLoadError(
             f"cannot load {name_or_path!r}: {e}. Set RERANK_MODEL to a hub id this host can download, "
             "or to a local directory holding config.json, the weights and the tokenizer files"
         ) from e

@@ -19,11 +19,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
+from contract import tracing
 from contract.errors import TaskTimedOut, WorkerError
 from scoring.engine import EMPTY, CrossEncoderEngine, OnProgress, Scores
 from scoring.loop import DeviceLoop
 from scoring.scheduler import Request
-from scoring.tokens import EncodedPair, PairTokenizer, Truncation
+from scoring.tokens import EncodedPair, PairTokenizer, Truncation, tokenized
 
 log = logging.getLogger(__name__)
 
@@ -56,18 +57,22 @@ class ThreadedScorer:
         """Tokenize here, then wait for the device thread; `on_batch(pairs done, pairs total)` is called from this thread."""
         if not passages:
             return EMPTY
-        started = time.perf_counter()
-        pairs = self.tokenize(query, passages, truncation)
-        tokenized = time.perf_counter() - started
-        return replace(self.score_pairs(pairs, on_batch), tokenize_seconds=tokenized)
+        pairs, tokenizing = tokenized(self.tokenize, query, passages, truncation)
+        return replace(self.score_pairs(pairs, on_batch), tokenize_seconds=tokenizing)
 
     def score_pairs(self, pairs: Sequence[EncodedPair], on_batch: OnProgress | None = None) -> Scores:
         """Hand pairs already tokenized to the device thread and wait; `on_batch(pairs done, pairs total)` is called from this thread."""
         if not pairs:
             return EMPTY
-        tokenized = time.perf_counter()
         request = Request(deadline=time.monotonic() + self.time_limit)
         request.add(pairs)
+        waiting = time.perf_counter()
+        with tracing.span("rerank.forward", where="device thread"):
+            self._wait(request, on_batch)
+        return Scores.of(request, request.pairs.in_input_order(), 0.0, time.perf_counter() - waiting)
+
+    def _wait(self, request: Request, on_batch: OnProgress | None) -> None:
+        """Hand `request` to the device thread and wait until it is scored, reporting progress; raise its error."""
         self._loop.submit(request)
         changed = self._loop.changed
         reported = 0
@@ -90,8 +95,6 @@ class ThreadedScorer:
             reported = done
         if request.error is not None:
             raise request.error
-        logits = request.pairs.in_input_order()
-        return Scores.of(request, logits, 0.0, time.perf_counter() - tokenized)
 
     def _serve(self) -> None:
         try:

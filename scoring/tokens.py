@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
+from contract import tracing
 from contract.errors import InvalidRequest, ModelLoadError
 
 # Characters read per token a pair still needs; tokenizers average 3-6 characters per token on
@@ -61,6 +63,16 @@ def joined(pairs: Iterable[EncodedPair], types: bool = False) -> Ids:
         else:
             out.extend(array("i", bytes(out.itemsize * len(pair.input_ids))))
     return out
+
+
+def tokenized(
+    tokenize: PairTokenizer, query: str, passages: Sequence[str], truncation: Truncation | None = None
+) -> tuple[list[EncodedPair], float]:
+    """`tokenize(query, passages, truncation)` traced as `rerank.tokenize`, and the wall seconds it took (what a result's `tokenize_ms` adds up)."""
+    started = time.perf_counter()
+    with tracing.span("rerank.tokenize", pairs=len(passages)):
+        pairs = tokenize(query, passages, truncation)
+    return pairs, time.perf_counter() - started
 
 
 @dataclass(frozen=True)

@@ -360,21 +360,26 @@ def report(test: str, **figures: Any) -> None:
 # Flower ---------------------------------------------------------------------------------------
 
 
-FLOWER_AUTH = "admin:s3cret"
+FLOWER_PASSWORD = "s3cret"
+FLOWER_AUTH = f"admin:{FLOWER_PASSWORD}"
+FLOWER_COMMAND = 'CELERY_BROKER_URL="$RERANK_BROKER_URL" CELERY_RESULT_BACKEND="$RERANK_BROKER_URL" FLOWER_BASIC_AUTH="admin:$FLOWER_PASSWORD" celery flower'
+"""How the README and docs/ start Flower (tests/test_flower.py checks they all say this)."""
 
 
 class Flower:
-    """`celery flower` on a free port with basic auth, against the test Redis."""
+    """The documented FLOWER_COMMAND, run by bash against the test Redis, on a free port (FLOWER_PORT)."""
 
     def __init__(self, broker_url: str, log: Path) -> None:
         self.port = free_port()
         self._log = log.open("wb")
         self.log = log
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "--broker", broker_url, "--result-backend", broker_url, "flower", f"--port={self.port}",
-             "--address=127.0.0.1", f"--basic-auth={FLOWER_AUTH}", "--inspect-timeout=3000"],
-            stdout=self._log, stderr=subprocess.STDOUT,
-        )
+        env = {
+            **os.environ, "RERANK_BROKER_URL": broker_url, "FLOWER_PASSWORD": FLOWER_PASSWORD, "FLOWER_PORT": str(self.port),
+            "FLOWER_ADDRESS": "127.0.0.1", "FLOWER_INSPECT_TIMEOUT": "3000",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+        # One simple command: bash replaces itself with it, so the process is Flower and terminate() stops it
+        self.process = subprocess.Popen(["bash", "-c", FLOWER_COMMAND], env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def get(self, path: str, auth: bool = True) -> tuple[int, bytes]:
         """GET `path`, with basic auth unless `auth` is False; the status and the body."""

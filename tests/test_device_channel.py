@@ -207,3 +207,32 @@ def test_a_host_that_never_reads_its_results_cannot_slow_the_others_and_is_cut_o
     assert cut, f"the device process kept answering {sent} requests to a host that never reads (outbox {OUTBOX})"
     _, _, engine = served
     assert good.score(QUERY, CORPUS[:4]).logits == pytest.approx(engine.score(QUERY, CORPUS[:4]).logits, abs=1e-5)
+
+
+def test_every_worker_shape_reports_the_time_it_spent_tokenizing(served):
+    # Given every way a worker scores: in the calling thread (CPU), in slices tokenized on a thread
+    # (GPU), behind a device thread (threads pool) and behind the device process (host processes)
+    from scoring.threaded import ThreadedScorer
+
+    _, _, engine = served
+    sliced = CrossEncoderEngine(engine.tokenize, engine.runner, tokenize_slice=40)
+    shapes = {"engine": engine, "sliced": sliced, "threaded": ThreadedScorer(engine, time_limit=60), "device process": client_of(served)}
+    passages = [" ".join(CORPUS[i % 40 : i % 40 + 8]) + f" {i}" for i in range(400)]
+    # and the time the tokenizer alone takes on those passages (the least of three tries)
+    alone = min(_timed(lambda: engine.tokenize(QUERY, passages)) for _ in range(3))
+    for name, scorer in shapes.items():
+        # When each scores them
+        took = _timed(lambda: scorer.score(QUERY, passages))
+        scores = scorer.score(QUERY, passages)
+        # Then its tokenize time is that of tokenizing (at least half what the tokenizer alone
+        # takes, where waiting for tokens read near 0), and no more than the whole call
+        assert alone / 2 <= scores.tokenize_seconds <= max(took, alone) * 3, (name, scores.tokenize_seconds, alone, took)
+        assert scores.forward_seconds > 0, name
+
+
+def _timed(call) -> float:
+    import time
+
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started

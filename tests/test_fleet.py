@@ -68,7 +68,7 @@ def test_a_worker_takes_interactive_work_before_bulk_work(start_worker, redis_se
 # One pinned worker per device -------------------------------------------------------------------
 
 
-def test_each_device_gets_its_own_pinned_worker_named_after_it():
+def test_each_device_gets_its_own_pinned_worker_named_after_it(capsys):
     plan = pinned_workers("cuda:0,cuda:1,cuda:3,cpu", ["-c", "1", "-n", "ignored@%h"], environ={})
     assert [w.hostname for w in plan] == ["gpu0@%h", "gpu1@%h", "gpu3@%h", "cpu@%h"]
     # Each GPU worker sees exactly its GPU, which it then calls cuda:0; the CPU worker sees none
@@ -81,10 +81,11 @@ def test_each_device_gets_its_own_pinned_worker_named_after_it():
     # Each serves its metrics on its own port and beats its own heartbeat file
     plan = pinned_workers("cuda:0,cpu", [], environ={"RERANK_METRICS_PORT": "9809", "RERANK_HEARTBEAT_FILE": "/tmp/hb"})
     assert [(w.env["RERANK_METRICS_PORT"], w.env["RERANK_HEARTBEAT_FILE"]) for w in plan] == [("9809", "/tmp/hb.gpu0"), ("9810", "/tmp/hb.cpu")]
-    with pytest.raises(SystemExit, match="lists a device twice"):
-        pinned_workers("cuda:0,cuda:0", [])
-    with pytest.raises(SystemExit, match="not 'gpu1'"):
-        pinned_workers("gpu1", [])
+    # A wrong list is a settings error: exit code 2 and one line saying what is wrong
+    for devices, line in {"cuda:0,cuda:0": "lists a device twice", "gpu1": "not 'gpu1'"}.items():
+        with pytest.raises(SystemExit) as refused:
+            pinned_workers(devices, [])
+        assert refused.value.code == 2 and line in capsys.readouterr().err
 
 
 SUPERVISOR_PROBE = """
@@ -191,3 +192,18 @@ def test_jobs_spread_over_workers_and_a_worker_that_joins_takes_jobs(start_worke
     # Then the newcomer takes jobs beside the others, which were already serving before it came up
     assert by_worker["joiner2"] >= 3
     assert sum(by_worker[f"scale{k}-{k}"] for k in range(2)) > 0
+
+
+def test_rerank_worker_lists_its_exit_codes_in_its_help_and_the_operations_page_the_same():
+    import re
+
+    from worker.cli import EXIT_CODES
+
+    # Given the exit codes rerank-worker defines
+    help_text = " ".join(build_parser().format_help().split())
+    page = (Path(__file__).parents[1] / "docs" / "operations.md").read_text()
+    rows = dict(re.findall(r"^\| (\d+) \| (.+) \|$", page.split("`rerank-worker`'s", 1)[1], re.MULTILINE)[:3])
+    for code, meaning in EXIT_CODES.items():
+        # Then its help lists each, and the operations page's table says the same
+        assert f"{code} {meaning}" in help_text, code
+        assert rows[str(code)].replace("`", "") == meaning, code

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from producer import RerankClient, Settings
-from tests.helpers import CORPUS, QUERY, Flower, skip_or_fail, wait_for
+from tests.helpers import CORPUS, FLOWER_COMMAND, QUERY, ROOT, Flower, skip_or_fail, wait_for
 
 if importlib.util.find_spec("flower") is None:
     skip_or_fail("flower is not installed (pip install -e '.[test]')")
@@ -87,3 +87,29 @@ def test_flower_shows_workers_tasks_progress_queues_and_metrics(start_worker, re
         assert runtime and float(runtime[0].rsplit(" ", 1)[1]) >= 2
     finally:
         flower.stop()
+
+
+def test_the_readme_the_docs_compose_and_kubernetes_start_flower_the_same_way():
+    import re
+
+    import yaml
+
+    # Given every Flower command the README and docs/ give (in code spans and blocks)
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    given = set()
+    for page in pages:
+        fenced = False
+        for line in page.read_text().splitlines():
+            fenced ^= line.lstrip().startswith("```")
+            found = [line.strip()] if fenced and not line.lstrip().startswith(("#", "```")) else re.findall(r"`([^`]+)`", line)
+            given |= {(page.name, command) for command in found if re.search(r"\bcelery\b.*\bflower\b", command)}
+    # Then there is one, the command the Flower of these tests runs, in the README and in the operations page
+    assert {command for _, command in given} == {FLOWER_COMMAND}, given
+    assert {"README.md", "operations.md"} <= {page for page, _ in given}
+    # And compose and Kubernetes run Flower with the same variables set
+    variables = set(re.findall(r"(\w+)=", FLOWER_COMMAND))
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["flower"]
+    kube = next(d for d in yaml.safe_load_all((ROOT / "deploy/kubernetes/base/flower.yaml").read_text()) if d and d["kind"] == "Deployment")
+    (container,) = kube["spec"]["template"]["spec"]["containers"]
+    for command, env in ((compose["command"], set(compose["environment"])), (container["command"], {e["name"] for e in container["env"]})):
+        assert command[:2] == ["celery", "flower"] and variables <= env

@@ -98,7 +98,7 @@ def test_a_worker_refuses_a_redis_that_evicts_queued_jobs_and_warns_on_one_that_
     try:
         worker = fleet.start(name="evict")
         if refused:
-            assert worker.process.wait(timeout=60) == 1
+            assert worker.process.wait(timeout=60) == 2  # a setting to fix: restarting will not help
             assert f"maxmemory-policy is {policy}: when Redis fills up it deletes queued jobs" in worker.output()
         else:
             worker.wait_until_loaded(processes=1)

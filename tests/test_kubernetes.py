@@ -822,3 +822,57 @@ def test_redis_with_the_init_scripts_config_serves_tls_to_a_client_that_checks_i
         client.close()
     finally:
         server.stop()
+
+
+# Secrets the docs create ---------------------------------------------------------------------------
+
+
+def secret_keys_read(node: Any, found: dict[str, set[str]] | None = None) -> dict[str, set[str]]:
+    """Every key of every Secret that `node` (resources, or any part of them) needs: env `secretKeyRef`s, secret
+    volumes' `items` and KEDA's `secretTargetRef`s; what is marked `optional: true` is left out."""
+    found = {} if found is None else found
+    if isinstance(node, list):
+        for item in node:
+            secret_keys_read(item, found)
+    elif isinstance(node, dict):
+        ref = node.get("secretKeyRef")
+        if isinstance(ref, dict) and not ref.get("optional"):
+            found.setdefault(ref["name"], set()).add(ref["key"])
+        volume = node.get("secret")
+        if isinstance(volume, dict) and "secretName" in volume and not volume.get("optional"):
+            found.setdefault(volume["secretName"], set()).update(item["key"] for item in volume.get("items", []))
+        for target in node.get("secretTargetRef", []) if isinstance(node.get("secretTargetRef"), list) else []:
+            found.setdefault(target["name"], set()).add(target["key"])
+        for value in node.values():
+            secret_keys_read(value, found)
+    return found
+
+
+def secrets_created_by_the_docs() -> list[tuple[str, str, set[str]]]:
+    """(where, secret, keys) of each `kubectl create secret generic` in the README's and docs/' shell blocks."""
+    from tests.test_doc_examples import PAGES, SHELL, blocks
+
+    made = []
+    for page in PAGES:
+        for block in blocks(page):
+            if block.language not in SHELL:
+                continue
+            for command in re.findall(r"create secret generic .*", block.code.replace("\\\n", " ")):
+                name = command.split()[3]
+                keys = set(re.findall(r"--from-(?:literal|file)=([\w.-]+)=", command))
+                made.append((block.where, name, keys))
+    return made
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_secret_key_a_manifest_reads_is_created_by_each_command_the_docs_give(layout):
+    # Given the keys of each Secret the layout's resources read
+    needed = secret_keys_read(build(KUBE / layout))
+    made = secrets_created_by_the_docs()
+    assert needed.get("rerank-secrets"), "the layout reads rerank-secrets"
+    for secret, keys in needed.items():
+        commands = [(where, created) for where, name, created in made if name == secret]
+        # Then the docs create that Secret, and every command that creates it creates every key it needs
+        assert commands, f"no command in the README or docs/ creates the Secret {secret}"
+        for where, created in commands:
+            assert keys <= created, f"{where}: `create secret generic {secret}` leaves out {sorted(keys - created)}"

@@ -116,27 +116,68 @@ def test_every_broken_model_folder_is_refused_by_the_check_a_worker_runs_before_
 
 
 @pytest.mark.integration
-def test_a_worker_that_cannot_load_its_model_stops_at_start_up_with_exit_1_and_one_clear_line(start_worker, tiny_model, tmp_path):
-    # Given a broken model folder, which the parent's check finds before any pool process forks,
+def test_a_worker_that_cannot_load_its_model_stops_at_start_up_with_one_clear_line(start_worker, tiny_model, tmp_path):
+    # Given a broken model folder, which the parent's check finds before any pool process forks
+    # (a setting to fix: exit code 2), and a hub id this host cannot download (the hub does not answer)
     folder, line = broken_copies(tiny_model, tmp_path)["truncated weights"]
-    cases = {"truncated weights": ({"RERANK_MODEL": str(folder)}, line)}
+    cases = {"truncated weights": ({"RERANK_MODEL": str(folder)}, line, 2)}
+    cases["a hub id, offline"] = ({**offline(tmp_path), "RERANK_MODEL": "BAAI/bge-reranker-v2-m3"}, NOT_HERE, 2)
     # and a device that is not there, which only the process that loads the model finds out: the
     # device process (the GPU default) or, with no host processes, a pool process
-    cases["a GPU that is not there"] = ({"RERANK_DEVICE": "cuda:0", "CUDA_VISIBLE_DEVICES": ""}, "the device process failed to load the model")
+    # (a failure at load time: exit code 1, for a process manager to restart it)
+    cases["a GPU that is not there"] = ({"RERANK_DEVICE": "cuda:0", "CUDA_VISIBLE_DEVICES": ""}, "the device process failed to load the model", 1)
     cases["a GPU that is not there, no device process"] = (
-        {"RERANK_DEVICE": "cuda:0", "CUDA_VISIBLE_DEVICES": "", "RERANK_HOST_PROCESSES": "0"}, "model failed to load in pid"
+        {"RERANK_DEVICE": "cuda:0", "CUDA_VISIBLE_DEVICES": "", "RERANK_HOST_PROCESSES": "0"}, "model failed to load in pid", 1
     )
     # When a worker is started on each (all at once)
     started = time.monotonic()
-    workers = {name: start_worker(env=env, name="broken") for name, (env, _) in cases.items()}
-    for name, (_, line) in cases.items():
+    workers = {name: start_worker(env=env, name="broken") for name, (env, _, _) in cases.items()}
+    for name, (_, line, expected) in cases.items():
         worker = workers[name]
         code = worker.process.wait(timeout=90)
-        # Then each stops before serving anything, with exit code 1 and the reason on one line
-        assert code == 1, f"{name}: exit {code}\n{worker.output()[-2000:]}"
+        # Then each stops before serving anything, with its exit code and the reason on one line
+        assert code == expected, f"{name}: exit {code}\n{worker.output()[-2000:]}"
         assert line in worker.output(), f"{name}:\n{worker.output()[-2000:]}"
-        assert "model loaded:" not in worker.output(), name
+        assert "model loaded:" not in worker.output() and "Retrying in" not in worker.output(), name
     assert time.monotonic() - started < 90
+    # and the offline worker named the setting and the stand-in, at once rather than after the hub's retries
+    assert "python -m worker.synthetic stand-in" in workers["a hub id, offline"].output()
+
+
+NOT_HERE = "RERANK_MODEL=BAAI/bge-reranker-v2-m3 is not in this host's model cache and cannot be downloaded here"
+
+
+def offline(tmp_path: Path) -> dict[str, str]:
+    """An environment whose model hub does not answer (nothing listens at its address) and whose hub cache is empty."""
+    from tests.helpers import free_port
+
+    (tmp_path / "hub-cache").mkdir(exist_ok=True)
+    return {"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_HUB_CACHE": str(tmp_path / "hub-cache"), "HF_HUB_OFFLINE": "0"}
+
+
+def test_offline_a_cached_hub_id_loads_at_once_and_an_uncached_one_stops_rerank_run_with_exit_2(tiny_model, tmp_path):
+    # Given a host whose hub does not answer, with one model in its hub cache (as a download leaves it)
+    env = {**os.environ, **offline(tmp_path), "RERANK_BROKER_URL": "", "RERANK_TORCH_THREADS": "1"}
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    cached = Path(env["HF_HUB_CACHE"]) / "models--test--tiny"
+    shutil.copytree(tiny_model, cached / "snapshots" / commit)
+    (cached / "refs").mkdir()
+    (cached / "refs" / "main").write_text(commit)
+    root = Path(__file__).parents[1]
+    job = ["-m", "producer.cli", "run", "--top-k-docs", "2", "examples/af_ckd_job.json"]
+    # When `rerank run` runs a job in-process with the cached hub id
+    started = time.monotonic()
+    ran = subprocess.run([sys.executable, *job], env={**env, "RERANK_MODEL": "test/tiny"}, cwd=root, capture_output=True, text=True, timeout=120)
+    # Then it loads from the cache without asking the hub again, and scores
+    assert ran.returncode == 0, ran.stderr
+    assert "Retrying in" not in ran.stderr and time.monotonic() - started < 60
+    # When it runs with a hub id the cache lacks
+    refused = subprocess.run([sys.executable, *job], env={**env, "RERANK_MODEL": "BAAI/bge-reranker-v2-m3"}, cwd=root,
+                             capture_output=True, text=True, timeout=120)
+    # Then it stops with exit code 2 (settings) and one line naming the setting and the stand-in
+    assert refused.returncode == 2, refused.stderr
+    assert NOT_HERE in refused.stderr and "python -m worker.synthetic stand-in" in refused.stderr
+    assert "Retrying in" not in refused.stderr
 
 
 @pytest.mark.integration

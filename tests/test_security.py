@@ -72,18 +72,25 @@ def test_a_password_protected_redis_works_through_the_url_and_the_password_leaks
         # and the password is in no log, result or stored message
         serve_one_job(fleet, fleet.broker_url, tiny_model, password, caplog)
 
-        # And a wrong password fails as BrokerUnavailable, without repeating the password, both
-        # when following a job and when submitting one (Celery retries the result backend for
-        # about 20 s before giving up on a submit)
+        # And a wrong password fails as BrokerUnavailable saying the password was refused (not that
+        # Redis cannot be reached), naming the setting, without repeating the password, both when
+        # following a job and when submitting one
         wrong = "wrong-" + secrets.token_hex(8)
-        client = RerankClient(Settings(broker_url=f"redis://:{wrong}@127.0.0.1:{server.port}/0", model=str(tiny_model)))
+        wrong_url = f"redis://:{wrong}@127.0.0.1:{server.port}/0"
+        client = RerankClient(Settings(broker_url=wrong_url, model=str(tiny_model)))
         with pytest.raises(BrokerUnavailable, match=r"redis://:\*\*@127.0.0.1") as caught:
             client.job("any-job").status()
         assert "invalid username-password pair" in str(caught.value) or "WRONGPASS" in str(caught.value)
-        assert wrong not in str(caught.value)
-        with pytest.raises(BrokerUnavailable, match=r"redis://:\*\*@127.0.0.1") as caught:
+        with pytest.raises(BrokerUnavailable, match=r"redis://:\*\*@127.0.0.1") as submitted:
             client.submit("apixaban dosing", [{"id": "p1", "title": "Apixaban", "text": "Dosing in kidney disease."}])
-        assert wrong not in str(caught.value)
+        for error in (caught.value, submitted.value):
+            assert "refused the password" in str(error) and "RERANK_BROKER_URL" in str(error) and "cannot reach" not in str(error)
+            assert wrong not in str(error)
+        # And a worker given the wrong password refuses to start, exit code 2, saying so in one line
+        refused = fleet.start(env={"RERANK_BROKER_URL": wrong_url}, name="wrongpass")
+        assert refused.process.wait(timeout=90) == 2, refused.output()[-2000:]
+        assert "refused the password" in refused.output() and "RERANK_BROKER_URL" in refused.output()
+        assert wrong not in refused.output() and "Cannot connect" not in refused.output()
     finally:
         fleet.stop_all()
         server.stop()
@@ -163,8 +170,8 @@ def test_a_worker_whose_redis_user_may_not_run_eval_stops_at_start_up_with_one_l
     try:
         # When a worker starts on it
         worker = fleet.start(name="acl")
-        # Then it exits 1 before serving, with one line naming what is missing and the rule that grants it
-        assert worker.process.wait(timeout=60) == 1
+        # Then it exits 2 (a setting to fix) before serving, with one line naming what is missing and the rule that grants it
+        assert worker.process.wait(timeout=60) == 2
         lines = [line for line in worker.output().splitlines() if "may not run" in line]
         assert lines and "EVAL" in lines[0] and "ACL SETUSER default +eval +evalsha" in lines[0], worker.output()[-3000:]
         assert "Traceback" not in worker.output()

@@ -14,12 +14,14 @@ from billiard.process import current_process
 from celery import bootsteps
 from celery.signals import worker_process_init, worker_shutdown
 
+from contract import tracing
 from contract.errors import ModelLoadError
 from contract.settings import get_settings
 from producer.app import create_app
 from scoring.model import check_model
 from worker import accounting, metrics, report, runtime, score_cache, tasks  # noqa: F401  (registers the tasks, their accounting and the report command)
 from worker.backend import backend_url
+from worker.cli import refuse_to_start
 from worker.control import restrict_remote_control
 from worker.device_process import DeviceProcess
 from worker.health import HeartbeatStep
@@ -32,6 +34,7 @@ WORKER_RETRY = {"max_retries": 20, "interval_start": 0, "interval_step": 1, "int
 """Celery's own reconnect policy for the result backend, which workers keep (producers use less)."""
 
 settings = get_settings()
+tracing.configure("rerank-worker")
 app = create_app(settings)
 # Workers fetch from their queues in the order given (-Q), not round robin, so a worker that
 # consumes `rerank.<model>.gpu.interactive,rerank.<model>,rerank.<model>.gpu.bulk` runs bulk work only when nothing
@@ -69,7 +72,7 @@ _load_failed = RawValue("b", 0)
 
 
 class ModelCheck(bootsteps.StartStopStep):
-    """Stops the worker with exit code 1, before any pool process forks, when the model cannot serve."""
+    """Stops the worker with exit code 2 (settings), before any pool process forks, when the model cannot serve."""
 
     requires = {"celery.worker.components:Hub"}
 
@@ -80,7 +83,7 @@ class ModelCheck(bootsteps.StartStopStep):
             check_model(settings.model, settings.model_revision, settings.max_length)
         except ModelLoadError as e:
             log.critical("%s", e)
-            raise SystemExit(f"rerank-worker: {e}") from e
+            refuse_to_start(str(e))
 
 
 class BatchingLoad(bootsteps.StartStopStep):
@@ -94,12 +97,12 @@ class BatchingLoad(bootsteps.StartStopStep):
         in_hand = settings.tasks_in_hand
         threads = "thread" in parent.pool_cls.__module__
         if in_hand > 1 and not (threads and parent.concurrency == in_hand):
-            raise SystemExit(
-                f"rerank-worker: RERANK_BATCH_TASKS={in_hand} batches tasks in one process: start it with rerank-worker, "
+            refuse_to_start(
+                f"RERANK_BATCH_TASKS={in_hand} batches tasks in one process: start it with rerank-worker, "
                 f"or with celery worker -P threads -c {in_hand}"
             )
         if in_hand == 1 and threads:
-            raise SystemExit("rerank-worker: one task at a time runs on the prefork pool (-P prefork); set RERANK_BATCH_TASKS to batch on threads")
+            refuse_to_start("one task at a time runs on the prefork pool (-P prefork); set RERANK_BATCH_TASKS to batch on threads")
         if in_hand > 1:
             try:
                 _load_model()
@@ -119,7 +122,7 @@ class DeviceProcessStart(bootsteps.StartStopStep):
         if not settings.hosts:
             return
         if "thread" in parent.pool_cls.__module__:
-            raise SystemExit("rerank-worker: RERANK_HOST_PROCESSES runs host processes on the prefork pool (-P prefork)")
+            refuse_to_start("RERANK_HOST_PROCESSES runs host processes on the prefork pool (-P prefork)")
         try:
             runtime.device_process = DeviceProcess(settings)
         except ModelLoadError as e:

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from typing import Any
 from urllib.parse import urlsplit
 
+from celery import states
 from celery.backends.redis import RedisBackend as CeleryRedisBackend
 from celery.backends.redis import SentinelBackend as CelerySentinelBackend
 from celery.exceptions import BackendStoreError
 from kombu.utils.encoding import bytes_to_str
 from redis.exceptions import OutOfMemoryError
 
+from contract import tracing
 from worker.transport import FULL
 
 log = logging.getLogger(__name__)
@@ -54,7 +57,9 @@ class _RetryingFull:
         value = self.encode(meta)
         if len(value) > self._MAX_STR_VALUE_SIZE:
             raise BackendStoreError("value too large for Redis backend", state=state, task_id=task_id)
-        self.ensure(self._store, (self.get_key_for_task(task_id), value))
+        # A final state is the task's result: traced as `rerank.store` (STARTED and PROGRESS writes are not).
+        with tracing.span("rerank.store", state=state, bytes=len(value)) if state in states.READY_STATES else nullcontext():
+            self.ensure(self._store, (self.get_key_for_task(task_id), value))
         return result
 
     def _store(self, key: str, value: str | bytes) -> None:

@@ -17,12 +17,32 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from contract.names import DEFAULT_MODEL, REPORT_COMMAND, worker_queues
+
+EXIT_STOPPED = 0
+EXIT_FAILED = 1
+EXIT_SETTINGS = 2
+EXIT_CODES = {
+    EXIT_STOPPED: "stopped when asked (SIGTERM: running tasks finish first)",
+    EXIT_FAILED: "failed while starting or serving (a device that is not there, a device process that died, an unrecoverable "
+    "error); the tasks it held go back to their queues: restart it",
+    EXIT_SETTINGS: "refused to start, before serving anything, over its settings: an invalid RERANK_*/OTEL_* value or option, a "
+    "RERANK_MODEL it cannot find, read or download, a Redis that refuses its password, a command it needs or may evict queued jobs; "
+    "restarting will not help: fix what the one line it printed names",
+}
+"""What `rerank-worker` exits with (also in `rerank-worker --help`); docs/operations.md#workers lists the same."""
+
+
+def refuse_to_start(reason: str) -> NoReturn:
+    """Stop a worker that cannot serve with these settings: one line naming what to fix, then exit code 2."""
+    print(f"rerank-worker: {reason}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_SETTINGS)
 
 _ENV_OPTIONS = {
     "broker_url": "RERANK_BROKER_URL",
@@ -40,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rerank-worker",
         description="Start a re-ranking worker. Unknown options are passed on to `celery worker`. "
         "`rerank-worker report` prints what each running worker serves.",
+        epilog="exit codes:\n" + "\n".join(
+            textwrap.fill(meaning, 78, initial_indent=f"  {code}  ", subsequent_indent=" " * 5) for code, meaning in EXIT_CODES.items()
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--broker-url", help="Celery broker URL (RERANK_BROKER_URL).")
     parser.add_argument("--model", help="Hub id or local directory (RERANK_MODEL).")
@@ -86,8 +110,8 @@ def celery_argv(
     """
     batching = hosts or (tasks_in_hand if tasks_in_hand > 1 else 0)
     if batching and (args.concurrency or 1) > 1:
-        raise SystemExit(
-            f"rerank-worker: -c/--concurrency sets prefork processes that each load the model, but this worker batches {batching} "
+        refuse_to_start(
+            f"-c/--concurrency sets prefork processes that each load the model, but this worker batches {batching} "
             "tasks across one device (RERANK_HOST_PROCESSES or RERANK_BATCH_TASKS); set those instead, or both to 0/1 for -c"
         )
     if hosts:
@@ -129,9 +153,9 @@ def pinned_workers(devices: str, argv: list[str], environ: Mapping[str, str] = o
     """
     names = [d.strip() for d in devices.split(",") if d.strip()]
     if not names:
-        raise SystemExit("rerank-worker: --devices needs at least one device, e.g. cuda:0,cuda:1")
+        refuse_to_start("--devices needs at least one device, e.g. cuda:0,cuda:1")
     if len(set(names)) != len(names):
-        raise SystemExit(f"rerank-worker: --devices lists a device twice: {devices}")
+        refuse_to_start(f"--devices lists a device twice: {devices}")
     plan = []
     for device in names:
         if device == "cpu":
@@ -140,7 +164,7 @@ def pinned_workers(devices: str, argv: list[str], environ: Mapping[str, str] = o
             index = device[5:]
             visible, inside, hostname = index, "cuda:0", f"gpu{index}@%h"
         else:
-            raise SystemExit(f"rerank-worker: --devices takes cpu or cuda:N, not {device!r}")
+            refuse_to_start(f"--devices takes cpu or cuda:N, not {device!r}")
         env = {"CUDA_VISIBLE_DEVICES": visible, "RERANK_DEVICE": inside}
         if environ.get("RERANK_METRICS_PORT", "").isdigit():
             env["RERANK_METRICS_PORT"] = str(int(environ["RERANK_METRICS_PORT"]) + len(plan))
@@ -272,7 +296,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         from worker.app import settings
     except ValidationError as e:
-        sys.exit(f"rerank-worker: invalid settings: {e}")
+        refuse_to_start(f"invalid settings: {e}")
+    except ValueError as e:  # tracing's OTEL_* settings
+        refuse_to_start(str(e))
     # `celery -A worker.app worker …` itself: app.worker_main and app.start drop the worker's exit
     # code, so a worker that stops on an error would exit 0 and no process manager would restart it.
     celery.main(["-A", "worker.app", *celery_argv(args, passthrough, settings.queue, settings.device, settings.model, settings.tasks_in_hand, settings.hosts)], prog_name="rerank-worker")

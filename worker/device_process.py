@@ -52,7 +52,8 @@ class DeviceProcess:
         ready, _, _ = select.select([self.process.stdout], [], [], settings.worker_start_timeout)
         line = self.process.stdout.readline() if ready else ""
         if line.strip() != "ready":
-            exited = self.process.poll() is not None
+            # The end of its output (a closed pipe) means it is exiting, though poll() may not see it yet.
+            exited = (bool(ready) and not line) or self.process.poll() is not None
             self.process.kill()
             self.process.wait()
             raise ModelLoadError(

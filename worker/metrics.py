@@ -19,6 +19,7 @@ from contract.names import model_slug
 from producer.app import settings_of
 from producer.scrape import MetricsServer, read_token
 from worker import accounting
+from worker.cli import refuse_to_start
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ class MetricsStep(bootsteps.StartStopStep):
             token = read_token(settings.metrics_token_file) if settings.metrics_token_file else None
         except (OSError, ValueError) as e:
             log.critical("cannot read RERANK_METRICS_TOKEN_FILE: %s", e)
-            raise SystemExit(f"rerank-worker: cannot read RERANK_METRICS_TOKEN_FILE: {e}; point it at a file holding the token") from e
+            refuse_to_start(f"cannot read RERANK_METRICS_TOKEN_FILE: {e}; point it at a file holding the token")
         registry = CollectorRegistry()
         registry.register(WorkerCollector(getattr(parent, "hostname", None) or "worker"))
         address = settings.metrics_address
@@ -185,10 +186,10 @@ class MetricsStep(bootsteps.StartStopStep):
             self.server = MetricsServer(registry, port, address, token=token)
         except OSError as e:
             log.critical("cannot serve metrics on %s port %d: %s", address, port, e)
-            raise SystemExit(
-                f"rerank-worker: cannot serve metrics on RERANK_METRICS_ADDRESS={address} RERANK_METRICS_PORT={port}: {e}; "
+            refuse_to_start(
+                f"cannot serve metrics on RERANK_METRICS_ADDRESS={address} RERANK_METRICS_PORT={port}: {e}; "
                 "choose a free port and an address of this host"
-            ) from e
+            )
         self.server.start()
         log.info("serving Prometheus metrics on %s port %d%s", address, port, " (bearer token required)" if token else "")
 

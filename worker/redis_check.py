@@ -1,5 +1,5 @@
-"""Before a worker serves: refuse a Redis that may evict keys (Celery's queues and results are plain keys), or whose user
-may not run a command the service needs (Redis ACLs: said in one line, with the rule that grants it)."""
+"""Before a worker serves: refuse a Redis that refuses the password, that may evict keys (Celery's queues and results are
+plain keys), or whose user may not run a command the service needs (Redis ACLs: said in one line, with the rule that grants it)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from redis.exceptions import RedisError
 
 from contract.errors import redact
 from producer import permissions
+from producer.reaching import refused_credentials
+from worker.cli import refuse_to_start
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ def read_policy(client: Any) -> str | None:
 
 
 class RedisCheck(bootsteps.StartStopStep):
-    """Before the pool starts: exit 1 on a broker or result Redis that evicts any key or refuses a command we need; warn on one that evicts results."""
+    """Before the pool starts: exit 2 on a broker or result Redis that refuses the password, evicts any key or refuses a command we need; warn on one that evicts results."""
 
     requires = {"celery.worker.components:Hub"}
 
@@ -50,24 +52,32 @@ class RedisCheck(bootsteps.StartStopStep):
         super().__init__(parent, **kwargs)
         app = parent.app
         policies, refusals = {}, {}
+        url = app.conf.broker_url
         try:
             clients = {}
             if str(app.conf.broker_url).startswith("redis"):
                 with app.connection_for_read() as connection:
-                    clients[app.conf.broker_url] = connection.default_channel.client
-                    policies[app.conf.broker_url] = read_policy(clients[app.conf.broker_url])
-                    refusals[app.conf.broker_url] = permissions.missing(clients[app.conf.broker_url])
+                    clients[url] = connection.default_channel.client
+                    policies[url] = read_policy(clients[url])
+                    refusals[url] = permissions.missing(clients[url])
             if "redis" in str(app.conf.result_backend):
-                policies[app.backend.url] = read_policy(app.backend.client)
-                refusals[app.backend.url] = permissions.missing(app.backend.client)
+                url = app.backend.url
+                policies[url] = read_policy(app.backend.client)
+                refusals[url] = permissions.missing(app.backend.client)
         except Exception as e:  # noqa: BLE001 - an unreachable Redis is the consumer's to retry, not this step's to judge
+            if refused_credentials(e):  # retrying would never help; Celery would retry for ever, saying "cannot connect"
+                log.critical("refusing to start: Redis at %s refused the password: %s", redact(url), e)
+                refuse_to_start(
+                    f"Redis at {redact(url)} refused the password ({e}); set the right password in RERANK_BROKER_URL "
+                    "(and in RERANK_RESULT_BACKEND, if set), percent-encoded"
+                )
             log.info("could not check Redis's eviction policy and permissions at start-up: %s", e)
             return
         for url, refused in refusals.items():
             if refused:
                 line = permissions.advice(urlsplit(url).username or "default", refused)
                 log.critical("refusing to start: Redis at %s: %s", redact(url), line)
-                raise SystemExit(f"rerank-worker: Redis at {redact(url)}: {line}")
+                refuse_to_start(f"Redis at {redact(url)}: {line}")
         for url, policy in policies.items():
             verdict = eviction_verdict(policy)
             if verdict is None:
@@ -75,5 +85,5 @@ class RedisCheck(bootsteps.StartStopStep):
             action, why = verdict
             if action == "refuse":
                 log.critical("refusing to start: Redis at %s: %s", redact(url), why)
-                raise SystemExit(f"rerank-worker: Redis at {redact(url)}: {why}")
+                refuse_to_start(f"Redis at {redact(url)}: {why}")
             log.warning("Redis at %s: %s", redact(url), why)
