@@ -26,6 +26,11 @@ class GatewaySettings(BaseSettings):
     fleet_interval: float = Field(10.0, gt=0, le=3600, description="Seconds between asking the workers which models they serve on which queues.")
     inspect_timeout: float = Field(1.0, gt=0, le=30, description="Seconds each of those broadcasts waits for replies.")
     depth_interval: float = Field(0.5, gt=0, le=60, description="Seconds between reads of the served models' queue depths.")
+    head_timeout: float = Field(10.0, gt=0, le=3600, description="Seconds a connection may take to send a request's head (from connecting, or from its first byte on a kept-alive connection).")
+    body_timeout: float = Field(60.0, gt=0, le=3600, description="Seconds a request's body may take to arrive; slower gets 408.")
+    max_connections: int | None = Field(
+        None, ge=16, le=1_000_000, description="Open connections at most; more evict the oldest idle ones. Unset: the descriptor limit less a reserve."
+    )
     threads: int = Field(64, ge=4, le=1024, description="Threads for broker and result-backend calls (they block).")
     model_aliases: dict[str, str] = Field(
         default_factory=dict, description='JSON object of names clients send to models served, e.g. {"rerank-v3.5": "BAAI/bge-reranker-v2-m3"}.'
