@@ -30,7 +30,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger(__name__)
 
-ACCEPT_BATCH = 64
+ACCEPT_BATCH = 16
 """Connections accepted per wake-up of the listening socket (asyncio accepts up to its backlog at once)."""
 
 LISTEN_QUEUE = 4096
@@ -40,12 +40,13 @@ LISTEN_QUEUE = 4096
 def connection_limit(configured: int | None, threads: int) -> int:
     """The most connections to keep open: `configured`, else the soft descriptor limit less a reserve.
 
-    The reserve covers one accept batch, a Redis connection per thread and the process's own files.
+    The reserve covers the connections accepted but not yet counted (a few loop turns of accept
+    batches, and evicted ones not yet closed), a Redis connection per thread, and the process's own files.
     """
     if configured is not None:
         return configured
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return max(16, soft - ACCEPT_BATCH - threads - 64)
+    return max(16, soft - 4 * ACCEPT_BATCH - threads - 64)
 
 
 class Registry:

@@ -104,9 +104,11 @@ def error_response(error: BaseException) -> tuple[JSONResponse, str]:
     if isinstance(error, RequestValidationError):
         return validation_response(error), "invalid"
     if isinstance(error, HTTPException):
-        kind = {408: "slow_client", 413: "too_large"}.get(error.status_code, "http")
+        kind = {400: "invalid", 408: "slow_client", 413: "too_large"}.get(error.status_code, "http")
+        # FastAPI's 400 says only "There was an error parsing the body".
+        message = "the body is not JSON that can be read: not UTF-8, or nested too deeply; send UTF-8 JSON" if error.status_code == 400 else str(error.detail)
         # Starlette's 405 names the allowed methods in `Allow` (RFC 9110); keep its headers.
-        return _response(error.status_code, str(error.detail), kind, dict(error.headers or {})), kind
+        return _response(error.status_code, message, kind, dict(error.headers or {})), kind
     status, kind = status_of(error)
     message = str(error) if isinstance(error, RerankError) else "internal error; see the gateway's log"
     extra: dict[str, Any] = {}
@@ -124,7 +126,10 @@ def error_response(error: BaseException) -> tuple[JSONResponse, str]:
 
 def validation_response(error: RequestValidationError, most: int = 10) -> JSONResponse:
     """422 naming each bad field and why, without echoing the input (it may be a whole document)."""
-    problems = [{"field": _field(e.get("loc", ())), "reason": e.get("msg", "invalid")} for e in error.errors()[:most]]
+    problems = [
+        {"field": "body" if e.get("type") == "json_invalid" else _field(e.get("loc", ())), "reason": e.get("msg", "invalid")}
+        for e in error.errors()[:most]
+    ]
     message = "; ".join(f"{p['field']}: {p['reason']}" for p in problems) or "invalid request"
     return _response(422, message, "invalid", errors=problems)
 
