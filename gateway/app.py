@@ -33,7 +33,6 @@ from contract.settings import Settings, get_settings
 from gateway.announcements import Announcements
 from gateway.errors import (
     ClientGone,
-    TooLarge,
     Unprocessable,
     WaitTimedOut,
     error_response,
@@ -163,7 +162,9 @@ def create_app(settings: Settings | None = None, gateway: GatewaySettings | None
     async def score(request: Request, model: str | None, query: str, texts: list[str], top_k: int | None, logits: bool, field: str) -> tuple[str, RerankResult]:
         fleet: Fleet = request.app.state.fleet
         if len(texts) > gateway.max_documents:
-            raise _too_many(len(texts), gateway.max_documents)
+            raise Unprocessable(
+                f"{len(texts)} documents, over the limit of {gateway.max_documents} (RERANK_GATEWAY_MAX_DOCUMENTS); send fewer per request", field
+            )
         served = await fleet.resolve(model)
         fleet.admit(served)
         client = fleet.client(served)
@@ -313,10 +314,6 @@ async def _disconnected(request: Request) -> None:
     # After the body, the server's receive() returns only once the client has gone.
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-def _too_many(count: int, limit: int) -> TooLarge:
-    return TooLarge(f"{count} documents, over the limit of {limit} (RERANK_GATEWAY_MAX_DOCUMENTS); send fewer per request")
 
 
 def _unprocessable(error: InvalidRequest, field: str) -> Unprocessable:

@@ -19,7 +19,7 @@ class GatewaySettings(BaseSettings):
     api_keys_file: Path | None = Field(None, description="File of API keys, one a line (a mounted secret); `#` starts a comment.")
     allow_anonymous: bool = Field(False, description="Serve without API keys; only behind another gate, never on an open network.")
     max_body_bytes: int = Field(8 * 2**20, ge=1024, le=2**30, description="Largest request body; larger ones get 413 before they are read.")
-    max_documents: int = Field(1000, ge=1, le=500_000, description="Documents per rerank request; more get 413.")
+    max_documents: int = Field(1000, ge=1, le=500_000, description="Documents per rerank request; more get 422.")
     max_queue_depth: int = Field(1000, ge=0, description="Waiting messages on a model's queue above which requests get 429.")
     retry_after: int = Field(1, ge=1, le=3600, description="Seconds a 429 asks the client to wait (`Retry-After`).")
     wait_timeout: float = Field(60.0, gt=0, le=86_400, description="Seconds a request waits for its result before 504 with the job id.")
