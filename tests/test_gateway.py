@@ -268,11 +268,11 @@ def test_422_names_the_field_and_the_reason_without_echoing_the_document(gateway
     assert "secret document" not in response.text and "y" * 100 not in response.text
 
 
-def test_503_for_a_model_no_worker_serves_names_the_models_served(gateway, tiny_model):
-    # Given a model no worker serves
+def test_404_for_a_model_no_worker_serves_names_the_models_served(gateway, tiny_model):
+    # Given a model no worker serves, while another is served
     response = gateway.http.post("/v2/rerank", json={"model": "rerank-v3.5", "query": QUERY, "documents": ["a"]})
-    # Then 503 at once, naming what is served
-    assert response.status_code == 503
+    # Then 404 at once (Cohere's answer to an unknown model), naming what is served
+    assert response.status_code == 404
     assert "rerank-v3.5" in response.json()["message"] and str(tiny_model) in response.json()["message"]
 
 
