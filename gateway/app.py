@@ -110,7 +110,7 @@ ModelName = Annotated[
 ]
 Job = Annotated[TwoStageRequest, Body(openapi_examples={"evidence": {"summary": "Two papers, the best one's chunks", "value": EXAMPLE_JOB}})]
 RERANK = responses(400, 401, 404, 408, 413, 422, 429, 502, 503, 504)
-JOBS = responses(401, 404, 422, 503)
+JOBS = responses(401, 404, 422, 502, 503)
 
 
 def create_app(settings: Settings | None = None, gateway: GatewaySettings | None = None) -> FastAPI:
