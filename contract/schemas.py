@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
@@ -21,6 +22,19 @@ Identifier = Annotated[str, StringConstraints(strip_whitespace=True, min_length=
 Digest = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
 StoreKey = Annotated[str, StringConstraints(pattern=r"^rerank\.job\.[^\x00-\x20]{1,255}$")]
 MAX_WINDOWS = 32
+
+
+def _whole(value: Any) -> Any:
+    # JSON does not tell 20 from 20.0 (JSON Schema's "integer" admits both); a fraction, a bool or a string stays refused.
+    return int(value) if type(value) is float and value.is_integer() else value
+
+
+def count(ge: int = 1, le: int | None = None) -> Any:
+    """The type of a whole number from `ge` to `le` as a caller writes it: 20 or 20.0, never True or "20".
+
+    The bounds come before the conversion so that they reach the JSON schema.
+    """
+    return Annotated[StrictInt, Field(ge=ge, le=le), BeforeValidator(_whole)]
 
 
 class _Model(BaseModel):
@@ -82,12 +96,10 @@ class DocumentsRequest(_Truncation):
     query: Query
     candidates: list[Candidate] = Field(min_length=1)
     # Counts and flags are strict here and below: `top_k=True` or `"5"` is a caller's bug, not a number to guess at.
-    top_k: StrictInt = Field(20, ge=1)
+    top_k: count() = 20
     return_logits: StrictBool = False
-    windows: StrictInt = Field(
+    windows: count(le=MAX_WINDOWS) = Field(
         1,
-        ge=1,
-        le=MAX_WINDOWS,
         description="Score up to this many windows of each text (the first is the abstract) and keep the best.",
     )
 
@@ -127,7 +139,7 @@ class ChunksRequest(_Truncation):
     pool: Pool | None = Field(
         None, description="In a two-stage job: where the job's chunks are kept; stage 2 reads only those of the papers stage 1 kept."
     )
-    top_k: StrictInt | None = Field(None, ge=1)
+    top_k: count() | None = None
     return_logits: StrictBool = False
     candidate_ids: list[Identifier] | None = Field(
         None,
@@ -169,7 +181,7 @@ class PassagesRequest(_Truncation):
 
     query: Query
     passages: list[Annotated[str, StringConstraints(min_length=1)]] = Field(min_length=1)
-    top_k: StrictInt | None = Field(None, ge=1)
+    top_k: count() | None = None
     return_logits: StrictBool = False
 
 
@@ -248,10 +260,10 @@ class TwoStageRequest(_Truncation):
 
     query: Query
     candidates: list[Candidate] = Field(min_length=1)
-    top_k_docs: StrictInt = Field(20, ge=1)
-    top_k_chunks: StrictInt | None = Field(None, ge=1)
+    top_k_docs: count() = 20
+    top_k_chunks: count() | None = None
     min_score: float | None = Field(None, ge=0.0, le=1.0)
-    windows: StrictInt | None = Field(None, ge=1, le=MAX_WINDOWS)
+    windows: count(le=MAX_WINDOWS) | None = None
 
 
 def _reject_duplicates(ids: Any) -> None:

@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         import uvicorn
 
         from gateway.app import create_app
+        from gateway.connections import ACCEPT_BATCH, Server, bound_logs, connection_limit, protocol
     except ImportError as e:
         print(f"rerank-gateway needs its extra: pip install 'bge-rerank-celery[gateway]' ({e})", file=sys.stderr)
         return 2
@@ -38,9 +39,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Idle connections outlive clients' own keep-alive (httpx 5 s, Go 90 s): a server that closes first races a
     # client reusing the connection, which then sees a reset instead of an answer.
-    uvicorn.run(
-        app, host=gateway.host, port=gateway.port, log_level=args.log_level, server_header=False, date_header=False, timeout_keep_alive=120
+    config = uvicorn.Config(
+        app, host=gateway.host, port=gateway.port, log_level=args.log_level, server_header=False, date_header=False, timeout_keep_alive=120,
+        http=protocol(connection_limit(gateway.max_connections, gateway.threads), gateway.head_timeout), backlog=ACCEPT_BATCH,
     )
+    bound_logs()  # after uvicorn configured its loggers
+    Server(config).run()
     return 0
 
 

@@ -16,7 +16,7 @@ import logging
 from contract.errors import RerankError
 from contract.names import model_queue, model_slug
 from contract.settings import Settings
-from gateway.errors import NotServed, Overloaded
+from gateway.errors import NotFound, NotServed, Overloaded
 from gateway.settings import GatewaySettings
 from producer.aio import AsyncRerankClient
 from producer.fleet import WorkerInfo, inspect_workers
@@ -57,18 +57,18 @@ class Fleet:
         """The served model a request names (by alias, name or slug; none: RERANK_MODEL).
 
         Raises:
-            NotServed: no worker serves it on its queue; the message lists the models served.
+            NotFound: no worker serves that model, while others are served; the message lists them.
+            NotServed: no worker serves any model (or none answered yet).
         """
         await self.known.wait()
         name = requested if requested is not None else self.settings.model
         name = self.gateway.model_aliases.get(name, name)
-        model = self.served.get(model_slug(name))
+        served = ", ".join(sorted(self.served.values()))
+        if not self.served:
+            raise NotServed(f"no worker serves any model on this gateway's queues yet (none answered); start workers for {self.settings.model!r}")
+        model = self.served.get(_slug(name))
         if model is None:
-            served = ", ".join(sorted(self.served.values())) or "none (no worker answered)"
-            raise NotServed(
-                f"no worker serves model {name[:200]!r} on queue {self.queue_for(name)!r}; models served: {served}. "
-                "Send one of those, or start workers for this model"
-            )
+            raise NotFound(f"no worker serves model {name[:200]!r}; models served: {served}. Send one of those, or start workers for it")
         return model
 
     def admit(self, model: str) -> None:
@@ -130,3 +130,11 @@ class Fleet:
                     log.warning("cannot read the queue depths: %s", type(e).__name__)
                 self.broker_up = False
             await asyncio.sleep(self.gateway.depth_interval)
+
+
+def _slug(name: str) -> str | None:
+    # A name that is not Unicode text (a lone surrogate) names no model; it must not become a 500.
+    try:
+        return model_slug(name)
+    except UnicodeError:
+        return None

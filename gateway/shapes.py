@@ -8,11 +8,14 @@ model's logit); TEI reports them too unless `raw_scores` asks for the logits.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
-from contract.schemas import Query, RerankResult, Truncate
+from contract.schemas import Query, RerankResult, Truncate, count
+
+MODEL_NAME = r"^[^\u0000-\u001f\u007f]{1,512}$"
+"""A model's name, slug or alias: printable, at most 512 characters."""
 
 
 class TextDocument(BaseModel):
@@ -28,13 +31,15 @@ class CohereRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = Field(None, description="A model a worker serves (name, slug or alias); unset: RERANK_MODEL.")
+    model: Annotated[str, StringConstraints(pattern=MODEL_NAME)] | None = Field(
+        None, description="A model a worker serves (name, slug or alias); unset: RERANK_MODEL."
+    )
     query: Query
     documents: list[str | TextDocument] = Field(min_length=1, description="Strings or `{text}` objects, scored exactly as sent.")
-    top_n: StrictInt | None = Field(None, ge=1, description="Return only the best `top_n`; unset: all.")
+    top_n: count() | None = Field(None, description="Return only the best `top_n`; unset: all.")
     return_documents: StrictBool = Field(False, description="Return each document's text with its result.")
-    max_tokens_per_doc: StrictInt | None = Field(
-        None, ge=1, description="Keep at most this many tokens of each document (its end is cut); a pair never exceeds RERANK_MAX_LENGTH tokens."
+    max_tokens_per_doc: count() | None = Field(
+        None, description="Keep at most this many tokens of each document (its end is cut); a pair never exceeds RERANK_MAX_LENGTH tokens."
     )
 
     def texts(self) -> list[str]:
@@ -53,7 +58,7 @@ class CohereResult(BaseModel):
 class CohereResponse(BaseModel):
     """Cohere's rerank response, best first; on `/v1/rerank` also Jina's `model` and `usage`."""
 
-    id: str = Field(description="The job id (also `GET /v1/jobs/{id}`).")
+    id: str = Field(description="The job id (Cohere's field): `GET /v1/jobs/{job_id}` with the same key fetches it again.")
     results: list[CohereResult]
     meta: dict[str, object]
     model: str | None = None

@@ -19,6 +19,7 @@ from celery.backends.redis import RedisBackend
 from celery.canvas import Signature
 from celery.result import GroupResult
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from contract import errors, tracing
@@ -30,7 +31,7 @@ from contract.errors import (
     WorkerError,
 )
 from contract.names import PROGRESS_STATE
-from contract.plain import plain_json
+from contract.plain import Budget, plain_json
 from contract.settings import Settings
 from producer.payloads import key_of, store_for
 from producer.reaching import reaching
@@ -43,24 +44,47 @@ KNOWN_STATES = frozenset(states.ALL_STATES | {PROGRESS_STATE})
 """The states a worker stores: Celery's and our PROGRESS. Any other is not a worker's doing."""
 
 MAX_STORED_BYTES = 512 * 1024 * 1024
-"""Redis's largest string, so the most a stored value can be; a result within the default limits is at most about 68 MB."""
+"""Redis's largest string, so the most a stored value can be."""
+
+READ_AT_ONCE = 1 << 20
+"""Stored values up to this many bytes are read in one round trip; longer ones in pieces of this size.
+
+redis-py holds a reply about three times over while parsing it: a 60 MB value read whole would
+cost 180 MB before a byte of it is decoded.
+"""
 
 
-def stored_meta(raw: bytes | str | None, task_id: str) -> Meta:
+def result_bounds(settings: Settings) -> tuple[int, Budget]:
+    """The most bytes a task's stored state can take within `settings`' limits, and what decoding it may build.
+
+    A result lists at most every candidate and every chunk, each with two ids of up to 520
+    characters (512 and a chunk's `#n`) that JSON escapes to at most 12 bytes each, plus its
+    keys and numbers; add the query twice, and a megabyte for an error's traceback, the longest
+    string besides the query. The default limits give about 78 MB and 106,000 values.
+    """
+    items = settings.max_candidates + settings.max_chunks
+    size = (1 << 20) + 2 * 12 * settings.max_query_chars + items * (2 * 12 * 520 + 256)
+    return min(size, MAX_STORED_BYTES), Budget(values=10_000 + 16 * items, string=max(1 << 20, 12 * settings.max_query_chars))
+
+
+def stored_meta(raw: bytes | bytearray | str | None, task_id: str, max_bytes: int = MAX_STORED_BYTES, budget: Budget | None = None) -> Meta:
     """Decode the value stored for `task_id` (None: nothing stored yet) into a meta of plain data.
 
     Celery's own decoding runs kombu's type hooks, inflates compressed payloads and looks up
     exception classes by the names the value gives. Here the value is JSON with no hooks,
-    bounded in depth, and must have the shape a worker writes.
+    bounded in depth, in size and (with a `budget`) in what decoding it builds, and must have
+    the shape a worker writes.
 
     Raises:
-        WorkerError: the value is not one a worker writes (garbage, a foreign shape, an unknown state).
+        WorkerError: the value is not one a worker writes (garbage, too large, a foreign shape, an unknown state).
     """
     if raw is None:
         return {"status": states.PENDING, "result": None}
+    if isinstance(raw, Oversized):
+        raise _foreign(f"task {task_id}", f"the stored value is {raw:,} bytes, over the {max_bytes:,} a result within the limits can be")
     what = "the stored value"
     try:
-        meta = plain_json(raw, what, max_bytes=MAX_STORED_BYTES)
+        meta = plain_json(raw, what, max_bytes=max_bytes, budget=budget)
     except InvalidRequest as e:
         raise _foreign(f"task {task_id}", str(e)) from e
     status = meta.get("status") if isinstance(meta, dict) else None
@@ -218,6 +242,10 @@ def _announces_final_state(data: Any) -> bool:
     return isinstance(data, bytes) and _FINAL_HEAD.match(data, 0, 32) is not None
 
 
+class Oversized(int):
+    """The size of a stored value too large to be a result; the value itself was left unread."""
+
+
 class WorkerBackend:
     """Jobs go through the broker to Celery workers; their states come from the result backend."""
 
@@ -229,6 +257,7 @@ class WorkerBackend:
         self.app = app
         self.broker_url = settings.broker_url
         self.results_url = settings.result_backend or settings.broker_url
+        self.max_stored, self.budget = result_bounds(settings)
 
     def send(self, task_id: str, signature: Signature) -> None:
         """Queue a task or chain whose last task id is `task_id`."""
@@ -278,11 +307,41 @@ class WorkerBackend:
                 return {task_id: backend.get_task_meta(task_id, cache=False) for task_id in task_ids}
         keys = [backend.get_key_for_task(task_id) for task_id in task_ids]
         with reaching(f"reading {len(task_ids)} tasks", self.results_url):
-            # MGET answers nil for a key of another type, where GET would raise WRONGTYPE.
+            values = self._values(backend, keys)
+        return {task_id: stored_meta(raw, task_id, self.max_stored, self.budget) for task_id, raw in zip(task_ids, values)}
+
+    def _values(self, backend: BaseKeyValueStoreBackend, keys: list[str]) -> list[bytes | Oversized | None]:
+        """The values at `keys`; None for no value (or a key of another type), `Oversized` for one not worth reading."""
+        if not isinstance(backend, RedisBackend):
             values = backend.mget(keys)
-        if isinstance(values, dict):  # the in-memory cache answers a mapping of the keys it holds
-            values = [values.get(key) for key in keys]
-        return {task_id: stored_meta(raw, task_id) for task_id, raw in zip(task_ids, values)}
+            if isinstance(values, dict):  # the in-memory cache answers a mapping of the keys it holds
+                values = [values.get(key) for key in keys]
+            return [Oversized(len(v)) if v is not None and len(v) > self.max_stored else v for v in values]
+        # One round trip for every key, at most READ_AT_ONCE + 1 bytes of each; a key of another type errs, alone.
+        with backend.client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.getrange(key, 0, READ_AT_ONCE)
+            heads = pipe.execute(raise_on_error=False)
+        values: list[bytes | Oversized | None] = []
+        for key, head in zip(keys, heads):
+            if isinstance(head, ResponseError) and "WRONGTYPE" in str(head):
+                head = None  # a key of another type reads as not stored yet, as MGET answers it
+            elif isinstance(head, Exception):
+                raise head
+            values.append(head if not head or len(head) <= READ_AT_ONCE else self._read_long(backend.client, key))
+        return [value or None for value in values]
+
+    def _read_long(self, client: Any, key: str) -> bytes | Oversized | None:
+        """A long value, refused unread past `max_stored`, else read in pieces (bytes: the decoder copies a bytearray)."""
+        size = client.strlen(key)
+        if size > self.max_stored:
+            return Oversized(size)
+        pieces = []
+        for start in range(0, size, READ_AT_ONCE):
+            pieces.append(client.getrange(key, start, min(start + READ_AT_ONCE, size) - 1))
+            if len(pieces[-1]) < min(READ_AT_ONCE, size - start):  # changed or expired meanwhile: what was read fails to decode
+                break
+        return b"".join(pieces)
 
     def watch(self, task_ids: Sequence[str]) -> Watch:
         """What to wait on between reads of these tasks: the Redis backend's announcements, else a sleep."""

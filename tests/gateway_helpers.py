@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -19,10 +20,18 @@ FILE_KEY = "file-key-b21d0e"
 """A second key, read from the gateway's key file (a mounted secret in production)."""
 
 
+def memory(pid: int, field: str = "VmRSS") -> int:
+    """A process's memory figure from /proc in bytes: VmRSS (now) or VmHWM (peak)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise LookupError(f"no {field} for process {pid}")
+
+
 class Gateway:
     """`python -m gateway.cli` against the test Redis, configured by `env` (RERANK_* and RERANK_GATEWAY_*)."""
 
-    def __init__(self, workdir: Path, broker_url: str, model: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, broker_url: str, model: Path, env: dict[str, str] | None = None, descriptors: int | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         keys_file = workdir / "gateway-keys"
@@ -39,10 +48,17 @@ class Gateway:
         }
         self.log = workdir / f"gateway-{self.port}.log"
         self._log = self.log.open("wb")
+        limit = None if descriptors is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (descriptors, descriptors))
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "--port", str(self.port)], env=environment, stdout=self._log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "gateway.cli", "--port", str(self.port)], env=environment, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=limit
         )
         self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+
+    def peak_memory(self, reset: bool = False) -> int:
+        """The process's peak resident memory in bytes since the last reset (Linux's VmHWM); `reset` starts anew."""
+        if reset:
+            Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")
+        return memory(self.process.pid, "VmHWM")
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")

@@ -51,13 +51,21 @@ def paper(i: int, **extra) -> dict:
         # Counts and flags are strict: a bool is not a count, and "5" or "yes" are not typed values.
         ({"query": "q", "candidates": [paper(1)], "top_k": True}, "top_k"),
         ({"query": "q", "candidates": [paper(1)], "top_k": "5"}, "top_k"),
-        ({"query": "q", "candidates": [paper(1)], "windows": 2.0}, "windows"),
+        ({"query": "q", "candidates": [paper(1)], "windows": 2.5}, "windows"),
+        ({"query": "q", "candidates": [paper(1)], "windows": "2"}, "windows"),
         ({"query": "q", "candidates": [paper(1)], "return_logits": "yes"}, "return_logits"),
     ],
 )
 def test_malformed_requests_are_rejected_with_the_reason(data, message):
     with pytest.raises(InvalidRequest, match=message):
         parse_request(DocumentsRequest, data, Settings())
+
+
+def test_a_whole_number_written_with_a_point_is_that_number():
+    # Given counts written as JSON's 2.0 (which JSON Schema's "integer" admits, and OpenAPI clients may send)
+    request = parse_request(DocumentsRequest, {"query": "q", "candidates": [paper(1)], "top_k": 3.0, "windows": 2.0}, Settings())
+    # Then they are the whole numbers, as ints
+    assert (request.top_k, request.windows) == (3, 2) and type(request.top_k) is int
 
 
 def test_limits_come_from_settings_and_name_the_variable():

@@ -10,9 +10,11 @@ have: a real Redis, a real worker on a tiny model, a real gateway, and RERANK_* 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.gateway_helpers import KEY, Gateway
+from tests.helpers import free_port
 
 ROOT = Path(__file__).parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -146,6 +149,7 @@ def user_env(tmp_path_factory, shared_worker, redis_server, tiny_model) -> Itera
         "RERANK_TORCH_THREADS": "1",
         "RERANK_GATEWAY_URL": gateway.url,
         "RERANK_API_KEY": KEY,
+        "RERANK_GATEWAY_PORT": str(free_port()),  # for a block that starts its own gateway
     }
     yield env
     gateway.stop()
@@ -201,9 +205,16 @@ def test_shell_blocks_run_as_written(block, user_env, checkout):
     # Given a shell block with no reason not to run, and the exit code it promises (0 unless it says)
     promised = EXITS.match(block.first_line)
     expected = int(promised[1]) if promised else 0
-    # When bash runs it, stopping at the first command that fails
-    ran = subprocess.run(
-        ["bash", "-e", "-o", "pipefail", "-c", block.code], env=user_env, cwd=checkout, capture_output=True, text=True, timeout=120
+    # When bash runs it, stopping at the first command that fails (anything it left running is stopped after)
+    block_process = subprocess.Popen(
+        ["bash", "-e", "-o", "pipefail", "-c", block.code], env=user_env, cwd=checkout, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
     )
+    try:
+        stdout, stderr = block_process.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(block_process.pid, signal.SIGTERM)
+    ran = subprocess.CompletedProcess(block_process.args, block_process.returncode, stdout, stderr)
     # Then it ends as the page says
     assert ran.returncode == expected, f"{block.where} exited {ran.returncode}, expected {expected}\n{ran.stdout[-3000:]}\n{ran.stderr[-3000:]}"
