@@ -180,6 +180,25 @@ for where, code in blocks:
 """
 
 
+def shape(value: object) -> object:
+    """What a JSON value looks like with its scalars replaced by their types: keys, nesting and list lengths stay."""
+    if isinstance(value, dict):
+        return {key: shape(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [shape(item) for item in value]
+    return type(value).__name__
+
+
+def test_the_shape_of_a_printed_result_tells_a_changed_result_from_new_values():
+    # Given a documented result and what a later run printed: other values, and then a renamed and an added field
+    shown = {"items": [{"id": "a", "score": 0.9}], "scored": 8, "info": {"model": "m", "revision": None}}
+    # Then new values keep the shape, a renamed field, one more item or a number for a string change it
+    assert shape({**shown, "scored": 3, "info": {"model": "x", "revision": None}}) == shape(shown)
+    assert shape({**shown, "info": {"model": "m", "commit": None}}) != shape(shown)
+    assert shape({**shown, "items": shown["items"] * 2}) != shape(shown)
+    assert shape({**shown, "info": {"model": 1, "revision": None}}) != shape(shown)
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("page", pages_with_python(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_python_blocks_run_as_written(page, user_env, checkout):
@@ -193,6 +212,13 @@ def test_python_blocks_run_as_written(page, user_env, checkout):
     assert ran.returncode == 0, f"{ran.stderr}\n--- stdout:\n{ran.stdout[-4000:]}"
     printed = dict(re.findall(r"^--- (\S+)\n(.*?)(?=^--- |\Z)", ran.stdout, re.MULTILINE | re.DOTALL))
     assert list(printed) == [where for where, _ in code]
+    # And a JSON block right after a Python block shows what that block prints: the same keys, list lengths and types
+    shown = blocks(page)
+    for block, following in zip(shown, shown[1:]):
+        if block.language in PYTHON and following.language == "json":
+            assert shape(json.loads(printed[block.where])) == shape(json.loads(following.code)), (
+                f"{following.where} no longer shows what {block.where} prints:\n{printed[block.where][:3000]}"
+            )
     if page.name == "README.md":
         # And the first example printed its ten best chunks, best first
         scores = [float(line.split()[0]) for line in printed[code[0][0]].splitlines()]

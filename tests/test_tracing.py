@@ -222,3 +222,15 @@ def test_tracing_is_off_by_default_and_then_imports_no_sdk():
     # Then tracing is off, nothing of OpenTelemetry's trace SDK or exporter was loaded, and a span is one shared no-op
     assert out["on"] is False and out["sdk"] == [] and out["same"] is True
     print(f"\n[tracing off] {out['ns_per_span']:.0f} ns per span asked for")
+
+
+def test_a_protocol_we_do_not_ship_stops_the_worker_and_the_gateway_with_exit_2():
+    # Given tracing asked for over OTLP/gRPC, which the tracing extra does not ship
+    env = {**os.environ, "OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+           "RERANK_BROKER_URL": "redis://127.0.0.1:1/0", "RERANK_GATEWAY_API_KEYS": "k" * 32}
+    for command in (["-m", "worker.cli"], ["-m", "gateway.cli", "--port", str(free_port())]):
+        # When a worker or the gateway starts
+        ran = subprocess.run([sys.executable, *command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        # Then it stops before serving, exit code 2, naming the variable and what to set instead
+        assert ran.returncode == 2, (command, ran.stderr[-2000:])
+        assert "OTEL_EXPORTER_OTLP_PROTOCOL=grpc" in ran.stderr and "http/protobuf" in ran.stderr, ran.stderr[-2000:]
