@@ -17,7 +17,6 @@ from fastapi import FastAPI
 from contract.settings import Settings
 from contract.validation import MAX_METADATA_DEPTH, MAX_TOP_K
 from gateway.settings import GatewaySettings
-from gateway.shapes import MODEL_NAME
 
 _CONTROL = r"\u0000-\u0008\u000b\u000c\u000e-\u001f"
 TEXT = rf"^[^{_CONTROL}]*$"
