@@ -15,6 +15,7 @@ in steps of a few megabytes, so a thread doing it lets the others (an event loop
 
 from __future__ import annotations
 
+import math
 import re
 import reprlib
 from typing import Any, NamedTuple
@@ -174,6 +175,8 @@ def impurity(data: Any, max_depth: int = MAX_DEPTH) -> str | None:
                 children.extend(value.values())
             elif isinstance(value, (list, tuple)):
                 children.extend(value)
+            elif isinstance(value, float) and not math.isfinite(value):
+                return f"holds {value}, which JSON has no number for"
             elif not isinstance(value, (str, int, float, bool, type(None))):
                 return f"holds a {type(value).__name__}, which plain JSON cannot"
         frontier = children

@@ -120,6 +120,8 @@ def reference_client(redis_server, tiny_model) -> RerankClient:
         ("/rerank", b'{"query": "q", "texts": [' + b'"a",' * 100 + b'"a"], "raw_scores": "yes"}', 422),
         ("/v1/jobs", b'{"query": "q", "candidates": [{"id": "a", "title": " ", "text": "\\t"}]}', 422),
         ("/v1/evidence", b'{"query": "q", "candidates": []}', 422),
+        ("/v1/jobs", b'{"query": "q", "candidates": [{"id": "a", "title": "t", "metadata": {"x": Infinity}}]}', 422),
+        ("/v1/jobs", b'{"query": "q", "candidates": [{"id": "a", "title": "t", "metadata": {"x": [NaN]}}]}', 422),
     ],
 )
 def test_every_malformed_body_is_a_4xx_and_the_gateway_keeps_serving(gw, path, body, status):
