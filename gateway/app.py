@@ -120,6 +120,11 @@ def create_app(settings: Settings | None = None, gateway: GatewaySettings | None
     gateway = gateway or GatewaySettings()
     if not settings.broker_url:
         raise ValueError("the gateway needs RERANK_BROKER_URL: it sends every job to the workers")
+    if (settings.result_backend or settings.broker_url).partition("://")[0] not in ("redis", "rediss", "sentinel"):
+        raise ValueError(
+            "the gateway keeps jobs' owners beside their results, in Redis: set RERANK_RESULT_BACKEND to a redis://, rediss:// "
+            "or sentinel:// URL (with RabbitMQ as the broker, the results still need a Redis)"
+        )
     keys = load_keys(gateway)
     tracing.configure("rerank-gateway")  # FastAPI's own telemetry then opens a span per request, continuing a W3C traceparent
     metrics = GatewayMetrics()

@@ -3,7 +3,7 @@
 A 100-paper two-stage job is about 600 KB of JSON. Inside its messages it went through Redis
 several times over (the stage-1 message carried the whole chunk pool for stage 2; the take script,
 the idle worker's wake-up and stage 2's message each copied it again). Here the producer writes
-one hash per job, zstd-compressed (about 65 KB for that job): field `documents` holds stage 1's
+one hash per job, zstd-compressed (about 160 KB for that job): field `documents` holds stage 1's
 request and field `<n>` the chunks of the job's n-th candidate. Stage 1 reads its field; stage 2
 reads the fields of the papers stage 1 kept, and nothing else. A message carries the hash's key
 and a digest of each part's bytes; small single-stage requests stay inside their message.

@@ -220,6 +220,14 @@ def test_the_gateway_refuses_to_start_without_an_api_key(redis_server):
     assert started.returncode == 2 and "RERANK_GATEWAY_API_KEYS" in started.stderr
 
 
+def test_the_gateway_refuses_to_start_with_results_outside_redis(redis_server):
+    # Given results kept over AMQP (a worker allows it; the gateway keeps jobs' owners beside the results, in Redis)
+    env = os.environ | {"RERANK_BROKER_URL": redis_server.url, "RERANK_RESULT_BACKEND": "amqp://guest@127.0.0.1:5672//", "RERANK_GATEWAY_API_KEYS": KEY}
+    # When the gateway starts, Then it stops at once with exit 2 and one line naming the setting, no traceback
+    started = subprocess.run([sys.executable, "-m", "gateway.cli"], env=env, capture_output=True, text=True, timeout=60)
+    assert started.returncode == 2 and "RERANK_RESULT_BACKEND" in started.stderr and "Traceback" not in started.stderr
+
+
 @pytest.mark.parametrize("authorization", [None, "Bearer wrong-key", f"Basic {KEY}", "Bearer", f"Bearer {KEY}x"])
 def test_401_without_a_valid_key(gateway, authorization):
     # Given a request with no key, a wrong one, or the right one in the wrong scheme
