@@ -9,7 +9,7 @@ import pytest
 import zstandard
 from redis import Redis
 
-from contract.errors import InvalidRequest
+from contract.errors import InvalidRequest, JobCancelled
 from contract.formats import stage1_message
 from contract.names import TASK_DOCUMENTS
 from contract.settings import Settings
@@ -128,6 +128,24 @@ def test_a_finished_job_leaves_nothing_stored_and_a_late_duplicate_changes_nothi
     # Then it changes nothing: the job's result is the one it had, and no stage ran again
     assert client.job(job.id).result(timeout=5) == result
     assert stored_worker.output().count(f"rerank.chunks[{job.id}] received") == 1
+
+
+def test_a_stage_that_starts_after_its_job_was_cancelled_ends_quietly_as_cancelled(stored_worker, redis_server, tiny_model):
+    settings = Settings(broker_url=redis_server.url, queue="stored-parked", model=str(tiny_model))
+    client, redis = RerankClient(settings), Redis.from_url(redis_server.url)
+    # Given a job cancelled while its stage was on its way to a worker: the producer marked it cancelled and dropped
+    # what it stored, and the revoke broadcast lost the race (here it is never sent)
+    job = client.submit(QUERY, candidates(6), top_k_docs=2)
+    client.backend._mark_revoked(list(job.task_ids.values()))
+    assert not redis.exists(key_of(job.id))
+    # When the worker takes the stage and finds its request gone
+    redis.lmove("stored-parked", "stored-served", "RIGHT", "LEFT")
+    wait_for(lambda: f"{job.id}:documents] ignored" in stored_worker.output(), 30, "the stage to be ignored")
+    # Then the job stays cancelled (not failed as if its request had expired), and the worker serves on
+    with pytest.raises(JobCancelled):
+        client.job(job.id).result(timeout=5)
+    assert client.backend.meta(job.task_ids["documents"])["status"] == "REVOKED"
+    assert stored_worker.process.poll() is None
 
 
 HOSTILE_PARTS = {

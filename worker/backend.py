@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 STORE = """
 local kind = redis.call('TYPE', KEYS[1])['ok']
 if kind == 'string' then
-  if string.find(redis.call('GETRANGE', KEYS[1], 0, 31), '^{"status": "SUCCESS"') then return 0 end
+  local head = redis.call('GETRANGE', KEYS[1], 0, 31)
+  if string.find(head, '^{"status": "SUCCESS"') then return 0 end
+  if ARGV[4] == '0' and string.find(head, '^{"status": "REVOKED"') then return 0 end
 elseif kind ~= 'none' then
   redis.call('RENAME', KEYS[1], KEYS[1] .. '.misplaced.' .. ARGV[3])
 end
@@ -31,8 +33,9 @@ if tonumber(ARGV[2]) > 0 then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 redis.call('PUBLISH', KEYS[1], ARGV[1])
 return 1
 """
-"""KEYS: a task's result key. ARGV: its encoded meta, seconds to keep it (0: for ever), a timestamp.
-Stores and announces the meta unless a success is stored already; a key of another type is renamed aside."""
+"""KEYS: a task's result key. ARGV: its encoded meta, seconds to keep it (0: for ever), a timestamp, 1 for a final state.
+Stores and announces the meta unless a success is stored already, or a cancellation and this is no final
+state (a stage starting after its job was cancelled leaves it cancelled); a key of another type is renamed aside."""
 
 
 class _RetryingFull:
@@ -47,7 +50,7 @@ class _RetryingFull:
         return isinstance(exc, OutOfMemoryError) or super().exception_safe_to_retry(exc)
 
     def _store_result(self, task_id: str, result: Any, state: str, traceback: Any = None, request: Any = None, **_: Any) -> Any:
-        """Store and announce a task's state in one script, unless a success is stored already.
+        """Store and announce a task's state in one script, unless a success is stored already (or a cancellation, for STARTED and PROGRESS).
 
         Celery reads the stored meta back (decoding whatever anyone wrote there) before each write,
         one more round trip per state; a success is never overwritten either way.
@@ -59,11 +62,11 @@ class _RetryingFull:
             raise BackendStoreError("value too large for Redis backend", state=state, task_id=task_id)
         # A final state is the task's result: traced as `rerank.store` (STARTED and PROGRESS writes are not).
         with tracing.span("rerank.store", state=state, bytes=len(value)) if state in states.READY_STATES else nullcontext():
-            self.ensure(self._store, (self.get_key_for_task(task_id), value))
+            self.ensure(self._store, (self.get_key_for_task(task_id), value, state in states.READY_STATES))
         return result
 
-    def _store(self, key: str, value: str | bytes) -> None:
-        self._store_script(keys=[key], args=[value, int(self.expires or 0), int(time.time() * 1000)])
+    def _store(self, key: str, value: str | bytes, final: bool) -> None:
+        self._store_script(keys=[key], args=[value, int(self.expires or 0), int(time.time() * 1000), int(final)])
 
     @property
     def _store_script(self) -> Any:

@@ -2,9 +2,10 @@
 
 Everything read here is untrusted: each part's digest must be the one its message names, and it
 must inflate to plain JSON within RERANK_MAX_REQUEST_BYTES; anything else is an `InvalidRequest`.
-A part that is gone because its job already finished (a message delivered again after the job's
-last stage dropped them) ends the task quietly instead (`Ignore`): failing it would overwrite the
-job's stored success.
+A part that is gone because its job already ended (a message delivered again after the job's last
+stage dropped them, or a stage that starts after the job was cancelled and its parts dropped, before
+the worker heard of the cancel) ends the task quietly instead (`Ignore`): failing it would overwrite
+the job's stored success or cancellation.
 """
 
 from __future__ import annotations
@@ -73,14 +74,14 @@ def drop(task: Task) -> None:
 
 def _read(task: Task, key: str, fields: list[str]) -> list[bytes | None]:
     parts = store_for(task.app).get(key, fields)
-    if all(part is None for part in parts) and _finished(task):
-        log.info("Task %s[%s] came again after its job finished and dropped %s; nothing to do", task.name, task.request.id, key)
+    if all(part is None for part in parts) and _ended(task):
+        log.info("Task %s[%s] came after its job ended (finished, failed or cancelled) and dropped %s; nothing to do", task.name, task.request.id, key)
         raise Ignore()
     return parts
 
 
-def _finished(task: Task) -> bool:
+def _ended(task: Task) -> bool:
     try:
-        return task.backend.get_task_meta(task.request.id).get("status") == states.SUCCESS
-    except Exception:  # noqa: BLE001 - an unreadable state is no proof of success: the caller reports the missing part
+        return task.backend.get_task_meta(task.request.id).get("status") in states.READY_STATES
+    except Exception:  # noqa: BLE001 - an unreadable state is no proof the job ended: the caller reports the missing part
         return False
