@@ -48,8 +48,8 @@ Truncate = Literal["end", "start", "never"]
 class _Truncation(_Model):
     """The per-request truncation controls every request shape carries; unset, pairs are cut at the end to fit RERANK_MAX_LENGTH."""
 
-    max_passage_tokens: StrictInt | None = Field(
-        None, ge=1, description="Keep at most this many tokens of each passage (Cohere's `max_tokens_per_doc`); the pair still fits RERANK_MAX_LENGTH."
+    max_passage_tokens: count() | None = Field(
+        None, description="Keep at most this many tokens of each passage (Cohere's `max_tokens_per_doc`); the pair still fits RERANK_MAX_LENGTH."
     )
     truncate: Truncate | None = Field(
         None, description="`end` (unset): cut a passage's end; `start`: cut its start; `never`: refuse a passage (or query) that would be cut."

@@ -321,8 +321,10 @@ def test_job_cost_each_kind_ran_through_the_worker_and_its_device_process_and_th
     assert list(rows) == ["1 document", "10 passages", "100-paper two-stage"]
     for row in rows.values():
         assert row["compute_ms"] > 0 and row["round_trip_ms"] >= row["compute_ms"]  # the simulated device slept for each
-        assert row["worker_cpu_ms"]["device"] > 0 and row["worker_cpu_ms"]["hosts"] > 0
+        assert set(row["worker_cpu_ms"]) == {"parent", "hosts", "device"}
         assert row["redis"]["calls"], row
+    # /proc counts CPU in 10 ms ticks: over two jobs only the two-stage job's tokenizing is sure to span several
+    assert rows["100-paper two-stage"]["worker_cpu_ms"]["hosts"] > 0
     assert rows["100-paper two-stage"]["redis"]["bytes_in"] > rows["10 passages"]["redis"]["bytes_in"] > rows["1 document"]["redis"]["bytes_in"]
 
 

@@ -218,7 +218,7 @@ def planted(shape: str, size: int = 60 * MB) -> bytes:
 HOSTILE = [
     "tiny-objects", "numbers", "items", "one-string", "widening-strings", "deep", "over-the-largest-result",
     # Within every bound a result can reach: decoded whole, in one call that holds the interpreter for longer than 100 ms.
-    pytest.param("commas-in-strings", marks=pytest.mark.xfail(strict=True, reason="a 60 MB value within the bounds is decoded in one call")),
+    pytest.param("commas-in-strings", marks=pytest.mark.xfail(strict=False, reason="a 60 MB value within the bounds is decoded in one call: /health waits 255 ms on a 2-core EPYC, under 100 ms on faster machines")),
 ]
 
 

@@ -46,7 +46,7 @@ def test_producers_send_both_stages_to_their_models_queue_unless_rerank_queue_is
     assert Settings().queue in worker_queues("cpu", Settings().queue, "org/small")
     # Given a client of that model, when it prepares a two-stage job, then both stages go to its queue
     client = RerankClient(Settings())
-    _, chain = client._prepare({"query": QUERY, "candidates": candidates(3)}, None, False, False)
+    _, chain, _ = client._prepare({"query": QUERY, "candidates": candidates(3)}, None, False, False)
     assert [task.options["queue"] for task in chain.tasks] == ["rerank.org-small", "rerank.org-small"]
     # An explicit RERANK_QUEUE still wins, also the old shared name
     monkeypatch.setenv("RERANK_QUEUE", "rerank")

@@ -18,7 +18,7 @@ from contract import tracing
 from contract.errors import ModelLoadError
 from contract.settings import get_settings
 from producer.app import create_app
-from scoring.model import check_model
+from scoring.model import check_model, import_architecture
 from worker import accounting, metrics, report, runtime, score_cache, tasks  # noqa: F401  (registers the tasks, their accounting and the report command)
 from worker.backend import backend_url
 from worker.cli import refuse_to_start
@@ -80,10 +80,12 @@ class ModelCheck(bootsteps.StartStopStep):
         """Check the model in the parent (config, tokenizer, weight files): no tensors loaded, no CUDA."""
         super().__init__(parent, **kwargs)
         try:
-            check_model(settings.model, settings.model_revision, settings.max_length)
+            config, _ = check_model(settings.model, settings.model_revision, settings.max_length)
         except ModelLoadError as e:
             log.critical("%s", e)
             refuse_to_start(str(e))
+        if not settings.hosts:  # pool processes load the model themselves: they inherit the import
+            import_architecture(config)
 
 
 class BatchingLoad(bootsteps.StartStopStep):

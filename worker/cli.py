@@ -290,18 +290,23 @@ def main(argv: list[str] | None = None) -> None:
         if value is not None:
             os.environ[variable] = str(value)
     # Imported only now: the app reads its settings from the environment set above.
-    from celery.bin.celery import celery
+    from celery.bin.base import CLIContext
+    from celery.bin.worker import worker as worker_command
     from pydantic import ValidationError
 
     try:
-        from worker.app import settings
+        from worker.app import app, settings
     except ValidationError as e:
         refuse_to_start(f"invalid settings: {e}")
     except ValueError as e:  # tracing's OTEL_* settings
         refuse_to_start(str(e))
-    # `celery -A worker.app worker …` itself: app.worker_main and app.start drop the worker's exit
-    # code, so a worker that stops on an error would exit 0 and no process manager would restart it.
-    celery.main(["-A", "worker.app", *celery_argv(args, passthrough, settings.queue, settings.device, settings.model, settings.tasks_in_hand, settings.hosts)], prog_name="rerank-worker")
+    # `celery -A worker.app worker …`'s own command, called without the `celery` group around it: the
+    # group loads every CLI plugin (Flower among them) and the REPL, about a second of CPU per start.
+    # app.worker_main and app.start would drop the exit code, so a worker that stops on an error would
+    # exit 0 and no process manager would restart it.
+    worker_command.params.extend(app.user_options.get("worker", []))
+    argv = celery_argv(args, passthrough, settings.queue, settings.device, settings.model, settings.tasks_in_hand, settings.hosts)
+    worker_command.main(argv[1:], prog_name="rerank-worker", obj=CLIContext(app=app, no_color=None, workdir=None))
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def test_a_duplicate_delivery_of_a_two_stage_job_gives_the_same_result(fleet, fa
     # redelivery after a visibility timeout or a producer retry would do
     candidates = long_papers(12, tag="d")
     job_id = "duplicate-job"
-    documents, chunks = client._two_stage_requests(QUERY, candidates, 4, None, False, None)
+    documents, chunks = client._two_stage_requests(QUERY, candidates, 4, None, False, None, {})
     job = chain(
         client.app.signature(TASK_DOCUMENTS, args=(documents.model_dump(mode="json"),), immutable=True, task_id=f"{job_id}:documents"),
         client.app.signature(TASK_CHUNKS, kwargs={"request": chunks.model_dump(mode="json")}, task_id=job_id),
