@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from contract.settings import Settings
-from contract.validation import MAX_METADATA_DEPTH, MAX_TOP_K
+from contract.validation import MAX_METADATA_DEPTH, MAX_PASSAGE_TOKENS, MAX_TOP_K
 from gateway.settings import GatewaySettings
 
 _CONTROL = r"\u0000-\u0008\u000b\u000c\u000e-\u001f"
@@ -55,6 +55,7 @@ def constrain(app: FastAPI, settings: Settings, gateway: GatewaySettings) -> dic
     identifier = {"type": "string", "minLength": 1, "maxLength": 512, "pattern": NONBLANK}
     documents = min(gateway.max_documents, settings.max_chunks)
     top_k = {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K}
+    tokens = {"type": "integer", "minimum": 1, "maximum": MAX_PASSAGE_TOKENS}
     unique = " Ids must be unique within the request."
 
     def patch(name: str, **properties: dict[str, Any]) -> None:
@@ -64,12 +65,12 @@ def constrain(app: FastAPI, settings: Settings, gateway: GatewaySettings) -> dic
                 for field, constraint in properties.items():
                     _narrow(schema["properties"][field], constraint)
 
-    patch("CohereRequest", query=query, documents={"maxItems": documents, "items": {"anyOf": [passage]}}, top_n=top_k)
+    patch("CohereRequest", query=query, documents={"maxItems": documents, "items": {"anyOf": [passage]}}, top_n=top_k, max_tokens_per_doc=tokens)
     patch("TextDocument", text=passage)
     patch("TeiRequest", query=query, texts={"maxItems": documents, "items": passage})
     # Stage 2 needs a chunk: some candidate brings chunks, or a text the default chunker splits.
     chunked = {"anyOf": [{"required": ["text"], "properties": {"text": {"pattern": NONBLANK}}}, {"required": ["chunks"], "properties": {"chunks": {"type": "array", "minItems": 1}}}]}
-    patch("TwoStageRequest", query=query, candidates={"maxItems": settings.max_candidates, "contains": chunked}, top_k_docs=top_k, top_k_chunks=top_k)
+    patch("TwoStageRequest", query=query, candidates={"maxItems": settings.max_candidates, "contains": chunked}, top_k_docs=top_k, top_k_chunks=top_k, max_passage_tokens=tokens)
     patch("Candidate", id=identifier, title=text, text=text, chunks={"maxItems": settings.max_chunks})
     patch("PaperChunk", id=identifier, section=text, text=passage)
     for name in ("Candidate", "Candidate-Input"):
