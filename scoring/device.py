@@ -39,7 +39,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import suppress
-from dataclasses import replace
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import (
     Client,
@@ -55,12 +54,12 @@ import torch
 from contract import tracing
 from contract.errors import TaskTimedOut, WorkerError
 from contract.settings import Settings
-from scoring.engine import EMPTY, OnProgress, Scores, engine_for
+from scoring.engine import EMPTY, OnProgress, Scores, engine_for, tokenize_then_score
 from scoring.facts import ModelFacts
 from scoring.loop import DeviceLoop
 from scoring.runner import Runner, device_memory
 from scoring.scheduler import Request, UniquePairs
-from scoring.tokens import EncodedPair, PairTokenizer, Truncation, joined, tokenized
+from scoring.tokens import EncodedPair, PairTokenizer, Truncation, joined
 from scoring.wire import (
     Buffer,
     Cancel,
@@ -306,10 +305,7 @@ class DeviceClient:
         self, query: str, passages: Sequence[str], on_batch: OnProgress | None = None, truncation: Truncation | None = None
     ) -> Scores:
         """Tokenize here, score in the device process; `on_batch(pairs done, pairs total)` follows its batches."""
-        if not passages:
-            return EMPTY
-        pairs, tokenizing = tokenized(self.tokenize, query, passages, truncation)
-        return replace(self.score_pairs(pairs, on_batch), tokenize_seconds=tokenizing)
+        return tokenize_then_score(self, query, passages, on_batch, truncation)
 
     def score_pairs(self, pairs: Sequence[EncodedPair], on_batch: OnProgress | None = None) -> Scores:
         """Score pairs already tokenized in the device process; `on_batch(pairs done, pairs total)` follows its batches."""

@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
 import torch
@@ -87,6 +87,14 @@ class Scorer(Protocol):
 
     def device_memory(self) -> dict[str, Any]:
         """What the model's process holds on its GPU (scoring.runner.device_memory); empty on a CPU."""
+
+
+def tokenize_then_score(scorer: Scorer, query: str, passages: Sequence[str], on_batch: OnProgress | None, truncation: Truncation | None) -> Scores:
+    """`scorer.score` for the shapes that tokenize in the calling thread and hand pairs on: tokenize, then `score_pairs`."""
+    if not passages:
+        return EMPTY
+    pairs, tokenizing = tokenized(scorer.tokenize, query, passages, truncation)
+    return replace(scorer.score_pairs(pairs, on_batch), tokenize_seconds=tokenizing)
 
 
 class CrossEncoderEngine:

@@ -16,15 +16,14 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import Any
 
 from contract import tracing
 from contract.errors import TaskTimedOut, WorkerError
-from scoring.engine import EMPTY, CrossEncoderEngine, OnProgress, Scores
+from scoring.engine import EMPTY, CrossEncoderEngine, OnProgress, Scores, tokenize_then_score
 from scoring.loop import DeviceLoop
 from scoring.scheduler import Request
-from scoring.tokens import EncodedPair, PairTokenizer, Truncation, tokenized
+from scoring.tokens import EncodedPair, PairTokenizer, Truncation
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +54,7 @@ class ThreadedScorer:
         self, query: str, passages: Sequence[str], on_batch: OnProgress | None = None, truncation: Truncation | None = None
     ) -> Scores:
         """Tokenize here, then wait for the device thread; `on_batch(pairs done, pairs total)` is called from this thread."""
-        if not passages:
-            return EMPTY
-        pairs, tokenizing = tokenized(self.tokenize, query, passages, truncation)
-        return replace(self.score_pairs(pairs, on_batch), tokenize_seconds=tokenizing)
+        return tokenize_then_score(self, query, passages, on_batch, truncation)
 
     def score_pairs(self, pairs: Sequence[EncodedPair], on_batch: OnProgress | None = None) -> Scores:
         """Hand pairs already tokenized to the device thread and wait; `on_batch(pairs done, pairs total)` is called from this thread."""
