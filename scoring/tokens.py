@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from tokenizers import Tokenizer
@@ -186,16 +186,7 @@ class PairTokenizer:
         before the cut are those of the whole text. A cut that yields too few tokens (long
         tokens, whitespace runs) is widened fourfold until it yields enough or covers the text.
         """
-        chars = (budget + 1) * CHARS_PER_TOKEN
-        heads = [_head(text, chars) for text in passages]
-        ids = [encoded.ids for encoded in self._encode_batch(heads, add_special_tokens=False)]
-        for n, text in enumerate(passages):
-            wider = chars
-            while len(ids[n]) < budget and len(heads[n]) < len(text):
-                wider *= 4
-                heads[n] = _head(text, wider)
-                ids[n] = self.backend.encode(heads[n], add_special_tokens=False).ids
-        return ids
+        return self._ids_of_pieces(passages, budget, _head)
 
 
     def _passage_tail_ids(self, passages: Sequence[str], budget: int) -> list[list[int]]:
@@ -204,15 +195,19 @@ class PairTokenizer:
         A tail starts at a whitespace that follows a word, so the tokenizer splits it where it
         splits the whole text, and its tokens are the last tokens of the whole text.
         """
+        return self._ids_of_pieces(passages, budget, _tail)
+
+    def _ids_of_pieces(self, passages: Sequence[str], budget: int, piece: Callable[[str, int], str]) -> list[list[int]]:
+        """Token ids of `piece(text, chars)` for each passage, the piece widened fourfold until it holds `budget` tokens or the whole text."""
         chars = (budget + 1) * CHARS_PER_TOKEN
-        tails = [_tail(text, chars) for text in passages]
-        ids = [encoded.ids for encoded in self._encode_batch(tails, add_special_tokens=False)]
+        pieces = [piece(text, chars) for text in passages]
+        ids = [encoded.ids for encoded in self._encode_batch(pieces, add_special_tokens=False)]
         for n, text in enumerate(passages):
             wider = chars
-            while len(ids[n]) < budget and len(tails[n]) < len(text):
+            while len(ids[n]) < budget and len(pieces[n]) < len(text):
                 wider *= 4
-                tails[n] = _tail(text, wider)
-                ids[n] = self.backend.encode(tails[n], add_special_tokens=False).ids
+                pieces[n] = piece(text, wider)
+                ids[n] = self.backend.encode(pieces[n], add_special_tokens=False).ids
         return ids
 
 
