@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import uuid
 
 import pytest
 import zstandard
@@ -166,7 +167,8 @@ def test_a_forged_message_naming_a_hostile_stored_part_fails_as_invalid(stored_w
     # Given a part written into Redis with its true digest, and a message naming it (anyone who writes to Redis can do both)
     blob, refusal = HOSTILE_PARTS[part][0](), HOSTILE_PARTS[part][1]
     redis = Redis.from_url(redis_server.url)
-    key = "rerank.job.forged"
+    # A key of its own: the worker drops a failed job's stored key after storing its result, which may come after the next case's write
+    key = f"rerank.job.forged-{uuid.uuid4().hex}"
     redis.hset(key, "request", blob)
     client = RerankClient(Settings(broker_url=redis_server.url, queue="stored-served", model=str(tiny_model)))
     task = client.app.send_task(TASK_DOCUMENTS, args=({"stored": {"key": key, "field": "request", "digest": digest(blob)}},), queue="stored-served")
