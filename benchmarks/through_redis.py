@@ -55,15 +55,19 @@ def running_system(
     }
     if max_batch_tokens:
         environment["RERANK_MAX_BATCH_TOKENS"] = str(max_batch_tokens)
-    # The same options `rerank-worker` passes, on an app that also has a no-op task (benchmarks.noop_worker).
-    if hosts:
-        pool = ["--pool=prefork", f"--concurrency={hosts}"]
-    elif tasks_in_hand > 1:
-        pool = ["--pool=threads", f"--concurrency={tasks_in_hand}"]
+    queue_list = ",".join(queues or [settings.queue])
+    if app == "benchmarks.noop_worker":
+        # rerank-worker as users start it, importing the module that adds the no-op task to its app.
+        command = [sys.executable, "-m", "worker.cli", "--hostname=bench@%h", f"--queues={queue_list}", f"--include={app}"]
     else:
-        pool = ["--pool=prefork", "--concurrency=1"]
-    command = [sys.executable, "-m", "celery", "-A", app, "worker", *pool,
-               "--hostname=bench@%h", f"--queues={','.join(queues or [settings.queue])}", "--loglevel=INFO"]
+        # Another app (another transport): the options `rerank-worker` would pass, given to `celery worker`.
+        if hosts:
+            pool = ["--pool=prefork", f"--concurrency={hosts}"]
+        elif tasks_in_hand > 1:
+            pool = ["--pool=threads", f"--concurrency={tasks_in_hand}"]
+        else:
+            pool = ["--pool=prefork", "--concurrency=1"]
+        command = [sys.executable, "-m", "celery", "-A", app, "worker", *pool, "--hostname=bench@%h", f"--queues={queue_list}", "--loglevel=INFO"]
     worker = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 600
