@@ -222,18 +222,8 @@ HOSTILE = [
 ]
 
 
-@pytest.mark.parametrize("shape", HOSTILE)
-def test_a_planted_result_costs_the_gateway_under_3x_its_size_and_never_stalls_health(gw, shape):
-    gateway = gw.gateway
-    # Given a job of this key whose result someone overwrote in Redis with a large hostile value
-    job_id = finished_job(gw)
-    value = planted(shape)
-    gw.redis.set(f"celery-task-meta-{job_id}", value)
-    size = len(value)
-    del value
-    # When the key's owner reads the job while /health is polled
-    idle = memory(gateway.process.pid)
-    gateway.peak_memory(reset=True)
+def health_latencies(gateway, work) -> list[float]:
+    """Seconds each /health took, polled one after another from a thread while `work()` runs (at least two)."""
     latencies, stop = [], threading.Event()
 
     def poll() -> None:
@@ -245,20 +235,42 @@ def test_a_planted_result_costs_the_gateway_under_3x_its_size_and_never_stalls_h
 
     poller = threading.Thread(target=poll)
     poller.start()
-    wait_for(lambda: latencies, 10, "a first /health")
     try:
-        answer = gw.http.get(f"/v1/jobs/{job_id}", timeout=60)
-        wait_for(lambda: len(latencies) > 1, 10, "a /health after the read")
+        wait_for(lambda: latencies, 10, "a first /health")
+        work()
+        settled = len(latencies)
+        wait_for(lambda: len(latencies) > settled, 10, "a /health after the work")
     finally:
         stop.set()
         poller.join()
+    return latencies
+
+
+@pytest.mark.parametrize("shape", HOSTILE)
+def test_a_planted_result_costs_the_gateway_under_3x_its_size_and_never_stalls_health(gw, shape):
+    gateway = gw.gateway
+    # Given a job of this key whose result someone overwrote in Redis with a large hostile value
+    job_id = finished_job(gw)
+    value = planted(shape)
+    gw.redis.set(f"celery-task-meta-{job_id}", value)
+    size = len(value)
+    del value
+    # When the key's owner reads the job while /health is polled (and, first, /health alone for a second: the other
+    # test processes sharing these cores delay some answers whatever the gateway does)
+    baseline = health_latencies(gateway, lambda: time.sleep(1.0))
+    idle = memory(gateway.process.pid)
+    gateway.peak_memory(reset=True)
+    answers = []
+    latencies = health_latencies(gateway, lambda: answers.append(gw.http.get(f"/v1/jobs/{job_id}", timeout=60)))
+    answer = answers[0]
     growth = gateway.peak_memory() - idle
     # Then it is refused as a value no worker writes (502), or read without a ranking in it
     assert answer.status_code in (200, 502), answer.text
     assert "no worker writes" in answer.text or "not a ranking" in answer.text
     # And the gateway's peak memory grew by at most 3 times the value's size, and /health kept answering within 100 ms
+    # of its slowest answer on the same machine without the read
     assert growth <= 3 * size, f"{growth / size:.2f}x"
-    assert latencies and max(latencies) < 0.1, f"/health took up to {max(latencies) * 1000:.0f} ms"
+    assert max(latencies) < 0.1 + max(baseline), f"/health took up to {max(latencies) * 1000:.0f} ms ({max(baseline) * 1000:.0f} ms without the read)"
     gw.redis.delete(f"celery-task-meta-{job_id}")
 
 
