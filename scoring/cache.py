@@ -26,13 +26,12 @@ import logging
 import os
 import struct
 import threading
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from scoring.engine import EMPTY, OnProgress, Scorer, Scores
+from scoring.engine import EMPTY, OnProgress, Scorer, Scores, tokenize_then_score
 from scoring.facts import ModelFacts
 from scoring.tokens import EncodedPair, Truncation
 
@@ -189,9 +188,4 @@ class CachedScorer:
         self, query: str, passages: Sequence[str], on_batch: OnProgress | None = None, truncation: Truncation | None = None
     ) -> Scores:
         """Tokenize here, then `score_pairs`: what the cache holds is not scored again."""
-        if not passages:
-            return EMPTY
-        started = time.perf_counter()
-        pairs = self.tokenize(query, passages, truncation)
-        tokenized = time.perf_counter() - started
-        return replace(self.score_pairs(pairs, on_batch), tokenize_seconds=tokenized)
+        return tokenize_then_score(self, query, passages, on_batch, truncation)
