@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import socket
@@ -14,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from producer import RerankClient, Settings
+from worker.cli import celery_argv
 
 
 def _free_port() -> int:
@@ -60,14 +62,9 @@ def running_system(
         # rerank-worker as users start it, importing the module that adds the no-op task to its app.
         command = [sys.executable, "-m", "worker.cli", "--hostname=bench@%h", f"--queues={queue_list}", f"--include={app}"]
     else:
-        # Another app (another transport): the options `rerank-worker` would pass, given to `celery worker`.
-        if hosts:
-            pool = ["--pool=prefork", f"--concurrency={hosts}"]
-        elif tasks_in_hand > 1:
-            pool = ["--pool=threads", f"--concurrency={tasks_in_hand}"]
-        else:
-            pool = ["--pool=prefork", "--concurrency=1"]
-        command = [sys.executable, "-m", "celery", "-A", app, "worker", *pool, "--hostname=bench@%h", f"--queues={queue_list}", "--loglevel=INFO"]
+        # Another app (another transport): the arguments `rerank-worker` would give `celery worker`.
+        options = argparse.Namespace(concurrency=None, hostname="bench@%h", queues=queue_list, loglevel="INFO")
+        command = [sys.executable, "-m", "celery", "-A", app, *celery_argv(options, [], settings.queue, device, tasks_in_hand=tasks_in_hand, hosts=hosts)]
     worker = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 600
